@@ -1,0 +1,39 @@
+"""The ``hf-distill`` command line: one subcommand per long-running job.
+
+Each subcommand lives next to the code it drives, as a ``cli_main(argv) -> int`` function, and is
+imported only when called (so ``hf-distill --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init-student": ("hf_distill.students:cli_main", "build a smaller student from a teacher's layers"),
+    "cache-teacher": ("hf_distill.teachers:cli_main", "run a teacher once over a dataset and store its outputs"),
+    "pseudo-label": ("hf_distill.speech.pseudo_label:cli_main", "label unlabeled audio with a speech teacher"),
+    "convert-ct2": ("hf_distill.speech.convert_ct2:cli_main", "convert a CTranslate2 Whisper model to transformers"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        parser = argparse.ArgumentParser(prog="hf-distill", description="Knowledge distillation for Transformers.")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name, (_, help_text) in COMMANDS.items():
+            sub.add_parser(name, help=help_text, add_help=False)
+        if argv and argv[0] not in {"-h", "--help"}:
+            parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    target, _ = COMMANDS[argv[0]]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(argv[1:]) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
