@@ -1,0 +1,85 @@
+"""Training arguments for distillation: ``TrainingArguments`` plus the knobs of the loss.
+
+Parse them like any Hugging Face arguments, from CLI flags or a YAML/JSON file::
+
+    parser = HfArgumentParser(DistillationArguments)
+    (args,) = parser.parse_yaml_file("config.yaml")
+
+:func:`hf_distill.config.parse_config_and_args` combines both: ``--config file.yaml`` plus flags
+that override the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+TEACHER_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def parse_layer_map(spec: str | dict | None) -> list[tuple[int, int]]:
+    """Parse ``"s:t,s:t"`` (or a ``{s: t}`` mapping) into ``[(student_index, teacher_index), ...]``.
+
+    Indices refer to ``output_hidden_states`` (0 = embeddings, -1 = last layer).
+    """
+    if spec is None or spec == "":
+        return []
+    if isinstance(spec, dict):
+        return [(int(s), int(t)) for s, t in spec.items()]
+    pairs = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            s, t = item.split(":")
+            pairs.append((int(s), int(t)))
+        except ValueError:
+            raise ValueError(
+                f"cannot read layer pair {item!r} in {spec!r}; write student:teacher pairs of hidden-state "
+                "indices separated by commas, e.g. '-1:-1' or '2:4,4:8,6:12' (0 = embeddings, -1 = last)"
+            ) from None
+    return pairs
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """``TrainingArguments`` plus distillation settings. Defaults are DistilBERT's (Sanh et al. 2019)."""
+
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher model: a Hub id or a local directory (or pass `teacher=` in code)."}
+    )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision of the frozen teacher: float32, bfloat16, float16 or auto (as saved).",
+                  "choices": list(TEACHER_DTYPES)},
+    )
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the soft-target KL (x T^2)."})
+    kd_weight: float = field(default=5.0, metadata={"help": "Weight of the soft-target KL term (DistilBERT alpha_ce)."})
+    task_weight: float = field(
+        default=2.0, metadata={"help": "Weight of the task loss on hard labels: masked-LM / causal-LM / classification CE."}
+    )
+    cos_weight: float = field(default=1.0, metadata={"help": "Weight of the hidden-state cosine term (DistilBERT alpha_cos)."})
+    mse_weight: float = field(default=0.0, metadata={"help": "Weight of the logit MSE term (DistilBERT alpha_mse)."})
+    hidden_mse_weight: float = field(
+        default=0.0, metadata={"help": "Weight of an MSE term between the hidden states of `hidden_layer_map`."}
+    )
+    hidden_layer_map: str = field(
+        default="-1:-1",
+        metadata={"help": "student:teacher hidden-state pairs for the cosine/MSE terms, e.g. '-1:-1' or '3:6,6:12'."},
+    )
+    restrict_kd_to_mask: bool = field(
+        default=False, metadata={"help": "Masked LM: compute the KL only at masked positions (default: every real token)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("kd_weight", "task_weight", "cos_weight", "mse_weight", "hidden_mse_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.layer_pairs = parse_layer_map(self.hidden_layer_map)
