@@ -69,6 +69,20 @@ class DistillationArguments(TrainingArguments):
         default="-1:-1",
         metadata={"help": "student:teacher hidden-state pairs for the cosine/MSE terms, e.g. '-1:-1' or '3:6,6:12'."},
     )
+    distillation: str | None = field(
+        default=None,
+        metadata={"help": "The loss as a list of weighted terms (YAML list, or JSON on the command line), e.g. "
+                          "'[{\"loss\": \"kl\", \"weight\": 5}, {\"loss\": \"hidden_mse\", \"projection\": "
+                          "\"linear\"}]'. Replaces kd/cos/mse weights; the task loss is added with task_weight."},
+    )
+    teacher_weights: str | None = field(
+        default=None, metadata={"help": "Several teachers: their weights, comma-separated (default: equal)."}
+    )
+    multi_teacher: str = field(
+        default="average",
+        metadata={"help": "Several teachers: 'average' their probabilities into one target, or 'separate' terms.",
+                  "choices": ["average", "separate"]},
+    )
     restrict_kd_to_mask: bool = field(
         default=False, metadata={"help": "Masked LM: compute the KL only at masked positions (default: every real token)."}
     )
@@ -83,3 +97,15 @@ class DistillationArguments(TrainingArguments):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.layer_pairs = parse_layer_map(self.hidden_layer_map)
+        if self.multi_teacher not in ("average", "separate"):
+            raise ValueError(f"multi_teacher must be 'average' or 'separate', got {self.multi_teacher!r}")
+        self.teacher_weight_list = None
+        if self.teacher_weights:
+            weights = [float(w) for w in str(self.teacher_weights).split(",") if w.strip()]
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights!r}")
+            self.teacher_weight_list = [w / sum(weights) for w in weights]
+        if self.distillation is not None:
+            from .objectives import parse_distillation_spec
+
+            parse_distillation_spec(self.distillation)  # fail on a malformed list now, not at the first step

@@ -6,7 +6,10 @@ batch), runs the student, and combines the terms of :mod:`hf_distill.losses`:
 * ``loss_kd``: soft-target KL at temperature T (x T^2), DistilBERT's ``alpha_ce`` term;
 * the task loss on hard labels, logged as ``loss_mlm`` / ``loss_clm`` / ``loss_ce``;
 * ``loss_cos``: 1 - cosine between aligned hidden states;
-* ``loss_mse`` (logits) and ``loss_hidden_mse`` (hidden states) when their weights are > 0.
+* ``loss_mse`` (logits) and ``loss_hidden_mse`` (hidden states) when their weights are > 0;
+* or any list of terms from :mod:`hf_distill.objectives` (``args.distillation``).
+
+Hidden states, attention maps and Q/K/V projections are collected only when a term needs them.
 
 Normalisation is owned here, not by the model: each term is a sum over valid positions divided by
 the number of valid positions in the whole optimiser step (every gradient-accumulation micro-batch
@@ -22,23 +25,40 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Trainer
 
+from transformers import TrainerCallback
+
 from . import losses
 from .arguments import DistillationArguments
+from .objectives import ModelTensors, StepTensors, build_objective
+from .qkv import QKVRecorder
 from .teachers import (
     check_same_vocabulary,
     forward_parameters,
-    hidden_size,
     load_teacher,
-    num_hidden_states,
     output_size,
     place_teacher,
     task_kind,
     unwrap,
 )
 
-TASK_LOSS_NAMES = {"masked_lm": "loss_mlm", "causal_lm": "loss_clm"}
+OBJECTIVE_STATE = "distillation_objective.pt"
 # Columns that carry teacher outputs computed ahead of time; the Trainer must not drop them.
 CACHED_TEACHER_COLUMNS = ("teacher_logits",)
+
+
+class _SyncObjectiveGradients(TrainerCallback):
+    """Average the objective's own gradients (projections) over processes, as DDP does for the student."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.accelerator.num_processes > 1:
+            for p in trainer.objective.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= trainer.accelerator.num_processes
 
 
 class DistillationTrainer(Trainer):
@@ -46,8 +66,9 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student.
-        teacher: a model or a path / Hub id; defaults to ``args.teacher_name_or_path``. May be None
-            when every batch carries cached ``teacher_logits`` (response terms only).
+        teacher: a model or a path / Hub id, or a list of them (multi-teacher); defaults to
+            ``args.teacher_name_or_path`` (comma-separated for several). May be None when every
+            batch carries cached ``teacher_logits`` (response terms only).
         args: :class:`DistillationArguments`.
         teacher_processing_class: the teacher's tokenizer; when given with ``processing_class``
             the two vocabularies must be identical, token for token.
@@ -69,35 +90,55 @@ class DistillationTrainer(Trainer):
         if model is None:
             raise ValueError("DistillationTrainer needs a student model (model=...)")
         self.task = task_kind(model)
-        teacher = teacher if teacher is not None else args.teacher_name_or_path
-        if isinstance(teacher, (str, Path)):
-            teacher = load_teacher(teacher, task=self.task, dtype=args.teacher_dtype)
-        self._validate(model, teacher, args, kwargs.get("processing_class"), teacher_processing_class)
+        teachers = self._resolve_teachers(teacher, args)
+        for t in teachers:
+            self._validate_pair(model, t, args, kwargs.get("processing_class"), teacher_processing_class)
+        weights = args.teacher_weight_list or [1.0 / max(len(teachers), 1)] * max(len(teachers), 1)
+        if teachers and len(weights) != len(teachers):
+            raise ValueError(f"teacher_weights has {len(weights)} entries but there are {len(teachers)} teachers")
+        self.teacher_weights = weights
+        # The objective validates layer maps, widths and head counts now, before any step.
+        self.objective = build_objective(args, model, teachers, multi_teacher=args.multi_teacher)
+        needs = self.objective.needs
+        if not teachers and needs - {"logits"}:
+            raise ValueError(f"the configured terms need a live teacher's {sorted(needs - {'logits'})}, but no "
+                             "teacher was given; pass teacher=... or drop those terms to train on cached logits")
+        if "attentions" in needs:
+            for m in [model, *teachers]:
+                unwrap(m).set_attn_implementation("eager")  # fused kernels return no attention maps
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher = place_teacher(teacher, self.accelerator.device, args.teacher_dtype) if teacher is not None else None
+        device = self.accelerator.device
+        self.teachers = [place_teacher(t, device, args.teacher_dtype) for t in teachers]
+        self.objective.to(device)
+        s_layers, t_layers = self.objective.qkv_layers()
+        self._student_qkv = QKVRecorder(model, s_layers) if s_layers else None
+        self._teacher_qkv = [QKVRecorder(t, t_layers) for t in self.teachers] if t_layers else None
         self._student_inputs = forward_parameters(model)
-        self._teacher_inputs = forward_parameters(teacher) if teacher is not None else None
+        self._teacher_inputs = [forward_parameters(t) for t in self.teachers]
         self._step_counts: dict[str, torch.Tensor] | None = None
         self._train_terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._terms_logged_at_step = 0
         self._eval_terms: dict[str, float] = defaultdict(float)
         self._eval_weight = 0
+        if any(True for _ in self.objective.parameters()):
+            self.add_callback(_SyncObjectiveGradients(self))
+
+    @property
+    def teacher(self):
+        """The (first) teacher."""
+        return self.teachers[0] if self.teachers else None
 
     # ------------------------------------------------------------------ validation
-    @property
-    def needs_hidden_states(self) -> bool:
-        return self.args.cos_weight > 0 or self.args.hidden_mse_weight > 0
-
-    def _validate(self, student, teacher, args, student_tok, teacher_tok) -> None:
-        need_hidden = args.cos_weight > 0 or args.hidden_mse_weight > 0
+    @staticmethod
+    def _resolve_teachers(teacher, args) -> list:
+        if teacher is None and args.teacher_name_or_path:
+            teacher = [t.strip() for t in str(args.teacher_name_or_path).split(",") if t.strip()]
         if teacher is None:
-            if need_hidden:
-                raise ValueError(
-                    "cos_weight/hidden_mse_weight > 0 need a live teacher's hidden states, but no teacher was given; "
-                    "pass teacher=... (or --teacher_name_or_path), or set --cos_weight 0 --hidden_mse_weight 0 "
-                    "to train on cached teacher logits"
-                )
-            return
+            return []
+        items = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        return items
+
+    def _validate_pair(self, student, teacher, args, student_tok, teacher_tok) -> None:
         s_kind, t_kind = task_kind(student), task_kind(teacher)
         if s_kind != t_kind and "base" not in (s_kind, t_kind):
             raise ValueError(
@@ -105,7 +146,7 @@ class DistillationTrainer(Trainer):
                 f"Load the teacher with the same kind of head (e.g. AutoModelFor{s_kind.title().replace('_', '')})"
             )
         s_out, t_out = output_size(student), output_size(teacher)
-        if (args.kd_weight > 0 or args.mse_weight > 0) and s_out != t_out:
+        if s_out != t_out:
             what = "labels" if "classification" in s_kind else "vocabulary entries"
             raise ValueError(
                 f"student logits range over {s_out} {what} but the teacher's over {t_out}; soft targets need the same "
@@ -123,29 +164,37 @@ class DistillationTrainer(Trainer):
                     "set the student's id2label/label2id to the teacher's"
                 )
         check_same_vocabulary(student_tok, teacher_tok)
-        if need_hidden:
-            hs, ht = hidden_size(student), hidden_size(teacher)
-            if hs != ht:
-                raise ValueError(
-                    f"the cosine / hidden-MSE terms compare hidden states, but the student's width is {hs} and the "
-                    f"teacher's {ht}; set --cos_weight 0 --hidden_mse_weight 0, or use a hidden-state objective with "
-                    "a learned projection"
-                )
-            ns, nt = num_hidden_states(student), num_hidden_states(teacher)
-            for s, t in args.layer_pairs:
-                if ns is not None and not -ns <= s < ns:
-                    raise ValueError(f"hidden_layer_map student index {s} is out of range: the student has {ns} "
-                                     f"hidden states (0 = embeddings .. {ns - 1}, or -1 for the last)")
-                if nt is not None and not -nt <= t < nt:
-                    raise ValueError(f"hidden_layer_map teacher index {t} is out of range: the teacher has {nt} "
-                                     f"hidden states (0 = embeddings .. {nt - 1}, or -1 for the last)")
+
+    def _resolve_teachers_loaded(self):  # pragma: no cover - kept for subclass compatibility
+        return self.teachers
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             self._signature_columns += [c for c in CACHED_TEACHER_COLUMNS if c not in self._signature_columns]
 
-    # ------------------------------------------------------------------ counting
+    # ------------------------------------------------------------------ optimiser and checkpoints
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        if params and not any(p is q for g in optimizer.param_groups for q in g["params"] for p in params[:1]):
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if any(True for _ in self.objective.parameters()) and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(self.objective.state_dict(), folder / OBJECTIVE_STATE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        path = Path(resume_from_checkpoint) / OBJECTIVE_STATE
+        if path.exists():
+            self.objective.load_state_dict(torch.load(path, map_location=self.args.device))
+
     def _masks(self, inputs: dict, labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         """Boolean masks over positions for each family of terms (None: every row counts)."""
         attention = inputs.get("attention_mask")
@@ -172,7 +221,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         masks = self._masks(inputs, labels)
         batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
-        counts = {}
+        counts = {"samples": torch.tensor(batch)}
         for key, mask in masks.items():
             counts[key] = mask.sum() if mask is not None else torch.tensor(batch)
         if labels is not None:
@@ -196,82 +245,67 @@ class DistillationTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------ the loss
-    def _teacher_forward(self, inputs: dict):
-        teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs is None or k in self._teacher_inputs}
+    def _flags(self) -> dict:
+        needs = self.objective.needs
+        flags = {}
+        if "hidden_states" in needs:
+            flags["output_hidden_states"] = True
+        if "attentions" in needs:
+            flags["output_attentions"] = True
+        return flags
+
+    @staticmethod
+    def _tensors(out, qkv=None) -> ModelTensors:
+        return ModelTensors(logits=getattr(out, "logits", None), hidden_states=getattr(out, "hidden_states", None),
+                            attentions=getattr(out, "attentions", None), qkv=qkv or {})
+
+    def _teacher_forward(self, index: int, inputs: dict) -> ModelTensors:
+        accepted = self._teacher_inputs[index]
+        teacher_inputs = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
+        recorder = self._teacher_qkv[index] if self._teacher_qkv else None
         with torch.no_grad(), self.accelerator.autocast():
-            if self.needs_hidden_states:
-                teacher_inputs["output_hidden_states"] = True
-            return self.teacher(**teacher_inputs)
+            if recorder is not None:
+                with recorder:
+                    out = self.teachers[index](**teacher_inputs, **self._flags())
+                return self._tensors(out, recorder.take())
+            return self._tensors(self.teachers[index](**teacher_inputs, **self._flags()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         cached_logits = inputs.pop("teacher_logits", None)
+        extra = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
         model_inputs = {k: v for k, v in inputs.items() if self._student_inputs is None or k in self._student_inputs}
-        if self.needs_hidden_states:
-            model_inputs["output_hidden_states"] = True
-        student_out = model(**model_inputs)
+        if self._student_qkv is not None:
+            with self._student_qkv:
+                student_out = model(**model_inputs, **self._flags())
+            student = self._tensors(student_out, self._student_qkv.take())
+        else:
+            student_out = model(**model_inputs, **self._flags())
+            student = self._tensors(student_out)
 
         if cached_logits is not None:
-            teacher_logits, teacher_hidden = cached_logits, None
-        elif self.teacher is not None:
-            teacher_out = self._teacher_forward(model_inputs)
-            teacher_logits = teacher_out.logits
-            teacher_hidden = getattr(teacher_out, "hidden_states", None)
+            teachers = [ModelTensors(logits=cached_logits)]
+        elif self.teachers:
+            teachers = [self._teacher_forward(i, model_inputs) for i in range(len(self.teachers))]
         else:
-            raise ValueError("no teacher was given and the batch carries no 'teacher_logits' column")
+            teachers = []
+            if any(t.loss_name != "task" and t.loss_name != "topk_kl" and t.weight > 0 for t in self.objective.terms):
+                raise ValueError("no teacher was given and the batch carries no 'teacher_logits' column")
 
         # Global counts in training (exact under accumulation / several processes), local in evaluation.
         use_global = model.training and self._step_counts is not None
         counts = self._step_counts if use_global else self._item_counts({**inputs, "labels": labels}
                                                                          if labels is not None else inputs)
         scale = self.accelerator.num_processes if use_global else 1  # DDP averages gradients over processes
-        masks = self._masks(inputs, labels)
-        terms = self._loss_terms(student_out, teacher_logits, teacher_hidden, labels, masks, counts)
-
-        weights = {"loss_kd": self.args.kd_weight, "loss_cos": self.args.cos_weight, "loss_mse": self.args.mse_weight,
-                   "loss_hidden_mse": self.args.hidden_mse_weight}
-        loss = None
-        for name, value in terms.items():
-            weight = weights.get(name, self.args.task_weight)
-            loss = weight * value if loss is None else loss + weight * value
+        step = StepTensors(student=student, teachers=teachers, teacher_weights=self.teacher_weights, labels=labels,
+                           masks=self._masks(inputs, labels), counts=counts, task=self.task, batch=extra)
+        loss, terms = self.objective(step)
         loss = loss * scale
         self._record_terms(terms, scale, model.training, inputs)
         if return_outputs:
             return loss, {"loss": loss, "logits": student_out.logits}
         return loss
-
-    def _loss_terms(self, student_out, teacher_logits, teacher_hidden, labels, masks, counts) -> dict[str, torch.Tensor]:
-        args = self.args
-        s_logits = student_out.logits
-        t_logits = teacher_logits.to(s_logits.device)
-        if self.task == "causal_lm":
-            s_logits, t_logits = s_logits[..., :-1, :], t_logits[..., :-1, :]
-        terms = {}
-        if args.kd_weight > 0:
-            terms["loss_kd"] = losses.kl_div_loss(s_logits, t_logits, temperature=args.temperature,
-                                                  mask=masks["kd"], num_items=counts["kd"])
-        if args.task_weight > 0 and labels is not None:
-            task_labels = labels[..., 1:] if self.task == "causal_lm" else labels
-            name = TASK_LOSS_NAMES.get(self.task, "loss_ce")
-            terms[name] = losses.cross_entropy_loss(s_logits, task_labels, num_items=counts["task"])
-        if args.mse_weight > 0:
-            terms["loss_mse"] = losses.logit_mse_loss(s_logits, t_logits, mask=masks["kd"], num_items=counts["kd"])
-        if self.needs_hidden_states:
-            s_hidden = student_out.hidden_states
-            n_pairs = len(args.layer_pairs)
-            cos, mse = 0.0, 0.0
-            for s_idx, t_idx in args.layer_pairs:
-                hs, ht = s_hidden[s_idx], teacher_hidden[t_idx].to(s_hidden[s_idx].device)
-                if args.cos_weight > 0:
-                    cos = cos + losses.cosine_loss(hs, ht, mask=masks["hidden"], num_items=counts["hidden"]) / n_pairs
-                if args.hidden_mse_weight > 0:
-                    mse = mse + losses.hidden_mse_loss(hs, ht, mask=masks["hidden"], num_items=counts["hidden"]) / n_pairs
-            if args.cos_weight > 0:
-                terms["loss_cos"] = cos
-            if args.hidden_mse_weight > 0:
-                terms["loss_hidden_mse"] = mse
-        return terms
 
     # ------------------------------------------------------------------ logging
     def _record_terms(self, terms, scale, training, inputs):
