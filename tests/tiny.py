@@ -55,6 +55,7 @@ def tiny_bert_config(vocab_size: int, layers: int = 4, hidden: int = 32, heads: 
 
 
 def tiny_bert_mlm(vocab_size: int, layers: int = 4, hidden: int = 32, seed: int = 0, **kw) -> BertForMaskedLM:
+    """A random BertForMaskedLM; ``heads=`` and other BertConfig fields pass through ``kw``."""
     import torch
 
     torch.manual_seed(seed)
