@@ -39,3 +39,53 @@ def normalise(total: torch.Tensor, count: torch.Tensor, num_items: int | float |
         denominator = torch.tensor(float(denominator), device=total.device)
     denominator = denominator.to(device=total.device, dtype=total.dtype)
     return total / denominator.clamp(min=1.0)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float64 stays float64, everything else becomes float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in :func:`compute_dtype` (a no-op for float32 and float64 tensors)."""
+    return tensor.to(compute_dtype(tensor))
+
+
+def check_mask(
+    mask: torch.Tensor | None, shape: torch.Size | tuple[int, ...], what: str = "the positions"
+) -> torch.Tensor | None:
+    """Validate a boolean position mask against ``shape``; return it as ``torch.bool`` (or None)."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but {what} have shape {tuple(shape)}")
+    return mask.to(torch.bool)
+
+
+def zero_masked(tensor: torch.Tensor, mask: torch.Tensor | None, value: float = 0.0) -> torch.Tensor:
+    """Replace the entries of ``tensor`` at positions where ``mask`` is false by ``value``.
+
+    ``mask`` covers the leading dimensions of ``tensor``. Losses call this on their inputs so that
+    garbage at padding positions (inf, nan, huge values) can change neither the loss nor the
+    gradient of the selected positions: ``where`` sends a zero gradient to the replaced entries and
+    no inf/nan ever enters the arithmetic.
+    """
+    if mask is None:
+        return tensor
+    while mask.dim() < tensor.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, tensor, torch.full((), value, dtype=tensor.dtype, device=tensor.device))
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum_c p[c] * (log p[c] - log q[c])`` over the last dimension, with ``0 * log 0 = 0``.
+
+    Entries where ``p == 0`` contribute exactly 0 even when ``log q`` is ``-inf`` there (for
+    example a vocabulary entry both models mask out), and their gradient is 0 rather than nan.
+    """
+    p = log_p.exp()
+    absent = p == 0
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    log_p = torch.where(absent, zero, log_p)
+    log_q = torch.where(absent, zero, log_q)
+    return (p * (log_p - log_q)).sum(-1)
