@@ -81,11 +81,9 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``sum_c p[c] * (log p[c] - log q[c])`` over the last dimension, with ``0 * log 0 = 0``.
 
     Entries where ``p == 0`` contribute exactly 0 even when ``log q`` is ``-inf`` there (for
-    example a vocabulary entry both models mask out), and their gradient is 0 rather than nan.
+    example a vocabulary entry both models mask out), and their gradient is 0 rather than nan:
+    the difference is replaced by 0 before the product, so the product's backward never sees inf.
     """
     p = log_p.exp()
-    absent = p == 0
-    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-    log_p = torch.where(absent, zero, log_p)
-    log_q = torch.where(absent, zero, log_q)
-    return (p * (log_p - log_q)).sum(-1)
+    diff = torch.where(p == 0, torch.zeros((), dtype=log_p.dtype, device=log_p.device), log_p - log_q)
+    return (p * diff).sum(-1)

@@ -36,7 +36,37 @@ import torch.nn.functional as F
 
 from ._common import check_mask, compute_dtype
 
-__all__ = ["chunked_generalized_jsd_loss", "chunked_kl_loss", "divergence_chunk", "fused_linear_kl_loss"]
+__all__ = [
+    "Workspace",
+    "chunked_generalized_jsd_loss",
+    "chunked_kl_loss",
+    "divergence_chunk",
+    "fused_linear_kl_loss",
+]
+
+
+class Workspace:
+    """Reusable ``(rows, V)`` buffers for :func:`divergence_chunk`, allocated once per loss call.
+
+    Reusing them across chunks matters for speed as much as for memory: a fresh multi-megabyte
+    allocation per chunk and per temporary is page-faulted in by the OS every time.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, beta: float) -> None:
+        n_work = 2 if beta in (0.0, 1.0) else 3
+        self.student = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.teacher = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.work = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(n_work)]
+        self.flags = torch.empty(rows, vocab, dtype=torch.bool, device=device)
+
+
+def _log_softmax_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``x <- log_softmax(x)`` in place, using ``scratch`` (same shape) instead of a new buffer."""
+    row_max = x.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    torch.sub(x, row_max, out=scratch).exp_()
+    log_z = scratch.sum(dim=-1, keepdim=True).log_().add_(row_max)
+    return x.sub_(log_z)
 
 
 def divergence_chunk(
@@ -46,14 +76,15 @@ def divergence_chunk(
     beta: float,
     temperature: float,
     need_grad: bool,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergence of a chunk, and its gradient with respect to the student's logits.
 
     ``student_logits`` and ``teacher_logits`` are ``(rows, V)`` tensors in the compute dtype that
-    the caller owns: they are overwritten (every step is done in place where possible, so that a
-    chunk needs about four ``(rows, V)`` buffers). Returns ``(loss (rows,), grad (rows, V) | None)``
-    where ``loss = T^2 * D`` per row and ``grad = d loss / d student_logits = T * dD/ds`` for
-    ``s = student_logits / T``:
+    the caller owns: they are overwritten, and the returned gradient *is* ``student_logits`` (no new
+    full-size tensor). ``workspace`` provides the scratch buffers (else they are allocated).
+    Returns ``(loss (rows,), grad (rows, V) | None)`` with ``loss = T^2 * D`` per row and
+    ``grad = d loss / d student_logits = T * dD/ds`` for ``s = student_logits / T``:
 
     * forward KL (``beta == 0``): ``dD/ds = p_S - p_T``;
     * reverse KL (``beta == 1``): ``dD/ds = p_S * (log p_S - log p_T - D)``;
@@ -62,38 +93,44 @@ def divergence_chunk(
     Classes with zero probability contribute exactly 0 (``0 * log 0 = 0``), as in the dense losses.
     """
     s, t = student_logits, teacher_logits
+    rows = s.shape[0]
+    if workspace is None:
+        workspace = Workspace(rows, s.shape[1], s.dtype, s.device, beta)
+    w1, w2 = workspace.work[0][:rows], workspace.work[1][:rows]
+    flags = workspace.flags[:rows]
     if temperature != 1.0:
         s.mul_(1.0 / temperature)
         t.mul_(1.0 / temperature)
-    log_p = s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log p_S, in place
-    log_q = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p_T, in place
+    log_p = _log_softmax_(s, w1)  # log p_S, in place
+    log_q = _log_softmax_(t, w1)  # log p_T, in place
     grad = None
     if beta == 0.0:
-        q = log_q.exp()
-        terms = torch.sub(log_q, log_p).mul_(q).masked_fill_(q == 0, 0.0)
+        q = torch.exp(log_q, out=w1)
+        terms = torch.sub(log_q, log_p, out=w2).mul_(q).masked_fill_(torch.eq(q, 0, out=flags), 0.0)
         loss = terms.sum(-1)
-        del terms
         if need_grad:
             grad = log_p.exp_().sub_(q)
     elif beta == 1.0:
-        p = log_p.exp()
+        p = torch.exp(log_p, out=w1)
         diff = log_p.sub_(log_q)  # log p_S - log p_T, in place
-        del log_q
-        zero_p = p == 0
-        loss = torch.mul(diff, p).masked_fill_(zero_p, 0.0).sum(-1)
+        zero_p = torch.eq(p, 0, out=flags)
+        loss = torch.mul(diff, p, out=w2).masked_fill_(zero_p, 0.0).sum(-1)
         if need_grad:
             grad = diff.sub_(loss[:, None]).mul_(p).masked_fill_(zero_p, 0.0)
     else:
-        p, q = log_p.exp(), log_q.exp()
-        log_m = torch.add(log_p, math.log1p(-beta))
-        log_m = torch.logaddexp(log_m, log_q + math.log(beta), out=log_m)
-        diff_q = log_q.sub_(log_m)  # log p_T - log m
-        kl_q = diff_q.mul_(q).masked_fill_(q == 0, 0.0).sum(-1)
-        del diff_q, log_q, q
-        diff_p = log_p.sub_(log_m)  # log p_S - log m
-        del log_m
-        zero_p = p == 0
-        kl_p = torch.mul(diff_p, p).masked_fill_(zero_p, 0.0).sum(-1)
+        w3 = workspace.work[2][:rows]
+        # log m = logaddexp(log p_S + log(1-beta), log p_T + log beta)
+        #       = log p_T + log beta + softplus(log p_S - log p_T + log(1-beta) - log beta)
+        log_m = torch.sub(log_p, log_q, out=w3).add_(math.log1p(-beta) - math.log(beta))
+        log_m = torch.logaddexp(log_m, torch.zeros((), dtype=log_m.dtype, device=log_m.device), out=log_m)
+        log_m.add_(log_q).add_(math.log(beta))
+        q = torch.exp(log_q, out=w2)
+        diff_q = log_q.sub_(log_m)  # log p_T - log m, in place
+        kl_q = diff_q.mul_(q).masked_fill_(torch.eq(q, 0, out=flags), 0.0).sum(-1)
+        p = torch.exp(log_p, out=w1)
+        diff_p = log_p.sub_(log_m)  # log p_S - log m, in place
+        zero_p = torch.eq(p, 0, out=flags)
+        kl_p = torch.mul(diff_p, p, out=w3).masked_fill_(zero_p, 0.0).sum(-1)
         loss = beta * kl_q + (1.0 - beta) * kl_p
         if need_grad:
             grad = diff_p.sub_(kl_p[:, None]).mul_(p).mul_(1.0 - beta).masked_fill_(zero_p, 0.0)
@@ -115,6 +152,15 @@ def _row_chunks(n_rows: int, rows: torch.Tensor | None, chunk_size: int) -> Iter
 
 def _take(flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     return flat[sel] if isinstance(sel, slice) else flat.index_select(0, sel)
+
+
+def _gather_into(buffer: torch.Tensor, flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    """Copy the selected rows of ``flat`` into ``buffer`` (converting the dtype); return ``buffer``."""
+    if isinstance(sel, slice):
+        return buffer.copy_(flat[sel])
+    if flat.dtype == buffer.dtype:
+        return torch.index_select(flat, 0, sel, out=buffer)
+    return buffer.copy_(flat.index_select(0, sel))
 
 
 def _put(flat: torch.Tensor, sel: slice | torch.Tensor, value: torch.Tensor) -> None:
@@ -173,18 +219,20 @@ class _ChunkedDivergence(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_flat = torch.zeros_like(s_flat) if need_grad else None
         total = torch.zeros((), dtype=dtype, device=student_logits.device)
-        scale = None
+        n_selected = s_flat.shape[0] if rows is None else rows.numel()
+        workspace = Workspace(min(chunk_size, max(n_selected, 1)), vocab, dtype, student_logits.device, beta)
+        scale = (1.0 / denominator).to(dtype)
         for sel in _row_chunks(s_flat.shape[0], rows, chunk_size):
-            # copy=True: the chunk is overwritten in place and must not alias the caller's logits.
-            s = _take(s_flat, sel).to(dtype, copy=True)
-            t = _take(t_flat, sel).to(dtype, copy=True)
-            loss, grad = divergence_chunk(s, t, beta=beta, temperature=temperature, need_grad=need_grad)
+            n = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+            # Copies into the workspace: the chunk is overwritten in place, never the caller's logits.
+            s = _gather_into(workspace.student[:n], s_flat, sel)
+            t = _gather_into(workspace.teacher[:n], t_flat, sel)
+            loss, grad = divergence_chunk(
+                s, t, beta=beta, temperature=temperature, need_grad=need_grad, workspace=workspace
+            )
             total += loss.sum()
             if need_grad:
-                if scale is None:
-                    scale = (1.0 / denominator).to(dtype)
                 _put(grad_flat, sel, grad.mul_(scale))
-            del s, t, loss, grad
         if need_grad:
             ctx.save_for_backward(grad_flat.view(student_logits.shape))
         return total / denominator
@@ -240,6 +288,15 @@ def chunked_kl_loss(
     )
 
 
+def _linear_into(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``buffer <- h @ weight.T + bias`` (the GEMM writes straight into the workspace when dtypes allow)."""
+    if h.dtype == buffer.dtype and weight.dtype == buffer.dtype and (bias is None or bias.dtype == buffer.dtype):
+        if bias is None:
+            return torch.mm(h, weight.T, out=buffer)
+        return torch.addmm(bias, h, weight.T, out=buffer)
+    return buffer.copy_(F.linear(h, weight, bias))  # low precision: logits in their dtype, then upcast
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, denominator, chunk_size, temperature, beta):
@@ -250,35 +307,40 @@ class _FusedLinearDivergence(torch.autograd.Function):
         need_grad = need_h or need_w or need_b
         dtype = compute_dtype(h_s)
         acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
+        vocab = w_s.shape[0]
         grad_h = torch.zeros_like(hs_flat) if need_h else None
         grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if need_w else None
         grad_b = torch.zeros(b_s.shape, dtype=acc_dtype, device=b_s.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=h_s.device)
-        scale = None
+        n_selected = hs_flat.shape[0] if rows is None else rows.numel()
+        workspace = Workspace(min(chunk_size, max(n_selected, 1)), vocab, dtype, h_s.device, beta)
+        scale = (1.0 / denominator).to(dtype)
         for sel in _row_chunks(hs_flat.shape[0], rows, chunk_size):
             hs = _take(hs_flat, sel)
-            # F.linear returns a fresh tensor, so the in-place work below touches nothing of the caller's.
-            s = F.linear(hs, w_s, b_s).to(dtype)
-            t = F.linear(_take(ht_flat, sel), w_t, b_t).to(dtype)
-            loss, grad = divergence_chunk(s, t, beta=beta, temperature=temperature, need_grad=need_grad)
+            n = hs.shape[0]
+            s = _linear_into(workspace.student[:n], hs, w_s, b_s)
+            t = _linear_into(workspace.teacher[:n], _take(ht_flat, sel), w_t, b_t)
+            loss, grad = divergence_chunk(
+                s, t, beta=beta, temperature=temperature, need_grad=need_grad, workspace=workspace
+            )
             total += loss.sum()
-            if need_grad:
-                if scale is None:
-                    scale = (1.0 / denominator).to(dtype)
-                grad.mul_(scale)
-                if need_b:
-                    grad_b += grad.sum(0).to(acc_dtype)
-                grad_mm = grad.to(hs.dtype)  # the dtype autograd would use for the matmuls
-                del grad
-                if need_h:
+            if not need_grad:
+                continue
+            grad.mul_(scale)
+            if need_b:
+                grad_b += grad.sum(0).to(acc_dtype)
+            grad_mm = grad.to(hs.dtype)  # the dtype autograd would use for the matmuls
+            if need_h:
+                if isinstance(sel, slice) and grad_h.dtype == grad_mm.dtype == w_s.dtype:
+                    torch.mm(grad_mm, w_s, out=grad_h[sel])
+                else:
                     _put(grad_h, sel, grad_mm @ w_s)
-                if need_w:
-                    if grad_w.dtype == grad_mm.dtype:
-                        grad_w.addmm_(grad_mm.T, hs)
-                    else:
-                        grad_w += (grad_mm.T @ hs).to(acc_dtype)
-                del grad_mm
-            del s, t, loss
+            if need_w:
+                if grad_w.dtype == grad_mm.dtype == hs.dtype:
+                    grad_w.addmm_(grad_mm.T, hs)
+                else:
+                    grad_w += (grad_mm.T @ hs).to(acc_dtype)
+            del grad_mm
         ctx.save_for_backward(
             grad_h.view(h_s.shape) if need_h else None,
             grad_w.to(w_s.dtype) if need_w else None,
