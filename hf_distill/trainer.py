@@ -117,7 +117,7 @@ class DistillationTrainer(Trainer):
         self._teacher_inputs = [forward_parameters(t) for t in self.teachers]
         self._step_counts: dict[str, torch.Tensor] | None = None
         self._train_terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
-        self._terms_logged_at_step = 0
+        self._optimizer_steps_since_log = 0  # one get_batch_samples call per optimiser step
         self._eval_terms: dict[str, float] = defaultdict(float)
         self._eval_weight = 0
         if any(True for _ in self.objective.parameters()):
@@ -233,6 +233,8 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            self._optimizer_steps_since_log += 1
         totals: dict[str, torch.Tensor] = {}
         for batch in batch_samples:
             for key, value in self._item_counts(batch).items():
@@ -320,14 +322,14 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._train_terms:
-            steps = max(self.state.global_step - self._terms_logged_at_step, 1)
+            steps = max(self._optimizer_steps_since_log, 1)
             for name in sorted(self._train_terms):
                 value = self._train_terms[name]
                 if self.accelerator.num_processes > 1:
                     value = self.accelerator.gather(value.reshape(1)).mean()
                 logs[name] = round(float(value) / steps, 6)
             self._train_terms.clear()
-            self._terms_logged_at_step = self.state.global_step
+            self._optimizer_steps_since_log = 0
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> Path:
                                 config_name=None if recipe.train_files else recipe.dataset_config)
         blocks = tokenize_and_pack(raw, tokenizer, block_size=recipe.block_size, text_column=recipe.text_column,
                                    num_proc=recipe.preprocessing_num_workers)
-        train, evaluation = split_train_eval(blocks, recipe.eval_size, seed=args.seed)
+        eval_size = int(recipe.eval_size) if recipe.eval_size >= 1 else recipe.eval_size
+        train, evaluation = split_train_eval(blocks, eval_size, seed=args.seed)
         if recipe.max_train_blocks:
             train = train.select(range(min(recipe.max_train_blocks, len(train))))
         counts = count_tokens(train, len(tokenizer))
     collator = DistilMLMCollator(tokenizer, mlm_probability=recipe.mlm_probability, token_counts=counts,
-                                 smoothing=recipe.mlm_smoothing)
+                                 smoothing=recipe.mlm_smoothing, seed=args.seed, content_seeded=True)
 
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=train,
                                   eval_dataset=evaluation, data_collator=collator, processing_class=tokenizer,

@@ -293,3 +293,18 @@ def test_dataloader_single_and_multi_worker(tok, features):
     assert not torch.equal(first[0], first[1])  # batch 0 from worker 0, batch 1 from worker 1
     for x, y in zip(runs[0], runs[1]):  # reproducible run to run
         assert torch.equal(x, y)
+
+
+def test_content_seeded_masks_depend_only_on_the_batch(tok, features):
+    feats = list(features[:8])
+    """Resumable masking: the same batch gets the same masks whatever happened before."""
+    c = DistilMLMCollator(tok, seed=3, content_seeded=True)
+    first = c(feats)
+    torch.manual_seed(123)
+    c(feats[:3])  # other batches in between change nothing
+    again = DistilMLMCollator(tok, seed=3, content_seeded=True)(feats)
+    assert torch.equal(first["input_ids"], again["input_ids"]) and torch.equal(first["labels"], again["labels"])
+    other_seed = DistilMLMCollator(tok, seed=4, content_seeded=True)(feats)
+    assert not torch.equal(first["labels"], other_seed["labels"])
+    other_batch = c(feats[1:] + feats[:1])
+    assert not torch.equal(other_batch["labels"], first["labels"][list(range(1, len(feats))) + [0]])

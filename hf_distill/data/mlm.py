@@ -19,6 +19,7 @@ still an exact number of masked positions per batch).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,10 @@ class DistilMLMCollator:
     smoothing: float = 0.7
     pad_to_multiple_of: int | None = None
     seed: int | None = None
+    # Derive each batch's randomness from (seed, the batch's token ids) instead of a running
+    # stream: a run resumed from a checkpoint then masks every later batch exactly as an
+    # uninterrupted run would, whatever the data loader prefetched before the interruption.
+    content_seeded: bool = False
     token_weights: torch.Tensor = field(init=False, repr=False, compare=False)
     random_token_ids: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -211,6 +216,11 @@ class DistilMLMCollator:
             self._generator = torch.Generator().manual_seed(seed)
             self._worker_key = key
         return self._generator
+
+    def _content_generator(self, input_ids: torch.Tensor) -> torch.Generator:
+        digest = hashlib.blake2b(input_ids.to(torch.int64).numpy().tobytes(), digest_size=8,
+                                 key=str(int(self.seed)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2**63))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -317,7 +327,8 @@ class DistilMLMCollator:
         input_ids = batch["input_ids"]
         attention = batch["attention_mask"].bool()
         special_mask = batch.pop("special_tokens_mask", None)
-        generator = self._get_generator()
+        generator = self._content_generator(input_ids) if self.content_seeded and self.seed is not None \
+            else self._get_generator()
 
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.token_weights.numel()):
             raise ValueError(
