@@ -1,0 +1,1406 @@
+"""Pseudo-label unlabeled audio with a speech teacher (Whisper or a CTC model), resumably, into Parquet shards.
+
+Pipeline, for one process::
+
+    list inputs (sorted by id)  ->  fixed shards of ``shard_size`` items  ->  for each shard this rank owns:
+        probe durations -> plan windows (long-form audio is chunked with overlap) -> sort windows by
+        duration -> batches across files -> teacher -> stitch chunks -> signals, filters, soft labels
+        -> ``shard-NNNNN.parquet`` written to a temporary name, then renamed
+
+Outputs in ``output_dir``:
+
+- ``manifest.json``: the configuration, its hash, the teacher and the number of items and shards. A run
+  into a folder started with another configuration (or whose input changed) is refused.
+- ``shard-00000.parquet`` ...: one row per labelled item (columns below); the shard's failures (items
+  that could not be read, with the reason) are in the file's metadata. Load the store with
+  :func:`load_pseudo_labels` or ``datasets.load_dataset("parquet", data_files=".../shard-*.parquet")``.
+- ``stats/shard-00000.json``: audio seconds and compute seconds of each shard (for the summary).
+- ``summary.json`` and ``failures.jsonl``: written when the last shard is done (by whichever process
+  finishes it), or by ``finalize`` / ``hf-distill pseudo-label --finalize``.
+
+Row columns: ``id``, ``path``, ``duration`` (seconds), ``reference`` (or null), ``text``, ``token_ids``
+(Whisper: the tokens generated after the decoder prompt, end-of-text included; CTC: the collapsed label
+sequence), ``prompt_ids`` (Whisper's decoder prompt, e.g. start-of-transcript, language, task,
+no-timestamps), ``avg_logprob`` (Whisper: mean log-probability of ``token_ids``), ``no_speech_prob``
+(Whisper: probability of the no-speech token at the first decoding step), ``compression_ratio``
+(UTF-8 bytes / zlib-compressed bytes of ``text``), ``mean_max_posterior`` (CTC: mean over frames of the
+top frame posterior), ``wer`` (against the reference, both normalised), ``n_chunks``, one boolean per
+filter (``pass_wer``, ``pass_avg_logprob``, ``pass_no_speech``, ``pass_compression_ratio``,
+``pass_mean_max_posterior``; null where a filter does not apply) and ``keep``: with a reference, the WER
+filter decides; without one, every confidence filter that applies must pass. With ``--timestamps``:
+``segments`` (start, end, text). With ``--top_k K``: ``topk_indices`` / ``topk_probs`` / ``topk_tail``
+(see :mod:`hf_distill.speech.soft_labels`), one entry per token of ``token_ids`` (Whisper: the
+teacher-forced distribution that predicted that token) or per output frame (CTC). Whisper rows longer
+than one window are stitched from chunks and carry no soft labels (a Whisper student trains on windows).
+
+Exactness: each shard's items and batches are a pure function of the configuration, so a run killed at
+any moment (even with SIGKILL) and restarted with the same command finishes with the same rows as an
+uninterrupted run; finished shards are verified and kept, unfinished ones recomputed. With several
+processes (``RANK``/``WORLD_SIZE`` as set by ``accelerate launch`` or ``torchrun``), rank ``r`` takes
+shards ``r, r + W, r + 2W, ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_distill.speech.audio import (
+    AudioError,
+    AudioFailure,
+    AudioItem,
+    Chunk,
+    decode_with_rate,
+    list_audio,
+    plan_chunks,
+    probe,
+    resampled_length,
+    write_failures,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "hf_distill.pseudo_labels"
+FORMAT_VERSION = 1
+SHARD_PATTERN = "shard-{:05d}.parquet"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+# Test hook: "kill-before-rename:<shard>" makes the process SIGKILL itself after writing that shard's
+# temporary file and before renaming it, the worst moment for a crash.
+FAILPOINT_ENV = "HF_DISTILL_PSEUDO_LABEL_FAILPOINT"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output directory belongs to a run with another configuration or another input."""
+
+
+# ==================================================================================================
+# configuration
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Everything that decides the output of a pseudo-labelling run (see ``hf-distill pseudo-label -h``)."""
+
+    input: str
+    model: str
+    output_dir: str
+    teacher_type: str = "auto"  # auto | whisper | ctc
+    # input columns (manifest / dataset)
+    path_column: str = "path"
+    text_column: str | None = None  # None: first of text/sentence/transcript/...; "": no reference
+    id_column: str | None = None
+    audio_column: str = "audio"
+    split: str | None = None
+    dataset_config: str | None = None
+    # decoding
+    language: str | None = None
+    task: str | None = None
+    return_timestamps: bool = False
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    batch_size: int = 16
+    chunk_length_s: float | None = None  # default: the teacher's window (30 s for Whisper), 30 s for CTC
+    chunk_overlap_s: float = 6.0
+    # soft labels
+    top_k: int | None = None
+    soft_label_temperature: float = 1.0
+    # filters (recorded, not applied)
+    wer_threshold: float = 0.1
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    compression_ratio_threshold: float = 2.4
+    min_mean_max_posterior: float = 0.5
+    normalizer: str = "english"  # english | basic | none
+    # work division
+    shard_size: int = 256
+    # runtime only: not part of the configuration hash
+    device: str | None = None
+    dtype: str = "float32"
+    rank: int | None = None
+    world_size: int | None = None
+    progress: bool = True
+
+    RUNTIME_FIELDS = ("output_dir", "device", "rank", "world_size", "progress")
+
+    def __post_init__(self):
+        if self.teacher_type not in {"auto", "whisper", "ctc"}:
+            raise ValueError(f"teacher_type must be auto, whisper or ctc, got {self.teacher_type!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("batch_size and shard_size must be >= 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+        if self.normalizer not in {"english", "basic", "none"}:
+            raise ValueError("normalizer must be english, basic or none")
+        if self.dtype not in {"float32", "float16", "bfloat16"}:
+            raise ValueError("dtype must be float32, float16 or bfloat16")
+
+    def hashed_fields(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in self.RUNTIME_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            if f.name in {"input", "model"} and isinstance(value, str) and os.path.exists(value):
+                value = os.path.abspath(value)
+            out[f.name] = value
+        return out
+
+
+def _distributed_env(config: PseudoLabelConfig) -> tuple[int, int]:
+    rank = config.rank if config.rank is not None else int(os.environ.get("RANK", "0"))
+    world = config.world_size if config.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"invalid rank {rank} for world size {world}")
+    return rank, world
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _items_hash(items: Sequence[AudioItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\t{it.path}\t{it.reference if it.reference is not None else chr(0)}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def _teacher_fingerprint(model: str) -> dict[str, Any]:
+    """Identify a local teacher by its config files' content and its weight files' names and sizes."""
+    path = Path(model)
+    if not path.is_dir():
+        return {"name": model}
+    files = {}
+    for f in sorted(path.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json":
+            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+        elif f.suffix in {".safetensors", ".bin", ".pt", ".pth", ".model", ".txt"}:
+            files[f.name] = f.stat().st_size
+    return {"files": files}
+
+
+# ==================================================================================================
+# text utilities: stitching, compression ratio, WER
+
+
+_WORD_RE = re.compile(r"[^\w']+", re.UNICODE)
+
+
+def _norm_word(word: str) -> str:
+    return _WORD_RE.sub("", word.lower()).strip("'")
+
+
+def merge_overlapping_texts(texts: Sequence[str], max_overlap_words: Sequence[int | None] | int | None = None) -> str:
+    """Join the transcripts of consecutive overlapping chunks without losing or repeating words.
+
+    For each pair, the end of the text so far is aligned with the start of the next chunk's text: every
+    overlap length ``i`` (up to ``max_overlap_words``) is scored by how many of the last ``i`` words equal,
+    position by position, the first ``i`` words of the next text (case and punctuation ignored). The best
+    alignment (most matching words; among ties the shortest) is cut in the middle of its longest run of
+    agreeing words, where both chunks heard the same thing and neither is near its window's edge: the
+    words before the cut come from the earlier chunk and the words after it from the later one. When no
+    alignment is convincing (fewer than 2 matching words, or fewer than 30% of the overlap, e.g. because
+    the overlap was silent) the texts are simply joined.
+    """
+    if not texts:
+        return ""
+    n_pairs = len(texts) - 1
+    if max_overlap_words is None or isinstance(max_overlap_words, int):
+        limits = [max_overlap_words] * n_pairs
+    else:
+        limits = list(max_overlap_words)
+        if len(limits) != n_pairs:
+            raise ValueError(f"need {n_pairs} overlap limits, got {len(limits)}")
+    words = texts[0].split()
+    for nxt, limit in zip(texts[1:], limits):
+        words = _merge_pair(words, nxt.split(), limit)
+    return " ".join(words)
+
+
+def _merge_pair(a: list[str], b: list[str], limit: int | None) -> list[str]:
+    if not a or not b:
+        return a + b
+    na = [_norm_word(w) for w in a]
+    nb = [_norm_word(w) for w in b]
+    max_i = min(len(a), len(b), limit if limit is not None else len(a))
+    best_matches, best_i, best_eq = 0, 0, None
+    for i in range(1, max_i + 1):
+        off = len(a) - i
+        eq = [bool(na[off + j]) and na[off + j] == nb[j] for j in range(i)]
+        m = sum(eq)
+        if m > best_matches:
+            best_matches, best_i, best_eq = m, i, eq
+    if best_eq is None or best_matches < 2 and not (best_matches == 1 and best_i <= 2) or best_matches < 0.3 * best_i:
+        return a + b
+    # longest run of agreeing positions inside the chosen overlap; cut in its middle
+    run_start, run_len, cur_start, cur_len = 0, 0, 0, 0
+    for j, ok in enumerate(best_eq):
+        if ok:
+            if cur_len == 0:
+                cur_start = j
+            cur_len += 1
+            if cur_len > run_len:
+                run_start, run_len = cur_start, cur_len
+        else:
+            cur_len = 0
+    cut = run_start + run_len // 2  # position inside the overlap; a[off+cut] == b[cut]
+    off = len(a) - best_i
+    return a[: off + cut] + b[cut:]
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 length over zlib-compressed length, as Whisper computes it (0.0 for an empty text)."""
+    data = text.encode("utf-8")
+    if not data:
+        return 0.0
+    return len(data) / len(zlib.compress(data))
+
+
+def _english_module():
+    try:  # the project's Whisper English normaliser (with its spelling table when installed)
+        from hf_distill.speech import text_normalizer
+    except ImportError:
+        return None
+    return text_normalizer
+
+
+def _load_normalizer(kind: str):
+    if kind == "none":
+        return lambda s: s
+    if kind == "english":
+        module = _english_module()
+        if module is not None:
+            return module.english_normalizer()
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        return EnglishTextNormalizer({})
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()
+
+
+def word_error_rate(reference: str, hypothesis: str, normalizer=None) -> float:
+    """Word-level edit distance / reference words, after ``normalizer``. An empty reference gives 0.0
+    for an empty hypothesis and ``inf`` otherwise."""
+    if normalizer is not None:
+        reference, hypothesis = normalizer(reference), normalizer(hypothesis)
+    ref, hyp = reference.split(), hypothesis.split()
+    if not ref:
+        return 0.0 if not hyp else float("inf")
+    try:
+        import jiwer
+
+        return float(jiwer.wer(" ".join(ref), " ".join(hyp)))
+    except ImportError:
+        pass
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+# ==================================================================================================
+# teachers
+
+
+@dataclass
+class _Segment:
+    item: int  # position of the item in the shard
+    chunk: int
+    window: Chunk
+    n_chunks: int
+
+
+@dataclass
+class _SegmentResult:
+    token_ids: np.ndarray  # whisper: generated tokens after the prompt; ctc: argmax per kept frame
+    prompt_ids: np.ndarray | None = None
+    logprobs: np.ndarray | None = None  # whisper: log-prob of each token
+    no_speech_prob: float | None = None
+    max_posteriors: np.ndarray | None = None  # ctc: per kept frame
+    soft: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    segments: list[dict] | None = None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _pick_device(config: PseudoLabelConfig) -> str:
+    import torch
+
+    if config.device:
+        return config.device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def _detect_teacher_type(model: str) -> str:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    if cfg.model_type == "whisper":
+        return "whisper"
+    archs = " ".join(getattr(cfg, "architectures", None) or [])
+    if "CTC" in archs or hasattr(cfg, "conv_stride"):
+        return "ctc"
+    raise ValueError(f"cannot tell the teacher type of {model} (model_type {cfg.model_type!r}); pass --teacher-type")
+
+
+class _Teacher:
+    kind: str
+    sampling_rate: int
+    window: int  # samples per chunk
+    overlap: int
+    hop: int
+
+    def plan(self, num_samples: int) -> list[Chunk]:
+        return plan_chunks(num_samples, self.window, self.overlap, self.hop)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "sampling_rate": self.sampling_rate,
+            "chunk_samples": self.window,
+            "overlap_samples": self.overlap,
+            "hop": self.hop,
+        }
+
+
+class WhisperTeacher(_Teacher):
+    kind = "whisper"
+
+    def __init__(self, config: PseudoLabelConfig, device: str):
+        import torch
+        from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+        self.config = config
+        self.device = device
+        self.processor = AutoProcessor.from_pretrained(config.model)
+        self.feature_extractor = self.processor.feature_extractor
+        self.tokenizer = self.processor.tokenizer
+        self.model = WhisperForConditionalGeneration.from_pretrained(config.model, dtype=_torch_dtype(config.dtype))
+        self.model.to(device).eval().requires_grad_(False)
+        self.sampling_rate = int(self.feature_extractor.sampling_rate)
+        max_window = int(getattr(self.feature_extractor, "n_samples", 30 * self.sampling_rate))
+        window_s = config.chunk_length_s if config.chunk_length_s is not None else max_window / self.sampling_rate
+        self.window = int(round(window_s * self.sampling_rate))
+        if self.window > max_window:
+            raise ValueError(
+                f"chunk_length_s {window_s} exceeds Whisper's window of {max_window / self.sampling_rate:g} s"
+            )
+        self.overlap = int(round(config.chunk_overlap_s * self.sampling_rate))
+        self.hop = 1
+        gen = self.model.generation_config
+        self.eos_id = int(gen.eos_token_id if isinstance(gen.eos_token_id, int) else gen.eos_token_id[0])
+        self.sot_id = int(gen.decoder_start_token_id)
+        self.lang_ids = {int(v) for v in (getattr(gen, "lang_to_id", None) or {}).values()}
+        self.task_ids = {int(v) for v in (getattr(gen, "task_to_id", None) or {}).values()}
+        nts = getattr(gen, "no_timestamps_token_id", None)
+        self.no_timestamps_id = int(nts) if nts is not None else None
+        self.no_speech_id = None
+        vocab = self.tokenizer.get_vocab()
+        for tok in ("<|nospeech|>", "<|nocaptions|>"):
+            if tok in vocab:
+                self.no_speech_id = int(vocab[tok])
+                break
+        self.gen_kwargs: dict[str, Any] = {"return_dict_in_generate": True, "num_beams": config.num_beams}
+        if config.language is not None:
+            self.gen_kwargs["language"] = config.language
+        if config.task is not None:
+            self.gen_kwargs["task"] = config.task
+        if config.return_timestamps:
+            self.gen_kwargs["return_timestamps"] = True
+            self.gen_kwargs["force_unique_generate_call"] = True
+        if config.max_new_tokens is not None:
+            self.gen_kwargs["max_new_tokens"] = config.max_new_tokens
+        self._torch = torch
+
+    def describe(self):
+        d = super().describe()
+        d.update(
+            vocab_size=int(self.model.config.vocab_size), eos_token_id=self.eos_id, no_speech_token_id=self.no_speech_id
+        )
+        return d
+
+    def prepare(self, audios: list[np.ndarray]):
+        feats = self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt")
+        return feats["input_features"]
+
+    def _prompt_length(self, seq: list[int]) -> int:
+        """sot, then at most one language, one task and one no-timestamps token, in that order."""
+        p = 1 if seq and seq[0] == self.sot_id else 0
+        if p < len(seq) and seq[p] in self.lang_ids:
+            p += 1
+        if p < len(seq) and seq[p] in self.task_ids:
+            p += 1
+        if not self.config.return_timestamps and p < len(seq) and seq[p] == self.no_timestamps_id:
+            p += 1
+        return p
+
+    def run(self, features) -> list[_SegmentResult]:
+        torch = self._torch
+        from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
+
+        model = self.model
+        with torch.inference_mode():
+            feats = features.to(self.device, dtype=model.dtype)
+            encoder_outputs = model.get_encoder()(feats)
+            gen = model.generate(encoder_outputs=encoder_outputs, **self.gen_kwargs)
+            sequences = gen.sequences if hasattr(gen, "sequences") else gen
+            if sequences.shape[1] < 2:
+                sequences = torch.cat([sequences, torch.full_like(sequences[:, :1], self.eos_id)], dim=1)
+            logits = model(encoder_outputs=encoder_outputs, decoder_input_ids=sequences[:, :-1]).logits
+        results = []
+        seqs = sequences.cpu().tolist()
+        for b, seq in enumerate(seqs):
+            p = max(1, self._prompt_length(seq))
+            end = len(seq)
+            for j in range(p, len(seq)):
+                if seq[j] == self.eos_id:
+                    end = j + 1
+                    break
+            tokens = seq[p:end]
+            row_logits = logits[b, p - 1 : end - 1].float()
+            logp = torch.log_softmax(row_logits, dim=-1)
+            tok_t = torch.as_tensor(tokens, dtype=torch.long, device=logp.device)
+            token_logprobs = logp.gather(-1, tok_t[:, None])[:, 0] if len(tokens) else logp.new_zeros(0)
+            no_speech = None
+            if self.no_speech_id is not None and seq and seq[0] == self.sot_id:
+                no_speech = float(torch.softmax(logits[b, 0].float(), dim=-1)[self.no_speech_id])
+            soft = None
+            if self.config.top_k:
+                idx, probs, tail = topk_from_logits(row_logits, self.config.top_k, self.config.soft_label_temperature)
+                soft = pack_topk(idx, probs, tail)
+            segments = self._segments(tokens) if self.config.return_timestamps else None
+            results.append(
+                _SegmentResult(
+                    token_ids=np.asarray(tokens, dtype=np.int32),
+                    prompt_ids=np.asarray(seq[:p], dtype=np.int32),
+                    logprobs=token_logprobs.cpu().numpy().astype(np.float64),
+                    no_speech_prob=no_speech,
+                    soft=soft,
+                    segments=segments,
+                )
+            )
+        return results
+
+    def _segments(self, tokens: list[int]) -> list[dict]:
+        try:
+            out = self.tokenizer.decode(tokens, skip_special_tokens=False, output_offsets=True)
+        except Exception:  # tokenizer without timestamp support
+            return []
+        segs = []
+        for o in out.get("offsets", []) if isinstance(out, dict) else []:
+            start, end = o["timestamp"]
+            segs.append(
+                {"start": float(start), "end": float(end if end is not None else start), "text": o["text"].strip()}
+            )
+        return segs
+
+    def text(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(map(int, token_ids)), skip_special_tokens=True).strip()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+class CTCTeacher(_Teacher):
+    kind = "ctc"
+
+    def __init__(self, config: PseudoLabelConfig, device: str):
+        import torch
+        from transformers import AutoModelForCTC, AutoProcessor
+
+        self.config = config
+        self.device = device
+        self.processor = AutoProcessor.from_pretrained(config.model)
+        self.feature_extractor = getattr(self.processor, "feature_extractor", self.processor)
+        self.tokenizer = self.processor.tokenizer
+        self.model = AutoModelForCTC.from_pretrained(config.model, dtype=_torch_dtype(config.dtype))
+        self.model.to(device).eval().requires_grad_(False)
+        self.sampling_rate = int(self.feature_extractor.sampling_rate)
+        ratio = getattr(self.model.config, "inputs_to_logits_ratio", None)
+        if ratio is None:
+            ratio = int(np.prod(getattr(self.model.config, "conv_stride", [320])))
+        self.hop = int(ratio)
+        window_s = config.chunk_length_s if config.chunk_length_s is not None else 30.0
+        self.window = int(round(window_s * self.sampling_rate))
+        self.overlap = int(round(config.chunk_overlap_s * self.sampling_rate))
+        self.blank_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.use_mask = bool(getattr(self.feature_extractor, "return_attention_mask", False))
+        self._torch = torch
+
+    def describe(self):
+        d = super().describe()
+        d.update(vocab_size=int(self.model.config.vocab_size), blank_id=int(self.blank_id))
+        return d
+
+    def prepare(self, audios: list[np.ndarray]):
+        inputs = self.feature_extractor(
+            audios,
+            sampling_rate=self.sampling_rate,
+            padding=True,
+            return_attention_mask=self.use_mask,
+            return_tensors="pt",
+        )
+        lengths = np.asarray([len(a) for a in audios], dtype=np.int64)
+        return dict(inputs), lengths
+
+    def _frames(self, lengths: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        fn = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        if fn is not None:
+            return np.asarray(fn(torch.as_tensor(lengths)).cpu().numpy(), dtype=np.int64)
+        return -(-lengths // self.hop)
+
+    def run(self, prepared, windows: list[Chunk]) -> list[_SegmentResult]:
+        torch = self._torch
+        from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
+
+        inputs, lengths = prepared
+        with torch.inference_mode():
+            inputs = {
+                k: (v.to(self.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items()
+            }
+            logits = self.model(**inputs).logits
+        frames = self._frames(lengths)
+        results = []
+        for b, w in enumerate(windows):
+            n_f = min(int(frames[b]), logits.shape[1])
+            lo = (w.keep_start - w.start) // self.hop
+            hi = n_f if w.keep_end >= w.end else (w.keep_end - w.start) // self.hop
+            lo, hi = max(0, min(lo, n_f)), max(0, min(hi, n_f))
+            row = logits[b, lo:hi].float()
+            probs = torch.softmax(row, dim=-1)
+            maxp, arg = probs.max(dim=-1)
+            soft = None
+            if self.config.top_k:
+                idx, p, tail = topk_from_logits(row, self.config.top_k, self.config.soft_label_temperature)
+                soft = pack_topk(idx, p, tail)
+            results.append(
+                _SegmentResult(
+                    token_ids=arg.cpu().numpy().astype(np.int32),
+                    max_posteriors=maxp.cpu().numpy().astype(np.float64),
+                    soft=soft,
+                )
+            )
+        return results
+
+    def collapse(self, frame_ids: np.ndarray) -> np.ndarray:
+        if len(frame_ids) == 0:
+            return frame_ids.astype(np.int32)
+        keep = np.ones(len(frame_ids), dtype=bool)
+        keep[1:] = frame_ids[1:] != frame_ids[:-1]
+        ids = frame_ids[keep]
+        return ids[ids != self.blank_id].astype(np.int32)
+
+    def text(self, frame_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(map(int, frame_ids))).strip()
+
+
+def load_teacher(config: PseudoLabelConfig, device: str | None = None) -> _Teacher:
+    kind = config.teacher_type if config.teacher_type != "auto" else _detect_teacher_type(config.model)
+    device = device or _pick_device(config)
+    return WhisperTeacher(config, device) if kind == "whisper" else CTCTeacher(config, device)
+
+
+# ==================================================================================================
+# shard processing
+
+
+def _schema(config: PseudoLabelConfig, teacher_kind: str):
+    import pyarrow as pa
+
+    from hf_distill.speech.soft_labels import arrow_fields
+
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("duration", pa.float64()),
+        pa.field("reference", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("prompt_ids", pa.list_(pa.int32())),
+        pa.field("avg_logprob", pa.float64()),
+        pa.field("no_speech_prob", pa.float64()),
+        pa.field("compression_ratio", pa.float64()),
+        pa.field("mean_max_posterior", pa.float64()),
+        pa.field("wer", pa.float64()),
+        pa.field("n_chunks", pa.int32()),
+        pa.field("pass_wer", pa.bool_()),
+        pa.field("pass_avg_logprob", pa.bool_()),
+        pa.field("pass_no_speech", pa.bool_()),
+        pa.field("pass_compression_ratio", pa.bool_()),
+        pa.field("pass_mean_max_posterior", pa.bool_()),
+        pa.field("keep", pa.bool_()),
+    ]
+    if config.return_timestamps and teacher_kind == "whisper":
+        fields.append(
+            pa.field(
+                "segments", pa.list_(pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())]))
+            )
+        )
+    if config.top_k:
+        fields.extend(arrow_fields(config.top_k))
+    return pa.schema(fields)
+
+
+FILTER_COLUMNS = ("pass_wer", "pass_avg_logprob", "pass_no_speech", "pass_compression_ratio", "pass_mean_max_posterior")
+
+
+class _ShardRunner:
+    """Labels the items of one shard; a pure function of (config, teacher, items)."""
+
+    def __init__(self, config: PseudoLabelConfig, teacher: _Teacher, normalizer, on_batch=None):
+        self.config = config
+        self.teacher = teacher
+        self.normalizer = normalizer
+        self.on_batch = on_batch
+
+    def run(self, items: list[AudioItem]) -> tuple[list[dict], list[AudioFailure], float]:
+        teacher, cfg = self.teacher, self.config
+        failures: dict[int, AudioFailure] = {}
+        durations: dict[int, float] = {}
+        segments: list[_Segment] = []
+        lengths: dict[int, int] = {}
+        for pos, item in enumerate(items):
+            try:
+                info = probe(item)
+            except AudioError as exc:
+                failures[pos] = AudioFailure(item.id, item.path, exc.reason)
+                continue
+            except Exception as exc:  # an unexpected reader error must not stop the job either
+                failures[pos] = AudioFailure(item.id, item.path, f"unreadable: {type(exc).__name__}: {exc}")
+                continue
+            n = resampled_length(info.frames, info.sampling_rate, teacher.sampling_rate)
+            if n <= 0:
+                failures[pos] = AudioFailure(item.id, item.path, "shorter than one sample at the teacher's rate")
+                continue
+            durations[pos] = info.duration
+            lengths[pos] = n
+            windows = teacher.plan(n)
+            segments.extend(_Segment(pos, c, w, len(windows)) for c, w in enumerate(windows))
+        if failures and self.on_batch is not None:
+            self.on_batch(len(failures), 0.0)
+        # Longest first; a long recording's windows stay together (its audio is decoded once, then freed).
+        segments.sort(key=lambda s: (-min(lengths[s.item], teacher.window), s.item, s.chunk))
+        bs = cfg.batch_size
+        batches = [segments[i : i + bs] for i in range(0, len(segments), bs)]
+        last_use: dict[int, int] = {}
+        for b, batch in enumerate(batches):
+            for s in batch:
+                last_use[s.item] = b
+        results: dict[tuple[int, int], _SegmentResult] = {}
+        audio_done = 0.0
+
+        def produce(out_q: queue.Queue, stop: threading.Event):
+            cache: dict[int, np.ndarray] = {}
+            try:
+                for b, batch in enumerate(batches):
+                    if stop.is_set():
+                        return
+                    kept, audios = [], []
+                    for s in batch:
+                        if s.item in failures:
+                            continue
+                        audio = cache.get(s.item)
+                        if audio is None:
+                            try:
+                                audio, _ = decode_with_rate(items[s.item], teacher.sampling_rate)
+                            except Exception as exc:  # AudioError, or an unexpected decoder/resampler error
+                                reason = (
+                                    exc.reason
+                                    if isinstance(exc, AudioError)
+                                    else f"decode error: {type(exc).__name__}: {exc}"
+                                )
+                                failures[s.item] = AudioFailure(items[s.item].id, items[s.item].path, reason)
+                                continue
+                            want = lengths[s.item]  # planned from the header; decoders may differ by a few samples
+                            audio = audio[:want] if len(audio) >= want else np.pad(audio, (0, want - len(audio)))
+                            cache[s.item] = audio
+                        kept.append(s)
+                        audios.append(audio[s.window.start : s.window.end])
+                    for pos in [p for p, last in last_use.items() if last == b]:
+                        cache.pop(pos, None)
+                    prepared = teacher.prepare(audios) if kept else None
+                    out_q.put((b, kept, prepared))
+                out_q.put(None)
+            except BaseException as exc:  # surface in the main thread
+                out_q.put(exc)
+
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name="pseudo-label-decode")
+        worker.start()
+        try:
+            while True:
+                msg = q.get()
+                if msg is None:
+                    break
+                if isinstance(msg, BaseException):
+                    raise msg
+                b, kept, prepared = msg
+                if kept:
+                    if isinstance(teacher, CTCTeacher):
+                        outs = teacher.run(prepared, [s.window for s in kept])
+                    else:
+                        outs = teacher.run(prepared)
+                    for s, r in zip(kept, outs):
+                        results[(s.item, s.chunk)] = r
+                finished = [p for p, last in last_use.items() if last == b]
+                secs = sum(durations[p] for p in finished if p not in failures)
+                audio_done += secs
+                if self.on_batch is not None:
+                    self.on_batch(len(finished), secs)
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+        rows = []
+        for pos, item in enumerate(items):
+            if pos in failures:
+                continue
+            n_chunks = len(teacher.plan(lengths[pos]))
+            parts = [results[(pos, c)] for c in range(n_chunks)]
+            rows.append(self._row(item, durations[pos], lengths[pos], parts))
+        return rows, [failures[p] for p in sorted(failures)], audio_done
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _row(self, item: AudioItem, duration: float, n_samples: int, parts: list[_SegmentResult]) -> dict[str, Any]:
+        teacher, cfg = self.teacher, self.config
+        row: dict[str, Any] = {
+            "id": item.id,
+            "path": item.path,
+            "duration": float(duration),
+            "reference": item.reference,
+            "n_chunks": len(parts),
+            "avg_logprob": None,
+            "no_speech_prob": None,
+            "mean_max_posterior": None,
+            "prompt_ids": None,
+            "soft": None,
+        }
+        if isinstance(teacher, WhisperTeacher):
+            n_tok = sum(len(p.logprobs) for p in parts)
+            row["avg_logprob"] = float(sum(p.logprobs.sum() for p in parts) / n_tok) if n_tok else None
+            ns = [p.no_speech_prob for p in parts if p.no_speech_prob is not None]
+            row["no_speech_prob"] = float(min(ns)) if ns else None
+            row["prompt_ids"] = parts[0].prompt_ids.tolist()
+            if len(parts) == 1:
+                row["token_ids"] = parts[0].token_ids.tolist()
+                row["text"] = teacher.text(parts[0].token_ids)
+                row["soft"] = parts[0].soft
+                if cfg.return_timestamps:
+                    row["segments"] = parts[0].segments or []
+            else:
+                windows = teacher.plan(n_samples)
+                texts = [teacher.text(p.token_ids) for p in parts]
+                limits = []
+                for w0, w1 in zip(windows[:-1], windows[1:]):
+                    ov_s = max(0, w0.end - w1.start) / teacher.sampling_rate
+                    limits.append(int(math.ceil(ov_s * 6)) + 4)
+                row["text"] = merge_overlapping_texts(texts, limits)
+                row["token_ids"] = teacher.encode(row["text"]) + [teacher.eos_id]
+                if cfg.return_timestamps:
+                    segs = []
+                    for p, w in zip(parts, windows):
+                        t0, lo, hi = (
+                            w.start / teacher.sampling_rate,
+                            w.keep_start / teacher.sampling_rate,
+                            w.keep_end / teacher.sampling_rate,
+                        )
+                        for s in p.segments or []:
+                            if lo <= t0 + s["start"] < hi:
+                                segs.append(
+                                    {
+                                        "start": round(t0 + s["start"], 3),
+                                        "end": round(t0 + s["end"], 3),
+                                        "text": s["text"],
+                                    }
+                                )
+                    row["segments"] = segs
+        else:
+            frame_ids = np.concatenate([p.token_ids for p in parts]) if parts else np.zeros(0, np.int32)
+            maxp = np.concatenate([p.max_posteriors for p in parts])
+            row["token_ids"] = teacher.collapse(frame_ids).tolist()
+            row["text"] = teacher.text(frame_ids)
+            row["mean_max_posterior"] = float(maxp.mean()) if len(maxp) else None
+            if cfg.top_k:
+                row["soft"] = tuple(np.concatenate([p.soft[i] for p in parts]) for i in range(3))
+        row["compression_ratio"] = compression_ratio(row["text"])
+        self._filters(row)
+        return row
+
+    def _filters(self, row: dict[str, Any]) -> None:
+        cfg = self.config
+        whisper = isinstance(self.teacher, WhisperTeacher)
+        row["wer"] = None
+        row["pass_wer"] = None
+        if row["reference"] is not None:
+            row["wer"] = word_error_rate(row["reference"], row["text"], self.normalizer)
+            row["pass_wer"] = bool(row["wer"] < cfg.wer_threshold)
+        row["pass_avg_logprob"] = (
+            bool(row["avg_logprob"] >= cfg.logprob_threshold) if whisper and row["avg_logprob"] is not None else None
+        )
+        row["pass_no_speech"] = (
+            bool(row["no_speech_prob"] <= cfg.no_speech_threshold)
+            if whisper and row["no_speech_prob"] is not None
+            else None
+        )
+        row["pass_compression_ratio"] = (
+            bool(row["compression_ratio"] <= cfg.compression_ratio_threshold) if whisper else None
+        )
+        row["pass_mean_max_posterior"] = (
+            bool(row["mean_max_posterior"] >= cfg.min_mean_max_posterior)
+            if not whisper and row["mean_max_posterior"] is not None
+            else None
+        )
+        if row["pass_wer"] is not None:
+            row["keep"] = row["pass_wer"]
+        else:
+            checks = [row[c] for c in FILTER_COLUMNS[1:] if row[c] is not None]
+            row["keep"] = all(checks)
+
+
+def _rows_to_table(rows: list[dict], schema, top_k: int | None):
+    import pyarrow as pa
+
+    from hf_distill.speech.soft_labels import arrow_columns
+
+    cols = {}
+    for f in schema:
+        if f.name.startswith("topk_"):
+            continue
+        cols[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
+    if top_k:
+        cols.update(arrow_columns([r["soft"] for r in rows], top_k))
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _failpoint(name: str, shard: int) -> None:
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    if spec == f"{name}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_shard(path: Path, table, metadata: dict[str, Any], shard: int) -> None:
+    import pyarrow.parquet as pq
+
+    table = table.replace_schema_metadata({b"hf_distill": json.dumps(metadata, sort_keys=True).encode("utf-8")})
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+    try:
+        if table.num_rows:  # a file with no row group: `datasets` cannot read a zero-row row group
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+    finally:
+        writer.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    _failpoint("kill-before-rename", shard)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_shard_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``hf_distill`` metadata of a finished shard, or None if the file is missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[b"hf_distill"])
+    except Exception:
+        return None
+
+
+# ==================================================================================================
+# the job
+
+
+def _manifest(config: PseudoLabelConfig, items: list[AudioItem], teacher_info: dict[str, Any]) -> dict[str, Any]:
+    cfg = config.hashed_fields()
+    fingerprint = _teacher_fingerprint(config.model)
+    config_hash = _sha256({"format": FORMAT, "version": FORMAT_VERSION, "config": cfg, "teacher": fingerprint})
+    n_shards = max(1, math.ceil(len(items) / config.shard_size)) if items else 0
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": cfg,
+        "config_hash": config_hash,
+        "teacher": {**teacher_info, "fingerprint": fingerprint},
+        "num_items": len(items),
+        "items_hash": _items_hash(items),
+        "shard_size": config.shard_size,
+        "num_shards": n_shards,
+        "columns": [f.name for f in _schema(config, teacher_info["type"])],
+    }
+    if config.top_k:
+        from hf_distill.speech.soft_labels import bytes_per_position
+
+        manifest["soft_labels"] = {
+            "k": config.top_k,
+            "temperature": config.soft_label_temperature,
+            "positions": "tokens of token_ids" if teacher_info["type"] == "whisper" else "output frames",
+            "raw_bytes_per_position": bytes_per_position(config.top_k),
+        }
+    return manifest
+
+
+def _check_or_write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    path = out / "manifest.json"
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    if not path.exists():
+        tmp = out / f"manifest.json.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: concurrent ranks agree on one manifest
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("config_hash") != manifest["config_hash"]:
+        diffs = []
+        old_cfg = old.get("config", {})
+        for key in sorted(set(old_cfg) | set(manifest["config"])):
+            if old_cfg.get(key) != manifest["config"].get(key):
+                diffs.append(f"{key}: {old_cfg.get(key)!r} -> {manifest['config'].get(key)!r}")
+        if not diffs and old.get("teacher", {}).get("fingerprint") != manifest["teacher"]["fingerprint"]:
+            diffs.append("the teacher's files changed")
+        raise ConfigMismatchError(
+            f"{out} holds pseudo-labels made with a different configuration "
+            f"({'; '.join(diffs) or 'format version'}). Resuming into it would mix incompatible outputs: "
+            "rerun with the original options, or choose a new output_dir."
+        )
+    if old.get("items_hash") != manifest["items_hash"]:
+        raise ConfigMismatchError(
+            f"{out} was started on a different input listing ({old.get('num_items')} items then, "
+            f"{manifest['num_items']} now, or the same count with other ids/paths/references). "
+            "Restore the input or choose a new output_dir."
+        )
+
+
+def _list_items(config: PseudoLabelConfig) -> list[AudioItem]:
+    return list_audio(
+        config.input,
+        path_column=config.path_column,
+        text_column=config.text_column,
+        id_column=config.id_column,
+        audio_column=config.audio_column,
+        split=config.split,
+        config_name=config.dataset_config,
+    )
+
+
+def _shard_done(path: Path, config_hash: str, shard: int, items_hash: str) -> bool:
+    meta = read_shard_metadata(path)
+    return bool(
+        meta
+        and meta.get("config_hash") == config_hash
+        and meta.get("shard") == shard
+        and meta.get("items_hash") == items_hash
+    )
+
+
+class _Progress:
+    def __init__(self, total_items: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_items, unit="file", desc="pseudo-label", disable=not enabled, dynamic_ncols=True)
+        self.audio = 0.0
+        self.t0 = time.perf_counter()
+
+    def update(self, n_items: int, audio_seconds: float) -> None:
+        self.audio += audio_seconds
+        elapsed = time.perf_counter() - self.t0
+        rtf = elapsed / self.audio if self.audio > 0 else float("nan")
+        self.bar.set_postfix_str(
+            f"audio {self.audio / 3600:.3f} h, RTF {rtf:.4f} ({1 / rtf if rtf > 0 else 0:.1f}x)", refresh=False
+        )
+        self.bar.update(n_items)
+
+    def close(self):
+        self.bar.close()
+
+
+def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
+    """Run (or resume) a pseudo-labelling job for this process's shards; see the module docstring.
+
+    Returns a dict with ``output_dir``, ``num_shards``, ``shards_skipped`` (already finished and
+    verified), ``shards_computed``, ``rows``, ``failures`` (this call) and ``summary`` (when the store
+    is complete after this call, the dict written to ``summary.json``; else None).
+    """
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed_env(config)
+    items = _list_items(config)
+    teacher = load_teacher(config)
+    manifest = _manifest(config, items, teacher.describe())
+    _check_or_write_manifest(out, manifest)
+    config_hash = manifest["config_hash"]
+    n_shards = manifest["num_shards"]
+    S = config.shard_size
+    mine = list(range(rank, n_shards, world))
+    pending = []
+    skipped = 0
+    for i in mine:
+        shard_items = items[i * S : (i + 1) * S]
+        path = out / SHARD_PATTERN.format(i)
+        for stale in out.glob(SHARD_PATTERN.format(i) + ".tmp-*"):
+            stale.unlink(missing_ok=True)  # a previous run died while writing this shard
+        if path.exists() and _shard_done(path, config_hash, i, _items_hash(shard_items)):
+            skipped += 1
+            continue
+        pending.append((i, shard_items))
+    logger.info(
+        "rank %d/%d: %d items in %d shards; %d of mine already done, %d to label",
+        rank,
+        world,
+        len(items),
+        n_shards,
+        skipped,
+        len(pending),
+    )
+    normalizer = _load_normalizer(config.normalizer)
+    progress = _Progress(sum(len(s) for _, s in pending), config.progress)
+    runner = _ShardRunner(config, teacher, normalizer, on_batch=progress.update)
+    schema = _schema(config, teacher.kind)
+    stats_dir = out / "stats"
+    stats_dir.mkdir(exist_ok=True)
+    n_rows = n_fail = 0
+    try:
+        for i, shard_items in pending:
+            t0 = time.perf_counter()
+            rows, failures, _ = runner.run(shard_items)
+            table = _rows_to_table(rows, schema, config.top_k)
+            meta = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "shard": i,
+                "num_shards": n_shards,
+                "config_hash": config_hash,
+                "items_hash": _items_hash(shard_items),
+                "num_items": len(shard_items),
+                "num_rows": len(rows),
+                "failures": [f.to_dict() for f in failures],
+            }
+            elapsed = time.perf_counter() - t0
+            stats = {"shard": i, "audio_seconds": sum(r["duration"] for r in rows), "compute_seconds": elapsed}
+            _atomic_write_text(stats_dir / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
+            _write_shard(out / SHARD_PATTERN.format(i), table, meta, i)
+            n_rows += len(rows)
+            n_fail += len(failures)
+    finally:
+        progress.close()
+    summary = None
+    if all(
+        _shard_done(out / SHARD_PATTERN.format(i), config_hash, i, _items_hash(items[i * S : (i + 1) * S]))
+        for i in range(n_shards)
+    ):
+        summary = finalize(out)
+    elif world > 1:
+        logger.info("rank %d done; summary.json is written by the process that finishes the last shard", rank)
+    return {
+        "output_dir": str(out),
+        "num_shards": n_shards,
+        "shards_skipped": skipped,
+        "shards_computed": len(pending),
+        "rows": n_rows,
+        "failures": n_fail,
+        "summary": summary,
+    }
+
+
+def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check every shard is present, then write ``summary.json`` and ``failures.jsonl``; returns the summary."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = Path(output_dir)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    n_shards = manifest["num_shards"]
+    missing = [
+        i
+        for i in range(n_shards)
+        if (read_shard_metadata(out / SHARD_PATTERN.format(i)) or {}).get("config_hash") != manifest["config_hash"]
+    ]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {n_shards} shards are not finished yet (first: {missing[:5]}); "
+            "rerun the job to complete them"
+        )
+    failures: list[AudioFailure] = []
+    reasons: dict[str, int] = {}
+    rows = kept = 0
+    audio = audio_kept = 0.0
+    filters = {c: {"applies": 0, "passed": 0} for c in FILTER_COLUMNS}
+    positions = 0
+    topk_bytes = 0
+    compute = 0.0
+    compute_complete = True
+    for i in range(n_shards):
+        path = out / SHARD_PATTERN.format(i)
+        meta = read_shard_metadata(path)
+        for f in meta["failures"]:
+            failures.append(AudioFailure(**f))
+            key = f["reason"].split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        cols = ["duration", "keep", *FILTER_COLUMNS]
+        pf = pq.ParquetFile(path)
+        has_topk = "topk_tail" in pf.schema_arrow.names
+        table = pf.read(columns=cols + (["topk_tail"] if has_topk else []))
+        rows += table.num_rows
+        if table.num_rows:
+            keep = table["keep"]
+            dur = table["duration"]
+            kept += int(pc.sum(pc.cast(keep, "int64")).as_py() or 0)
+            audio += float(pc.sum(dur).as_py() or 0.0)
+            audio_kept += float(pc.sum(pc.filter(dur, keep)).as_py() or 0.0)
+            for c in FILTER_COLUMNS:
+                col = table[c]
+                filters[c]["applies"] += table.num_rows - col.null_count
+                filters[c]["passed"] += int(pc.sum(pc.cast(col, "int64")).as_py() or 0)
+            if has_topk:
+                positions += int(pc.sum(pc.list_value_length(table["topk_tail"])).as_py() or 0)
+        if has_topk:
+            md = pf.metadata
+            for rg in range(md.num_row_groups):
+                for ci in range(md.num_columns):
+                    col = md.row_group(rg).column(ci)
+                    if col.path_in_schema.startswith("topk_"):
+                        topk_bytes += col.total_compressed_size
+        stats_path = out / "stats" / f"shard-{i:05d}.json"
+        try:
+            compute += float(json.loads(stats_path.read_text())["compute_seconds"])
+        except (OSError, ValueError, KeyError):
+            compute_complete = False
+    cfg = manifest["config"]
+    thresholds = {
+        "pass_wer": {"wer_below": cfg["wer_threshold"]},
+        "pass_avg_logprob": {"avg_logprob_at_least": cfg["logprob_threshold"]},
+        "pass_no_speech": {"no_speech_prob_at_most": cfg["no_speech_threshold"]},
+        "pass_compression_ratio": {"compression_ratio_at_most": cfg["compression_ratio_threshold"]},
+        "pass_mean_max_posterior": {"mean_max_posterior_at_least": cfg["min_mean_max_posterior"]},
+    }
+    summary: dict[str, Any] = {
+        "teacher": manifest["teacher"]["type"],
+        "items": manifest["num_items"],
+        "rows": rows,
+        "kept": kept,
+        "failures": len(failures),
+        "failure_reasons": dict(sorted(reasons.items())),
+        "audio_hours": audio / 3600,
+        "audio_hours_kept": audio_kept / 3600,
+        "filters": {c.removeprefix("pass_"): {**filters[c], **thresholds[c]} for c in FILTER_COLUMNS},
+        "compute_seconds": compute,
+        "real_time_factor": compute / audio if audio > 0 else None,
+        "speed_x_real_time": audio / compute if compute > 0 else None,
+        "timing_complete": compute_complete,
+        "num_shards": n_shards,
+    }
+    if manifest.get("soft_labels"):
+        sl = manifest["soft_labels"]
+        summary["soft_labels"] = {
+            "k": sl["k"],
+            "temperature": sl["temperature"],
+            "positions": positions,
+            "raw_bytes_per_position": sl["raw_bytes_per_position"],
+            "stored_bytes_per_position": topk_bytes / positions if positions else None,
+        }
+    write_failures(out / "failures.jsonl", failures)
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def shard_files(output_dir: str | os.PathLike) -> list[str]:
+    """Finished shard files of a store, in shard order."""
+    out = Path(output_dir)
+    return [str(p) for p in sorted(out.iterdir()) if _SHARD_RE.match(p.name)]
+
+
+def load_pseudo_labels(output_dir: str | os.PathLike, keep_only: bool = False, **load_kwargs):
+    """The store as a ``datasets.Dataset`` (rows in shard order, i.e. sorted by id). ``keep_only`` drops
+    rows whose ``keep`` flag is false."""
+    import datasets
+
+    files = shard_files(output_dir)
+    if not files:
+        raise FileNotFoundError(f"no shard-*.parquet files in {output_dir}")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", **load_kwargs)
+    if keep_only:
+        ds = ds.filter(lambda k: k, input_columns=["keep"])
+    return ds
+
+
+# ==================================================================================================
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-distill pseudo-label",
+        description="Label audio with a Whisper or CTC teacher into resumable Parquet shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "input", nargs="?", help="audio folder, manifest (.csv/.tsv/.jsonl), saved dataset folder or Hub dataset name"
+    )
+    p.add_argument("--model", help="teacher: a local folder (or Hub name) with the model and its processor")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
+    p.add_argument(
+        "--teacher-type", "--teacher_type", dest="teacher_type", default="auto", choices=["auto", "whisper", "ctc"]
+    )
+    g = p.add_argument_group("input columns")
+    g.add_argument("--path-column", "--path_column", dest="path_column", default="path")
+    g.add_argument(
+        "--text-column",
+        "--text_column",
+        dest="text_column",
+        default=None,
+        help="reference text column (default: text/sentence/transcript/... if present; '' for none)",
+    )
+    g.add_argument("--id-column", "--id_column", dest="id_column", default=None)
+    g.add_argument("--audio-column", "--audio_column", dest="audio_column", default="audio")
+    g.add_argument("--split", default=None)
+    g.add_argument("--dataset-config", "--dataset_config", dest="dataset_config", default=None)
+    g = p.add_argument_group("decoding")
+    g.add_argument("--language", default=None)
+    g.add_argument("--task", default=None, choices=["transcribe", "translate"])
+    g.add_argument("--timestamps", "--return_timestamps", dest="return_timestamps", action="store_true")
+    g.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1)
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None)
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
+    g.add_argument("--chunk-length-s", "--chunk_length_s", dest="chunk_length_s", type=float, default=None)
+    g.add_argument("--chunk-overlap-s", "--chunk_overlap_s", dest="chunk_overlap_s", type=float, default=6.0)
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None, help="store top-k soft labels")
+    g.add_argument(
+        "--soft-label-temperature", "--soft_label_temperature", dest="soft_label_temperature", type=float, default=1.0
+    )
+    g = p.add_argument_group("filters (recorded in the store, not applied)")
+    g.add_argument("--wer-threshold", "--wer_threshold", dest="wer_threshold", type=float, default=0.1)
+    g.add_argument("--logprob-threshold", "--logprob_threshold", dest="logprob_threshold", type=float, default=-1.0)
+    g.add_argument(
+        "--no-speech-threshold", "--no_speech_threshold", dest="no_speech_threshold", type=float, default=0.6
+    )
+    g.add_argument(
+        "--compression-ratio-threshold",
+        "--compression_ratio_threshold",
+        dest="compression_ratio_threshold",
+        type=float,
+        default=2.4,
+    )
+    g.add_argument(
+        "--min-mean-max-posterior", "--min_mean_max_posterior", dest="min_mean_max_posterior", type=float, default=0.5
+    )
+    g.add_argument("--normalizer", default="english", choices=["english", "basic", "none"])
+    g = p.add_argument_group("execution")
+    g.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=256)
+    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--rank", type=int, default=None, help="default: $RANK")
+    g.add_argument(
+        "--world-size", "--world_size", dest="world_size", type=int, default=None, help="default: $WORLD_SIZE"
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument(
+        "--finalize", action="store_true", help="only (re)write summary.json and failures.jsonl from finished shards"
+    )
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.finalize:
+        try:
+            summary = finalize(args.output_dir)
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    if not args.input or not args.model:
+        print("error: INPUT and --model are required (unless --finalize)", file=sys.stderr)
+        return 2
+    fields = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
+    config = PseudoLabelConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        result = pseudo_label(config)
+    except ConfigMismatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    msg = (
+        f"{result['shards_computed']} shards labelled, {result['shards_skipped']} already done; "
+        f"{result['rows']} rows, {result['failures']} failures in this run"
+    )
+    if result["summary"] is not None:
+        s = result["summary"]
+        msg += (
+            f"; store complete: {s['rows']} rows, {s['kept']} kept, {s['failures']} failures, "
+            f"{s['audio_hours']:.3f} h of audio -> {Path(config.output_dir) / 'summary.json'}"
+        )
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(cli_main())
