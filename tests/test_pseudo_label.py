@@ -586,11 +586,13 @@ def _config_from_argv(argv):
     )
 
 
-def test_two_ranks_split_the_shards_without_overlap(resume_setup):
+def test_two_ranks_split_the_shards_without_overlap(resume_setup, monkeypatch):
     argv, reference, root = resume_setup
     out = root / "ranks"
     base = {**_config_from_argv(argv), "output_dir": str(out)}
-    r0 = pseudo_label(PseudoLabelConfig(**base, rank=0, world_size=2))
+    monkeypatch.setenv("RANK", "0")  # as set by torchrun / accelerate launch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r0 = pseudo_label(PseudoLabelConfig(**base))
     assert r0["summary"] is None and r0["shards_computed"] == 3
     assert [Path(f).name for f in shard_files(out)] == [f"shard-0000{i}.parquet" for i in (0, 2, 4)]
     r1 = pseudo_label(PseudoLabelConfig(**base, rank=1, world_size=2))
@@ -675,3 +677,22 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     for _, text in clips:  # every sentence's ending is heard exactly once
         tail = " ".join(norm(text).split()[-3:])
         assert norm(long_row["text"]).count(tail) <= 1
+    # timestamps and beam search on a few pieces: segments cover the transcript
+    out2 = folder / "out_timestamps"
+    few = folder / "few.jsonl"
+    few.write_text("".join(json.dumps({"path": f"piece{i:02d}.wav", "text": clips[i][1]}) + "\n" for i in range(3)))
+    pseudo_label(
+        PseudoLabelConfig(
+            input=str(few),
+            model=str(teacher),
+            output_dir=str(out2),
+            return_timestamps=True,
+            num_beams=2,
+            top_k=4,
+            progress=False,
+        )
+    )
+    for row in read_rows(out2):
+        assert row["segments"] and all(s["start"] < s["end"] for s in row["segments"])
+        assert " ".join(s["text"] for s in row["segments"]) == row["text"]
+        assert len(row["topk_tail"]) == len(row["token_ids"]) and row["wer"] is not None
