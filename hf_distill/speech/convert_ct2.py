@@ -1,0 +1,918 @@
+"""Convert a CTranslate2 (faster-whisper) Whisper checkpoint to a transformers model directory.
+
+A CTranslate2 Whisper directory holds ``model.bin`` (the weights, format version 6), ``config.json``
+(alignment heads, suppressed tokens), ``tokenizer.json`` and ``vocabulary.txt`` (or
+``vocabulary.json``), and sometimes ``preprocessor_config.json``. :func:`convert_ct2_whisper` turns it
+into a directory that ``WhisperForConditionalGeneration.from_pretrained`` and
+``WhisperProcessor.from_pretrained`` load offline, with a generation config that makes ``generate``
+prompt and suppress tokens the way Whisper does.
+
+Weights come across exactly (float16 or bfloat16 weights are widened to float32 by default;
+int8/int16 quantized weights are dequantized). Layout differences handled here:
+
+* the fused query/key/value projection of self-attention is split in three, the fused key/value
+  projection of cross-attention in two;
+* the key projection's bias is dropped: Whisper has none, and a bias on the keys adds the same
+  amount to every attention logit of a query, which the softmax cancels, so dropping it is exact;
+* the output projection is tied to the token embeddings.
+
+``model.bin`` may come split in parts (``model.bin.part1``, ``model.bin.part2``, ... as some
+packages ship it); the parts are read as one stream without joining them on disk.
+
+Command line: ``hf-distill convert-ct2 SRC OUT [--dtype float32|float16|bfloat16]``.
+
+Public API::
+
+    convert_ct2_whisper(src_dir, out_dir, *, dtype="float32", model_bin=None, multilingual=None) -> Path
+    read_ct2_model(paths) -> CT2Model
+    ct2_model_bin_paths(src_dir) -> list[Path]
+    cli_main(argv) -> int
+    CT2FormatError
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CT2FormatError",
+    "CT2Model",
+    "SUPPORTED_FORMAT_VERSION",
+    "cli_main",
+    "convert_ct2_whisper",
+    "ct2_model_bin_paths",
+    "read_ct2_model",
+]
+
+#: The only ``model.bin`` layout this reader understands.
+SUPPORTED_FORMAT_VERSION = 6
+
+#: dtype ids of the format, in order: float32, int8, int16, int32, float16, bfloat16.
+CT2_DTYPES: dict[int, torch.dtype] = {
+    0: torch.float32,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.float16,
+    5: torch.bfloat16,
+}
+
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# activation ids of the format -> transformers activation names
+_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu"}
+
+_TIMESTAMP_RE = re.compile(r"^<\|\d+\.\d+\|>$")
+_PART_RE = re.compile(r"^model\.bin\.part(\d+)$")
+
+
+class CT2FormatError(ValueError):
+    """The file is not a CTranslate2 Whisper ``model.bin`` this converter can read."""
+
+
+@dataclass
+class CT2Model:
+    """The content of a CTranslate2 ``model.bin``: spec name, revision, variables and aliases."""
+
+    name: str
+    revision: int
+    variables: dict[str, torch.Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+    version: int = SUPPORTED_FORMAT_VERSION
+
+    def resolve(self, name: str) -> str:
+        seen = set()
+        while name in self.aliases:
+            if name in seen:
+                raise CT2FormatError(f"alias cycle at {name!r}")
+            seen.add(name)
+            name = self.aliases[name]
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return self.resolve(name) in self.variables
+
+    def get(self, name: str) -> torch.Tensor:
+        """A variable by name (aliases followed); raises :class:`CT2FormatError` if absent."""
+        target = self.resolve(name)
+        if target not in self.variables:
+            raise CT2FormatError(f"model.bin has no variable {name!r}")
+        return self.variables[target]
+
+    def scalar(self, name: str, default=None):
+        if name not in self:
+            return default
+        value = self.get(name)
+        if value.numel() != 1:
+            raise CT2FormatError(f"{name!r} should be a scalar, has shape {tuple(value.shape)}")
+        return value.reshape(()).item()
+
+    def names(self) -> list[str]:
+        return sorted(set(self.variables) | set(self.aliases))
+
+
+# --------------------------------------------------------------------------------------------
+# model.bin reader
+
+
+class _ChainedReader:
+    """Reads several files one after the other as if they were one (for split model.bin files)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = [Path(p) for p in paths]
+        self._index = 0
+        self._handle = None
+        self.offset = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def read(self, n: int) -> bytes:
+        chunks = []
+        remaining = n
+        while remaining > 0 and self._index < len(self.paths):
+            if self._handle is None:
+                self._handle = open(self.paths[self._index], "rb")
+            chunk = self._handle.read(remaining)
+            if chunk:
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            if remaining > 0:
+                self._handle.close()
+                self._handle = None
+                self._index += 1
+        data = b"".join(chunks)
+        self.offset += len(data)
+        return data
+
+    def read_into(self, buf: bytearray) -> int:
+        view = memoryview(buf)
+        filled = 0
+        while filled < len(buf) and self._index < len(self.paths):
+            if self._handle is None:
+                self._handle = open(self.paths[self._index], "rb")
+            got = self._handle.readinto(view[filled:])
+            if got:
+                filled += got
+            else:
+                self._handle.close()
+                self._handle = None
+                self._index += 1
+        self.offset += filled
+        return filled
+
+
+class _Parser:
+    def __init__(self, reader: _ChainedReader, label: str):
+        self.reader = reader
+        self.label = label
+
+    def _fail(self, what: str, want: int, got: int):
+        raise CT2FormatError(
+            f"{self.label}: truncated while reading {what} at byte {self.reader.offset - got} "
+            f"(needed {want} bytes, got {got})"
+            + (
+                "; the model is split in parts: pass every part, in order"
+                if any(_PART_RE.match(p.name) for p in self.reader.paths)
+                else ""
+            )
+        )
+
+    def exact(self, n: int, what: str) -> bytes:
+        data = self.reader.read(n)
+        if len(data) != n:
+            self._fail(what, n, len(data))
+        return data
+
+    def u8(self, what: str) -> int:
+        return self.exact(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return struct.unpack("<H", self.exact(2, what))[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.exact(4, what))[0]
+
+    def string(self, what: str) -> str:
+        length = self.u16(f"length of {what}")
+        if length == 0:
+            raise CT2FormatError(f"{self.label}: empty string for {what} at byte {self.reader.offset}")
+        raw = self.exact(length, what)
+        if raw[-1] != 0:
+            raise CT2FormatError(f"{self.label}: {what} is not NUL-terminated (not a CTranslate2 model.bin?)")
+        try:
+            return raw[:-1].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CT2FormatError(f"{self.label}: {what} is not UTF-8 (not a CTranslate2 model.bin?)") from err
+
+
+def read_ct2_model(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CT2Model:
+    """Read a CTranslate2 ``model.bin`` (one path, or the paths of its parts in order).
+
+    Raises :class:`CT2FormatError` for anything that is not a complete format-version-6 file.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no model.bin path given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist")
+    label = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more parts)"
+    with _ChainedReader(paths) as reader:
+        parser = _Parser(reader, label)
+        version = parser.u32("format version")
+        if version != SUPPORTED_FORMAT_VERSION:
+            if version > 1000:
+                raise CT2FormatError(
+                    f"{label} is not a CTranslate2 model.bin (first 4 bytes read as format version {version})"
+                )
+            raise CT2FormatError(
+                f"{label}: CTranslate2 model.bin format version {version} is not supported "
+                f"(this converter reads version {SUPPORTED_FORMAT_VERSION}; re-convert the model with a "
+                "recent CTranslate2)"
+            )
+        name = parser.string("spec name")
+        revision = parser.u32("spec revision")
+        n_vars = parser.u32("variable count")
+        variables: dict[str, torch.Tensor] = {}
+        for i in range(n_vars):
+            var_name = parser.string(f"name of variable {i}")
+            rank = parser.u8(f"rank of {var_name}")
+            if rank > 8:
+                raise CT2FormatError(f"{label}: variable {var_name!r} has rank {rank}")
+            shape = tuple(struct.unpack(f"<{rank}I", parser.exact(4 * rank, f"shape of {var_name}")))
+            dtype_id = parser.u8(f"dtype of {var_name}")
+            if dtype_id not in CT2_DTYPES:
+                raise CT2FormatError(f"{label}: variable {var_name!r} has unknown dtype id {dtype_id}")
+            dtype = CT2_DTYPES[dtype_id]
+            n_bytes = parser.u32(f"byte count of {var_name}")
+            expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if n_bytes != expected:
+                raise CT2FormatError(
+                    f"{label}: variable {var_name!r} of shape {shape} and {dtype} should have "
+                    f"{expected} bytes, header says {n_bytes}"
+                )
+            buf = bytearray(n_bytes)
+            got = reader.read_into(buf)
+            if got != n_bytes:
+                parser._fail(f"data of {var_name}", n_bytes, got)
+            if n_bytes:
+                tensor = torch.frombuffer(buf, dtype=dtype).reshape(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+            variables[var_name] = tensor
+        n_aliases = parser.u32("alias count")
+        aliases = {}
+        for i in range(n_aliases):
+            alias = parser.string(f"alias {i}")
+            aliases[alias] = parser.string(f"target of alias {alias}")
+        trailing = reader.read(1)
+        if trailing:
+            raise CT2FormatError(f"{label}: unexpected data after the last alias (byte {reader.offset - 1})")
+    model = CT2Model(name=name, revision=revision, variables=variables, aliases=aliases, version=version)
+    for alias, target in aliases.items():
+        if model.resolve(alias) not in variables:
+            raise CT2FormatError(f"{label}: alias {alias!r} points to missing variable {target!r}")
+    return model
+
+
+def ct2_model_bin_paths(src_dir: str | os.PathLike) -> list[Path]:
+    """``[src_dir/model.bin]``, or the ``model.bin.partN`` files in ``src_dir`` in numeric order."""
+    src_dir = Path(src_dir)
+    single = src_dir / "model.bin"
+    if single.is_file():
+        return [single]
+    parts = []
+    if src_dir.is_dir():
+        for p in src_dir.iterdir():
+            m = _PART_RE.match(p.name)
+            if m and p.is_file():
+                parts.append((int(m.group(1)), p))
+    if not parts:
+        raise FileNotFoundError(f"{src_dir} has no model.bin (nor model.bin.part1, ...)")
+    return [p for _, p in sorted(parts)]
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def _float_weight(model: CT2Model, name: str) -> torch.Tensor:
+    """A weight as float32, dequantizing int8 (per-row scale) and int16 (one scale) weights."""
+    value = model.get(name)
+    if value.is_floating_point():
+        return value.float()
+    scale_name = f"{name}_scale"
+    if scale_name not in model:
+        raise CT2FormatError(f"{name!r} is stored as {value.dtype} without a {scale_name!r} to dequantize it")
+    scale = model.get(scale_name).float()
+    if scale.numel() == 1:
+        return value.float() / scale.reshape(())
+    if scale.numel() != value.shape[0]:
+        raise CT2FormatError(f"{scale_name!r} has {scale.numel()} values for {value.shape[0]} rows")
+    return value.float() / scale.reshape(-1, *([1] * (value.dim() - 1)))
+
+
+def _count_layers(model: CT2Model, prefix: str) -> int:
+    pattern = re.compile(rf"^{prefix}/layer_(\d+)/")
+    indices = {int(m.group(1)) for n in model.names() if (m := pattern.match(n))}
+    if indices != set(range(len(indices))):
+        raise CT2FormatError(f"{prefix} layers are not numbered 0..n-1: {sorted(indices)}")
+    return len(indices)
+
+
+@dataclass
+class _Dims:
+    n_mels: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_heads: int
+    decoder_heads: int
+    encoder_ffn: int
+    decoder_ffn: int
+    vocab_size: int
+    max_source_positions: int
+    max_target_positions: int
+    activation: str
+
+
+def _check_whisper(model: CT2Model) -> None:
+    if model.name != "WhisperSpec":
+        raise CT2FormatError(
+            f"model.bin holds a CTranslate2 {model.name!r} model, not Whisper (expected spec 'WhisperSpec')"
+        )
+    required = (
+        "encoder/conv1/weight",
+        "encoder/conv2/weight",
+        "encoder/position_encodings/encodings",
+        "decoder/embeddings/weight",
+        "decoder/position_encodings/encodings",
+    )
+    missing = [n for n in required if n not in model]
+    if missing:
+        raise CT2FormatError(f"model.bin is missing Whisper variables: {', '.join(missing)}")
+
+
+def _infer_dims(model: CT2Model) -> _Dims:
+    conv1 = model.get("encoder/conv1/weight")
+    if conv1.dim() != 3:
+        raise CT2FormatError(f"encoder/conv1/weight should be 3-D, has shape {tuple(conv1.shape)}")
+    d_model, n_mels, _ = conv1.shape
+    enc_layers = _count_layers(model, "encoder")
+    dec_layers = _count_layers(model, "decoder")
+    if enc_layers == 0 or dec_layers == 0:
+        raise CT2FormatError(f"model.bin has {enc_layers} encoder and {dec_layers} decoder layers")
+    # Whisper's attention heads are 64 wide; the file normally says how many there are.
+    enc_heads = int(model.scalar("encoder/num_heads", d_model // 64))
+    dec_heads = int(model.scalar("decoder/num_heads", enc_heads))
+    for heads, where in ((enc_heads, "encoder"), (dec_heads, "decoder")):
+        if heads <= 0 or d_model % heads:
+            raise CT2FormatError(f"{where}/num_heads = {heads} does not divide d_model = {d_model}")
+    act_id = model.scalar("decoder/activation", 3)
+    if act_id not in _ACTIVATIONS:
+        raise CT2FormatError(f"decoder/activation = {act_id} is not a known activation")
+    if model.scalar("decoder/pre_norm", 1) != 1:
+        raise CT2FormatError("decoder/pre_norm is off: not a Whisper decoder")
+    if model.scalar("decoder/scale_embeddings", 0) not in (0, False):
+        raise CT2FormatError("decoder/scale_embeddings is on: not a Whisper decoder")
+    if model.scalar("decoder/alibi", 0) not in (0, False):
+        raise CT2FormatError("decoder/alibi is on: not a Whisper decoder")
+    embed = model.get("decoder/embeddings/weight")
+    if embed.dim() != 2 or embed.shape[1] != d_model:
+        raise CT2FormatError(f"decoder/embeddings/weight has shape {tuple(embed.shape)}, d_model is {d_model}")
+    return _Dims(
+        n_mels=int(n_mels),
+        d_model=int(d_model),
+        encoder_layers=enc_layers,
+        decoder_layers=dec_layers,
+        encoder_heads=enc_heads,
+        decoder_heads=dec_heads,
+        encoder_ffn=int(model.get("encoder/layer_0/ffn/linear_0/weight").shape[0]),
+        decoder_ffn=int(model.get("decoder/layer_0/ffn/linear_0/weight").shape[0]),
+        vocab_size=int(embed.shape[0]),
+        max_source_positions=int(model.get("encoder/position_encodings/encodings").shape[0]),
+        max_target_positions=int(model.get("decoder/position_encodings/encodings").shape[0]),
+        activation=_ACTIVATIONS[act_id],
+    )
+
+
+def _hf_state_dict(model: CT2Model, dims: _Dims) -> dict[str, torch.Tensor]:
+    """transformers ``WhisperForConditionalGeneration`` state dict (float32) from CT2 variables."""
+    d = dims.d_model
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(hf: str, ct2: str):
+        sd[hf] = _float_weight(model, ct2)
+
+    def linear(hf: str, ct2: str):
+        put(f"{hf}.weight", f"{ct2}/weight")
+        put(f"{hf}.bias", f"{ct2}/bias")
+
+    def norm(hf: str, ct2: str):
+        put(f"{hf}.weight", f"{ct2}/gamma")
+        put(f"{hf}.bias", f"{ct2}/beta")
+
+    def split_rows(ct2: str, parts: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        w = _float_weight(model, f"{ct2}/weight")
+        b = _float_weight(model, f"{ct2}/bias")
+        if w.shape != (parts * d, d) or b.shape != (parts * d,):
+            raise CT2FormatError(
+                f"{ct2} should be fused {parts} x ({d}, {d}), has weight {tuple(w.shape)} and bias {tuple(b.shape)}"
+            )
+        return list(w.split(d, dim=0)), list(b.split(d, dim=0))
+
+    def attention(hf: str, ct2: str, cross: bool):
+        if cross:
+            linear(f"{hf}.q_proj", f"{ct2}/linear_0")
+            (wk, wv), (_bk, bv) = split_rows(f"{ct2}/linear_1", 2)
+            out = f"{ct2}/linear_2"
+        else:
+            (wq, wk, wv), (bq, _bk, bv) = split_rows(f"{ct2}/linear_0", 3)
+            sd[f"{hf}.q_proj.weight"] = wq
+            sd[f"{hf}.q_proj.bias"] = bq
+            out = f"{ct2}/linear_1"
+        # The key bias is dropped: it shifts every logit of a query by the same amount (softmax-invariant).
+        sd[f"{hf}.k_proj.weight"] = wk
+        sd[f"{hf}.v_proj.weight"] = wv
+        sd[f"{hf}.v_proj.bias"] = bv
+        linear(f"{hf}.out_proj", out)
+
+    enc = "model.encoder"
+    for i in (1, 2):
+        put(f"{enc}.conv{i}.weight", f"encoder/conv{i}/weight")
+        put(f"{enc}.conv{i}.bias", f"encoder/conv{i}/bias")
+    put(f"{enc}.embed_positions.weight", "encoder/position_encodings/encodings")
+    for i in range(dims.encoder_layers):
+        src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
+        attention(f"{dst}.self_attn", f"{src}/self_attention", cross=False)
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+    norm(f"{enc}.layer_norm", "encoder/layer_norm")
+
+    dec = "model.decoder"
+    put(f"{dec}.embed_tokens.weight", "decoder/embeddings/weight")
+    put(f"{dec}.embed_positions.weight", "decoder/position_encodings/encodings")
+    for i in range(dims.decoder_layers):
+        src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
+        attention(f"{dst}.self_attn", f"{src}/self_attention", cross=False)
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        attention(f"{dst}.encoder_attn", f"{src}/attention", cross=True)
+        norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
+        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+    norm(f"{dec}.layer_norm", "decoder/layer_norm")
+
+    if "decoder/projection/weight" in model:
+        proj = _float_weight(model, "decoder/projection/weight")
+        if not torch.equal(proj, sd[f"{dec}.embed_tokens.weight"]):
+            raise CT2FormatError("decoder/projection/weight differs from the embeddings: Whisper ties them")
+    sd["proj_out.weight"] = sd[f"{dec}.embed_tokens.weight"]
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes map to themselves, the others to code points >= 256."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merges_from_ranked_vocab(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Recover BPE merges from a vocabulary whose ids are the merge ranks (GPT-2/Whisper style).
+
+    A token of rank r was made by the last merge that BPE applies when it encodes the token's
+    characters using only tokens ranked below r; that merge joins exactly two pieces.
+    """
+    alphabet = set(_bytes_to_unicode().values())
+    merges = []
+    for token, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if not token:  # the multilingual vocabulary has one unused empty token
+            continue
+        if len(token) == 1:
+            if token not in alphabet:
+                raise ValueError(f"single-character token {token!r} is not in the byte-level alphabet")
+            continue
+        pieces = list(token)
+        while len(pieces) > 2:
+            best = None
+            for j in range(len(pieces) - 1):
+                r = vocab.get(pieces[j] + pieces[j + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, j)
+            if best is None:
+                break
+            j = best[1]
+            pieces[j : j + 2] = [pieces[j] + pieces[j + 1]]
+        if len(pieces) != 2 or any(p not in vocab or vocab[p] >= rank for p in pieces):
+            raise ValueError(f"cannot recover the merge that made token {token!r} (id {rank})")
+        merges.append((pieces[0], pieces[1]))
+    return merges
+
+
+def _read_vocabulary(src_dir: Path) -> list[str] | None:
+    txt, js = src_dir / "vocabulary.txt", src_dir / "vocabulary.json"
+    if js.is_file():
+        tokens = json.loads(js.read_text(encoding="utf-8"))
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"{js} is not a JSON list of tokens")
+        return tokens
+    if txt.is_file():
+        with open(txt, encoding="utf-8", newline="") as handle:
+            tokens = handle.read().split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        return [t.removesuffix("\r") for t in tokens]
+    return None
+
+
+def _timestamp_tokens(count: int) -> list[str]:
+    return [f"<|{i * 0.02:.2f}|>" for i in range(count)]
+
+
+def _build_tokenizer(src_dir: Path, vocab_size: int, normalizer_file: str | None):
+    """A ``WhisperTokenizer`` whose ids match the checkpoint's vocabulary exactly."""
+    from transformers import AddedToken, WhisperTokenizer
+
+    tokens = _read_vocabulary(src_dir)
+    tok_json = src_dir / "tokenizer.json"
+    eot = "<|endoftext|>"
+    if tok_json.is_file():
+        data = json.loads(tok_json.read_text(encoding="utf-8"))
+        model = data.get("model", {})
+        if model.get("type") != "BPE":
+            raise ValueError(f"{tok_json}: expected a BPE tokenizer, got {model.get('type')!r}")
+        bpe_vocab = {t: i for t, i in model["vocab"].items() if t != eot}
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        added = sorted(data.get("added_tokens", []), key=lambda t: t["id"])
+        if tokens is None:
+            id_to_token = {i: t for t, i in model["vocab"].items()}
+            id_to_token.update({t["id"]: t["content"] for t in added})
+            if sorted(id_to_token) != list(range(len(id_to_token))):
+                raise ValueError(f"{tok_json}: token ids are not contiguous")
+            tokens = [id_to_token[i] for i in range(len(id_to_token))]
+            tokens += _timestamp_tokens(vocab_size - len(tokens))
+        # Whisper's vocabularies are ranked: a token's id is the rank of the merge that makes it, so the
+        # merges follow from the vocabulary. The multilingual tokenizer.json in circulation lacks the
+        # very first merge ("Ġ t"), which splits " the", " to", ... unlike the tokenizer Whisper was
+        # trained with; when the ranks give a superset of the file's merges, the ranks win.
+        try:
+            ranked = _merges_from_ranked_vocab(bpe_vocab)
+        except ValueError:
+            ranked = None
+        if ranked is not None and ranked != merges and set(merges) <= set(ranked):
+            missing = [" ".join(m) for m in ranked if m not in set(merges)]
+            logger.warning(
+                "%s lacks %d BPE merge(s) implied by the vocabulary ranks (%s); restoring them",
+                tok_json, len(missing), ", ".join(repr(m) for m in missing[:3]),
+            )
+            merges = ranked
+    elif tokens is not None:
+        if eot not in tokens:
+            raise ValueError(f"{src_dir}: the vocabulary has no {eot} token")
+        bpe_vocab = {t: i for i, t in enumerate(tokens[: tokens.index(eot)])}
+        try:
+            merges = _merges_from_ranked_vocab(bpe_vocab)
+        except ValueError as err:
+            raise ValueError(f"{src_dir}: no tokenizer.json, and the BPE merges cannot be recovered from the vocabulary: {err}") from err
+        logger.info("no tokenizer.json: recovered %d BPE merges from the vocabulary", len(merges))
+    else:
+        raise FileNotFoundError(f"{src_dir} has neither tokenizer.json nor vocabulary.txt/json")
+
+    if len(tokens) != vocab_size:
+        raise ValueError(
+            f"{src_dir}: the vocabulary has {len(tokens)} tokens but the model's embeddings have {vocab_size} rows"
+        )
+    if eot not in tokens:
+        raise ValueError(f"{src_dir}: the vocabulary has no {eot} token")
+    eot_id = tokens.index(eot)
+    for t, i in bpe_vocab.items():
+        if i >= len(tokens) or tokens[i] != t:
+            raise ValueError(f"{src_dir}: tokenizer.json and the vocabulary disagree on token {t!r} (id {i})")
+    rest = tokens[eot_id + 1 :]
+    n_special = next((k for k, t in enumerate(rest) if _TIMESTAMP_RE.match(t)), len(rest))
+    specials = rest[:n_special]
+    timestamps = rest[n_special:]
+    if not all(_TIMESTAMP_RE.match(t) for t in timestamps):
+        raise ValueError(f"{src_dir}: unexpected tokens after the timestamp tokens")
+    for required in ("<|startoftranscript|>", "<|notimestamps|>"):
+        if required not in specials:
+            raise ValueError(f"{src_dir}: the vocabulary has no {required} token: not a Whisper tokenizer")
+    if specials[-1] != "<|notimestamps|>":
+        raise ValueError(f"{src_dir}: <|notimestamps|> must be the last special token, is {specials[-1]!r}")
+
+    kwargs = {}
+    if normalizer_file is not None:
+        kwargs["normalizer_file"] = normalizer_file
+    tokenizer = WhisperTokenizer(
+        vocab={**bpe_vocab, eot: eot_id},
+        merges=merges,
+        unk_token=eot,
+        bos_token=eot,
+        eos_token=eot,
+        pad_token=eot,
+        extra_special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+        **kwargs,
+    )
+    if timestamps:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
+    tokenizer.set_prefix_tokens()
+    ids = tokenizer.convert_tokens_to_ids(tokens[eot_id:])
+    if ids != list(range(eot_id, len(tokens))) or len(tokenizer) != vocab_size:
+        raise RuntimeError("the rebuilt tokenizer's ids do not match the checkpoint's vocabulary")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    def tid(token):
+        i = tokenizer.convert_tokens_to_ids(token)
+        return None if i is None or i == tokenizer.unk_token_id and token != tokenizer.unk_token else i
+
+    ids = {
+        "eot": tid("<|endoftext|>"),
+        "sot": tid("<|startoftranscript|>"),
+        "translate": tid("<|translate|>"),
+        "transcribe": tid("<|transcribe|>"),
+        "prev": tid("<|startofprev|>"),
+        "lm": tid("<|startoflm|>"),
+        "no_timestamps": tid("<|notimestamps|>"),
+        "no_speech": tid("<|nospeech|>") or tid("<|nocaptions|>"),
+    }
+    return ids
+
+
+def _language_tokens(tokenizer, ids) -> dict[str, int]:
+    """Language tokens sit between <|startoftranscript|> and <|translate|>."""
+    if ids["translate"] is None:
+        return {}
+    out = {}
+    for i in range(ids["sot"] + 1, ids["translate"]):
+        token = tokenizer.convert_ids_to_tokens(i)
+        if re.fullmatch(r"<\|[a-z]{2,3}\|>", token or ""):
+            out[token] = i
+    return out
+
+
+def _read_ct2_config(src_dir: Path) -> dict:
+    path = src_dir / "config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def _generation_config(tokenizer, ct2_config: dict, dims: _Dims, multilingual: bool):
+    from transformers import GenerationConfig
+
+    ids = _special_ids(tokenizer)
+    suppress = [int(t) for t in ct2_config.get("suppress_ids", [])]
+    begin_suppress = [int(t) for t in ct2_config.get("suppress_ids_begin", [220, ids["eot"]])]
+    kwargs = dict(
+        decoder_start_token_id=ids["sot"],
+        bos_token_id=ids["sot"],
+        eos_token_id=ids["eot"],
+        pad_token_id=ids["eot"],
+        max_length=dims.max_target_positions,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=begin_suppress,
+        no_timestamps_token_id=ids["no_timestamps"],
+        prev_sot_token_id=ids["prev"],
+        max_initial_timestamp_index=50,
+        return_timestamps=False,
+        is_multilingual=multilingual,
+    )
+    alignment = ct2_config.get("alignment_heads")
+    if alignment:
+        kwargs["alignment_heads"] = [[int(layer), int(head)] for layer, head in alignment]
+    if multilingual:
+        lang_to_id = _language_tokens(tokenizer, ids)
+        if not lang_to_id or ids["transcribe"] is None:
+            raise ValueError("multilingual model, but the tokenizer has no language or task tokens")
+        kwargs["lang_to_id"] = lang_to_id
+        kwargs["task_to_id"] = {"transcribe": ids["transcribe"], "translate": ids["translate"]}
+        # Prompt: <|startoftranscript|> <|language|> <|transcribe|> <|notimestamps|>; the language is
+        # detected unless `generate(language=...)` names one.
+        kwargs["task"] = "transcribe"
+    # English-only: generate prompts <|startoftranscript|> <|notimestamps|> by itself.
+    return GenerationConfig(**kwargs)
+
+
+def _feature_extractor(src_dir: Path, n_mels: int):
+    from transformers import WhisperFeatureExtractor
+
+    path = src_dir / "preprocessor_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data = {k: v for k, v in data.items() if k not in ("feature_extractor_type", "processor_class", "mel_filters")}
+        fe = WhisperFeatureExtractor(**data)
+        if fe.feature_size != n_mels:
+            raise ValueError(f"{path}: feature_size {fe.feature_size} but the model takes {n_mels} mel bins")
+        return fe
+    return WhisperFeatureExtractor(feature_size=n_mels)
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+
+def convert_ct2_whisper(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    model_bin: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    multilingual: bool | None = None,
+) -> Path:
+    """Convert the CTranslate2 Whisper checkpoint in ``src_dir`` into a transformers directory.
+
+    Args:
+        src_dir: directory with ``model.bin`` (or ``model.bin.part1``, ``.part2``, ...), ``config.json``,
+            ``tokenizer.json`` and/or ``vocabulary.txt``/``vocabulary.json``, optionally
+            ``preprocessor_config.json``.
+        out_dir: where to write ``config.json``, ``generation_config.json``, ``model.safetensors``,
+            the tokenizer files and ``preprocessor_config.json``; created if missing.
+        dtype: ``"float32"`` (default, exact), ``"float16"`` or ``"bfloat16"``.
+        model_bin: the weights file, or its parts in order, when they are not in ``src_dir``
+            (e.g. parts shipped in different packages).
+        multilingual: override the English-only/multilingual decision (default: multilingual when
+            the vocabulary has at least 51,865 tokens, Whisper's own rule).
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Raises:
+        CT2FormatError: ``model.bin`` is not a complete format-6 CTranslate2 Whisper model.
+        FileNotFoundError / ValueError: missing or inconsistent tokenizer files.
+    """
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    from .text_normalizer import english_spelling_mapping_path
+
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"{src_dir} is not a directory")
+    if model_bin is None:
+        paths = ct2_model_bin_paths(src_dir)
+    elif isinstance(model_bin, (str, os.PathLike)):
+        paths = [Path(model_bin)]
+    else:
+        paths = [Path(p) for p in model_bin]
+
+    t0 = time.perf_counter()
+    ct2 = read_ct2_model(paths)
+    _check_whisper(ct2)
+    dims = _infer_dims(ct2)
+    ct2_config = _read_ct2_config(src_dir)
+    if multilingual is None:
+        multilingual = dims.vocab_size >= 51865
+
+    spelling = english_spelling_mapping_path()
+    tokenizer = _build_tokenizer(src_dir, dims.vocab_size, str(spelling) if spelling else None)
+    ids = _special_ids(tokenizer)
+    generation_config = _generation_config(tokenizer, ct2_config, dims, multilingual)
+    feature_extractor = _feature_extractor(src_dir, dims.n_mels)
+
+    config = WhisperConfig(
+        vocab_size=dims.vocab_size,
+        num_mel_bins=dims.n_mels,
+        d_model=dims.d_model,
+        encoder_layers=dims.encoder_layers,
+        decoder_layers=dims.decoder_layers,
+        encoder_attention_heads=dims.encoder_heads,
+        decoder_attention_heads=dims.decoder_heads,
+        encoder_ffn_dim=dims.encoder_ffn,
+        decoder_ffn_dim=dims.decoder_ffn,
+        max_source_positions=dims.max_source_positions,
+        max_target_positions=dims.max_target_positions,
+        activation_function=dims.activation,
+        scale_embedding=False,
+        tie_word_embeddings=True,
+        decoder_start_token_id=ids["sot"],
+        bos_token_id=ids["sot"],
+        eos_token_id=ids["eot"],
+        pad_token_id=ids["eot"],
+        suppress_tokens=list(generation_config.suppress_tokens or []),
+        begin_suppress_tokens=list(generation_config.begin_suppress_tokens or []),
+    )
+    state_dict = _hf_state_dict(ct2, dims)
+    del ct2
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    if expected != set(state_dict):
+        missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        raise CT2FormatError(f"weights do not fit the Whisper layout: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in model.state_dict().items():
+        if tuple(value.shape) != tuple(state_dict[name].shape):
+            raise CT2FormatError(
+                f"{name}: model.bin gives shape {tuple(state_dict[name].shape)}, expected {tuple(value.shape)}"
+            )
+    out_dtype = OUTPUT_DTYPES[dtype]
+    state_dict = {k: v.to(out_dtype).contiguous() for k, v in state_dict.items()}
+    state_dict["proj_out.weight"] = state_dict["model.decoder.embed_tokens.weight"]
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.tie_weights()
+    if model.proj_out.weight is not model.model.decoder.embed_tokens.weight:
+        model.proj_out.weight = model.model.decoder.embed_tokens.weight
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"conversion left tensors uninitialised: {leftover[:5]}")
+    model.config.dtype = out_dtype
+    model.generation_config = generation_config
+    model.eval()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out_dir)
+    if spelling is not None:
+        # The tokenizer's `normalize=True` decoding reads Whisper's spelling table from here.
+        shutil.copyfile(spelling, out_dir / "normalizer.json")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "converted %s -> %s: %.1fM parameters, d_model %d, %d+%d layers, %d heads, vocab %d, %s, %s, %.1f s",
+        src_dir, out_dir, n_params / 1e6, dims.d_model, dims.encoder_layers, dims.decoder_layers,
+        dims.encoder_heads, dims.vocab_size, "multilingual" if multilingual else "English-only", dtype,
+        time.perf_counter() - t0,
+    )
+    return out_dir
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``hf-distill convert-ct2 SRC OUT [--dtype D] [--model-bin PART ...] [--multilingual|--english-only]``."""
+    parser = argparse.ArgumentParser(
+        prog="hf-distill convert-ct2",
+        description="Convert a CTranslate2 (faster-whisper) Whisper model directory into a transformers "
+        "WhisperForConditionalGeneration directory with its processor and generation config.",
+    )
+    parser.add_argument("src", help="CTranslate2 model directory (model.bin, config.json, tokenizer.json, vocabulary.*)")
+    parser.add_argument("out", help="output directory (created)")
+    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), default="float32", help="weights dtype (default float32)")
+    parser.add_argument(
+        "--model-bin", nargs="+", metavar="PATH",
+        help="the model.bin file, or its parts in order, when they are not in SRC",
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--multilingual", dest="multilingual", action="store_const", const=True, default=None)
+    group.add_argument("--english-only", dest="multilingual", action="store_const", const=False)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = convert_ct2_whisper(
+            args.src, args.out, dtype=args.dtype, model_bin=args.model_bin, multilingual=args.multilingual
+        )
+    except (CT2FormatError, FileNotFoundError, ValueError) as err:
+        print(f"hf-distill convert-ct2: error: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(cli_main())
