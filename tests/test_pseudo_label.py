@@ -390,6 +390,7 @@ def test_whisper_teacher_end_to_end(whisper_dir, tmp_path):
 def test_ctc_teacher_end_to_end_with_full_soft_labels(ctc_dir, tmp_path):
     durations = [1.0, 2.0, 0.5, 37.3]
     clips = write_clips(tmp_path / "clips", durations, seed=3)
+    sf.write(clips / "tiny.wav", np.full(160, 0.1, np.float32), 16000)  # 10 ms: less than one 25 ms frame
     out = tmp_path / "out"
     V = 30
     result = pseudo_label(
@@ -405,7 +406,12 @@ def test_ctc_teacher_end_to_end_with_full_soft_labels(ctc_dir, tmp_path):
             progress=False,
         )
     )
-    assert (result["rows"], result["failures"]) == (4, 1)
+    assert (result["rows"], result["failures"]) == (4, 2)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["reason"]) for f in failures] == [
+        ("broken.wav", "not a readable audio file: Format not recognised."),
+        ("tiny.wav", "too short for the teacher (160 samples at 16000 Hz)"),
+    ]
     ds = load_pseudo_labels(out, cache_dir=str(tmp_path / "hf_cache"))
     from transformers import AutoModelForCTC, AutoProcessor
 

@@ -22,7 +22,8 @@ Row columns: ``id``, ``path``, ``duration`` (seconds), ``reference`` (or null), 
 (Whisper: the tokens generated after the decoder prompt, end-of-text included; CTC: the collapsed label
 sequence), ``prompt_ids`` (Whisper's decoder prompt, e.g. start-of-transcript, language, task,
 no-timestamps), ``avg_logprob`` (Whisper: mean log-probability of ``token_ids``), ``no_speech_prob``
-(Whisper: probability of the no-speech token at the first decoding step), ``compression_ratio``
+(Whisper: probability of the no-speech token at the first decoding step; for a chunked recording the
+lowest over its chunks), ``compression_ratio``
 (UTF-8 bytes / zlib-compressed bytes of ``text``), ``mean_max_posterior`` (CTC: mean over frames of the
 top frame posterior), ``wer`` (against the reference, both normalised), ``n_chunks``, one boolean per
 filter (``pass_wer``, ``pass_avg_logprob``, ``pass_no_speech``, ``pass_compression_ratio``,
@@ -382,6 +383,8 @@ class _Teacher:
     overlap: int
     hop: int
 
+    min_samples: int = 1  # shorter inputs give the teacher nothing to look at
+
     def plan(self, num_samples: int) -> list[Chunk]:
         return plan_chunks(num_samples, self.window, self.overlap, self.hop)
 
@@ -558,6 +561,8 @@ class CTCTeacher(_Teacher):
         self.blank_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.use_mask = bool(getattr(self.feature_extractor, "return_attention_mask", False))
         self._torch = torch
+        frames = self._frames(np.arange(1, 8 * self.hop + 1, dtype=np.int64))
+        self.min_samples = int(np.argmax(frames >= 1)) + 1 if (frames >= 1).any() else 1
 
     def describe(self):
         d = super().describe()
@@ -703,8 +708,10 @@ class _ShardRunner:
                 failures[pos] = AudioFailure(item.id, item.path, f"unreadable: {type(exc).__name__}: {exc}")
                 continue
             n = resampled_length(info.frames, info.sampling_rate, teacher.sampling_rate)
-            if n <= 0:
-                failures[pos] = AudioFailure(item.id, item.path, "shorter than one sample at the teacher's rate")
+            if n < teacher.min_samples:
+                failures[pos] = AudioFailure(
+                    item.id, item.path, f"too short for the teacher ({n} samples at {teacher.sampling_rate} Hz)"
+                )
                 continue
             durations[pos] = info.duration
             lengths[pos] = n
