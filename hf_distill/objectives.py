@@ -39,7 +39,7 @@ TERM_REGISTRY: dict[str, type["Term"]] = {}
 
 # Log names of the built-in terms: loss_kd, loss_cos, ... (the task term is named after the task).
 DEFAULT_LOG_NAMES = {"kl": "kd", "hidden_cos": "cos", "logit_mse": "mse"}
-TASK_LOG_NAMES = {"masked_lm": "mlm", "causal_lm": "clm"}
+TASK_LOG_NAMES = {"masked_lm": "mlm", "causal_lm": "clm", "ctc": "ctc"}
 
 
 def register_term(name: str) -> Callable[[type["Term"]], type["Term"]]:
@@ -252,10 +252,18 @@ class TaskTerm(Term):
         from .teachers import task_kind
 
         self._task_name = TASK_LOG_NAMES.get(task_kind(student), "ce")
+        # CTC's blank is the pad token in transformers' CTC heads.
+        self._blank = getattr(unwrap(student).config, "pad_token_id", 0) or 0
 
     def forward(self, step):
         if step.labels is None:
             return step.student.logits.sum() * 0.0
+        if step.task == "ctc":
+            from .losses.task import ctc_loss
+
+            blank = getattr(self, "_blank", 0)
+            return ctc_loss(step.student.logits, step.labels, step.batch["frame_lengths"], blank=blank,
+                            num_items=step.counts["task"])
         labels = step.labels[..., 1:] if step.task == "causal_lm" else step.labels
         return losses.cross_entropy_loss(_shifted(step, step.student.logits), labels, num_items=step.counts["task"],
                                          label_smoothing=float(self.config.get("label_smoothing", 0.0)))

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForCTC,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -27,6 +28,7 @@ TASK_AUTO_CLASSES = {
     "seq2seq_lm": AutoModelForSeq2SeqLM,
     "sequence_classification": AutoModelForSequenceClassification,
     "token_classification": AutoModelForTokenClassification,
+    "ctc": AutoModelForCTC,
     "base": AutoModel,
 }
 
@@ -60,6 +62,8 @@ def task_kind(model) -> str:
         return "sequence_classification"
     if name.endswith("ForTokenClassification"):
         return "token_classification"
+    if name.endswith("ForCTC"):
+        return "ctc"
     return "base"
 
 

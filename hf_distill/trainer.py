@@ -202,6 +202,9 @@ class DistillationTrainer(Trainer):
             attention = torch.ones_like(inputs["input_ids"])
         if self.task in ("sequence_classification",):
             return {"kd": None, "hidden": attention.bool() if attention is not None else None}
+        if self.task == "ctc":
+            frames = self._frame_mask(inputs)
+            return {"kd": frames, "hidden": frames}
         if self.task == "causal_lm":
             if labels is not None:
                 kd = labels[..., 1:] != losses.IGNORE_INDEX
@@ -217,6 +220,16 @@ class DistillationTrainer(Trainer):
             kd = attention.bool() if attention is not None else None
         return {"kd": kd, "hidden": attention.bool() if attention is not None else None}
 
+    def _frame_mask(self, inputs: dict) -> torch.Tensor:
+        """CTC models: which output frames come from real (unpadded) audio, shape (batch, frames)."""
+        model = unwrap(self.model)
+        values = inputs.get("input_values", inputs.get("input_features"))
+        total = int(model._get_feat_extract_output_lengths(torch.tensor(values.shape[-1])))
+        attention = inputs.get("attention_mask")
+        lengths = (model._get_feat_extract_output_lengths(attention.sum(-1)) if attention is not None
+                   else torch.full((values.shape[0],), total, device=values.device))
+        return torch.arange(total, device=values.device)[None, :] < lengths.to(values.device)[:, None]
+
     def _item_counts(self, inputs: dict) -> dict[str, torch.Tensor]:
         labels = inputs.get("labels")
         masks = self._masks(inputs, labels)
@@ -224,7 +237,9 @@ class DistillationTrainer(Trainer):
         counts = {"samples": torch.tensor(batch)}
         for key, mask in masks.items():
             counts[key] = mask.sum() if mask is not None else torch.tensor(batch)
-        if labels is not None:
+        if labels is not None and self.task == "ctc":
+            counts["task"] = torch.tensor(batch)  # CTC: one sequence loss per sample
+        elif labels is not None:
             task_labels = labels[..., 1:] if self.task == "causal_lm" else labels
             counts["task"] = (task_labels != losses.IGNORE_INDEX).sum()
         else:
@@ -272,12 +287,24 @@ class DistillationTrainer(Trainer):
                 return self._tensors(out, recorder.take())
             return self._tensors(self.teachers[index](**teacher_inputs, **self._flags()))
 
+    def _decoder_inputs_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing for encoder-decoders: labels shifted right behind the decoder start token."""
+        config = unwrap(self.model).config
+        start = config.decoder_start_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        shifted = labels.new_full(labels.shape, pad)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = start
+        return shifted.masked_fill(shifted == losses.IGNORE_INDEX, pad)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         cached_logits = inputs.pop("teacher_logits", None)
         extra = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
         model_inputs = {k: v for k, v in inputs.items() if self._student_inputs is None or k in self._student_inputs}
+        if self.task == "seq2seq_lm" and labels is not None and "decoder_input_ids" not in model_inputs:
+            model_inputs["decoder_input_ids"] = self._decoder_inputs_from_labels(labels)
         if self._student_qkv is not None:
             with self._student_qkv:
                 student_out = model(**model_inputs, **self._flags())
@@ -300,8 +327,11 @@ class DistillationTrainer(Trainer):
         counts = self._step_counts if use_global else self._item_counts({**inputs, "labels": labels}
                                                                          if labels is not None else inputs)
         scale = self.accelerator.num_processes if use_global else 1  # DDP averages gradients over processes
+        masks = self._masks(inputs, labels)
+        if self.task == "ctc":
+            extra["frame_lengths"] = masks["kd"].sum(-1)
         step = StepTensors(student=student, teachers=teachers, teacher_weights=self.teacher_weights, labels=labels,
-                           masks=self._masks(inputs, labels), counts=counts, task=self.task, batch=extra)
+                           masks=masks, counts=counts, task=self.task, batch=extra)
         loss, terms = self.objective(step)
         loss = loss * scale
         self._record_terms(terms, scale, model.training, inputs)

@@ -36,3 +36,25 @@ def cross_entropy_loss(
         flat_logits, flat_labels = flat_logits[valid], flat_labels[valid]
     total = F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum", label_smoothing=label_smoothing)
     return normalise(total, count, num_items)
+
+
+def ctc_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    input_lengths: torch.Tensor,
+    *,
+    blank: int = 0,
+    num_items: int | float | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    zero_infinity: bool = True,
+) -> torch.Tensor:
+    """CTC loss of frame logits ``(B, T, V)`` against padded ``labels`` ``(B, S)`` (``ignore_index`` pads).
+
+    Summed over sequences and divided by ``num_items`` (default: the number of sequences).
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+    valid = labels != ignore_index
+    targets = labels.masked_select(valid)
+    total = F.ctc_loss(log_probs, targets, input_lengths.long(), valid.sum(-1), blank=blank, reduction="sum",
+                       zero_infinity=zero_infinity)
+    return normalise(total, torch.tensor(labels.shape[0], device=total.device), num_items)
