@@ -27,6 +27,10 @@ _EXPORTS = {
     "cache_teacher_logits": "hf_distill.teachers",
     "load_teacher": "hf_distill.teachers",
     "write_model_card": "hf_distill.hub",
+    "PseudoLabelConfig": "hf_distill.speech.pseudo_label",
+    "pseudo_label": "hf_distill.speech.pseudo_label",
+    "load_pseudo_labels": "hf_distill.speech.pseudo_label",
+    "convert_ct2_whisper": "hf_distill.speech.convert_ct2",
     "losses": "hf_distill.losses",
 }
 
