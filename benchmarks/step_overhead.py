@@ -72,6 +72,7 @@ def main() -> None:
                                      per_device_train_batch_size=opts.batch, disable_tqdm=True)
         trainer = DistillationTrainer(model=student, teacher=teacher, args=args)
         trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # set by train() in the Trainer's own loop
         optimizer = trainer.optimizer
         student.train()
 

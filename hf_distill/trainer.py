@@ -107,6 +107,11 @@ class DistillationTrainer(Trainer):
             for m in [model, *teachers]:
                 unwrap(m).set_attn_implementation("eager")  # fused kernels return no attention maps
         super().__init__(model=model, args=args, **kwargs)
+        # transformers releases without `loss_is_scaled_for_ga` divide every training loss by the number
+        # of accumulation steps themselves; we normalise by the global item count already, so undo it.
+        self._undo_ga_division = not hasattr(Trainer, "loss_is_scaled_for_ga")
+        if self._undo_ga_division:
+            self.model_accepts_loss_kwargs = False  # makes that division unconditional, hence exactly undone
         device = self.accelerator.device
         self.teachers = [place_teacher(t, device, args.teacher_dtype) for t in teachers]
         self.objective.to(device)
@@ -335,6 +340,8 @@ class DistillationTrainer(Trainer):
         loss, terms = self.objective(step)
         loss = loss * scale
         self._record_terms(terms, scale, model.training, inputs)
+        if model.training and self._undo_ga_division:
+            loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
         if return_outputs:
             return loss, {"loss": loss, "logits": student_out.logits}
         return loss
