@@ -164,7 +164,9 @@ def cache_teacher_logits(
             f"teachers; got a {task_kind(teacher)} model"
         )
     device = device or next(teacher.parameters()).device
-    teacher = place_teacher(teacher, device, "auto")
+    was_training = teacher.training
+    grad_flags = [p.requires_grad for p in teacher.parameters()]
+    teacher.to(device).eval()
     accepted = forward_parameters(teacher)
     drop = [c for c in dataset.column_names if c == column]
     base = dataset.remove_columns(drop) if drop else dataset
@@ -176,6 +178,9 @@ def cache_teacher_logits(
         batch = {k: v.to(device) for k, v in data_collator(features).items() if torch.is_tensor(v)}
         batch = {k: v for k, v in batch.items() if accepted is None or k in accepted}
         rows.extend(teacher(**batch).logits.float().cpu().tolist())
+    teacher.train(was_training)  # leave the caller's model as it was
+    for p, flag in zip(teacher.parameters(), grad_flags):
+        p.requires_grad_(flag)
     return base.add_column(column, rows)
 
 

@@ -318,9 +318,9 @@ class DistillationTrainer(Trainer):
             student_out = model(**model_inputs, **self._flags())
             student = self._tensors(student_out)
 
-        if cached_logits is not None:
+        if cached_logits is not None and not (self.teachers and self.objective.needs - {"logits"}):
             teachers = [ModelTensors(logits=cached_logits)]
-        elif self.teachers:
+        elif self.teachers:  # a live teacher (also when terms need its hidden states next to cached logits)
             teachers = [self._teacher_forward(i, model_inputs) for i in range(len(self.teachers))]
         else:
             teachers = []

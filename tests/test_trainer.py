@@ -175,6 +175,7 @@ def test_classification_with_cached_teacher_logits(tokenizer, tmp_path):
     from hf_distill.teachers import cache_teacher_logits
     from transformers import DataCollatorWithPadding
     cached = cache_teacher_logits(teacher, ds, DataCollatorWithPadding(tokenizer), batch_size=5)
+    teacher.eval()
     with torch.no_grad():
         live = teacher(input_ids=torch.tensor(ds["input_ids"]), attention_mask=torch.tensor(ds["attention_mask"])).logits
     assert torch.allclose(torch.tensor(cached["teacher_logits"]), live, atol=1e-5)
@@ -191,3 +192,22 @@ def test_plain_training_arguments_rejected(tokenizer, tmp_path):
     teacher, student = teacher_student(tokenizer)
     with pytest.raises(TypeError, match="DistillationArguments"):
         DistillationTrainer(model=student, teacher=teacher, args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_cached_logits_with_live_hidden_terms(tokenizer, tmp_path):
+    """Cached logits in the batch and a term that needs the live teacher's hidden states."""
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(len(tokenizer), layers=2, num_labels=3))
+    student = BertForSequenceClassification(tiny_bert_config(len(tokenizer), layers=1, num_labels=3))
+    enc = tokenizer(sample_texts(16, seed=3), padding="max_length", max_length=24, truncation=True)
+    ds = Dataset.from_dict({**enc, "labels": [i % 3 for i in range(16)]})
+    from hf_distill.teachers import cache_teacher_logits
+    from transformers import DataCollatorWithPadding
+    teacher.train()
+    cached = cache_teacher_logits(teacher, ds, DataCollatorWithPadding(tokenizer), batch_size=8)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # caller's model untouched
+    args = make_args(tmp_path, cos_weight=1.0, task_weight=1.0, kd_weight=1.0, max_steps=2)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=cached,
+                                  data_collator=default_data_collator)
+    trainer.train()
+    assert {"loss_kd", "loss_ce", "loss_cos"} <= set(trainer.state.log_history[0])
