@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from . import losses
 from .losses import feature as feature_losses
+from .losses import relation as relation_losses
 from .teachers import hidden_size, unwrap
 
 TERM_REGISTRY: dict[str, type["Term"]] = {}
@@ -380,18 +381,14 @@ class _AttentionTerm(Term):
 class AttentionMSETerm(_AttentionTerm):
     """MSE between attention probability maps of mapped layers (TinyBERT), padding masked."""
 
-    @staticmethod
-    def loss_fn(s, t, **kw):
-        return feature_losses.attention_mse_loss(s, t, **kw)
+    loss_fn = staticmethod(feature_losses.attention_mse_loss)
 
 
 @register_term("attention_kl")
 class AttentionKLTerm(_AttentionTerm):
     """KL between attention distributions of mapped layers, per query over keys, padding masked."""
 
-    @staticmethod
-    def loss_fn(s, t, **kw):
-        return feature_losses.attention_kl_loss(s, t, **kw)
+    loss_fn = staticmethod(feature_losses.attention_kl_loss)
 
 
 # ---------------------------------------------------------------------- relation-based
@@ -425,12 +422,10 @@ class AttentionRelationTerm(Term):
         return list(self.mapping), list(self.mapping.values())
 
     def forward(self, step):
-        from .losses import relation
-
         teacher = step.teacher(self.teacher_index)
         total = 0.0
         for s, t in self.mapping.items():
-            total = total + relation.attention_relation_loss(
+            total = total + relation_losses.attention_relation_loss(
                 step.student.qkv[s], tuple(x.to(step.student.qkv[s][0]) for x in teacher.qkv[t]),
                 relation_heads=self.relation_heads, attention_mask=step.masks["hidden"],
                 num_items=step.counts["hidden"])
@@ -469,33 +464,21 @@ class _SampleRelationTerm(Term):
 class RKDDistanceTerm(_SampleRelationTerm):
     """Relational KD, distance-wise (Park et al. 2019), on pooled representations."""
 
-    @staticmethod
-    def loss_fn(s, t):
-        from .losses import relation
-
-        return relation.rkd_distance_loss(s, t)
+    loss_fn = staticmethod(relation_losses.rkd_distance_loss)
 
 
 @register_term("rkd_angle")
 class RKDAngleTerm(_SampleRelationTerm):
     """Relational KD, angle-wise (Park et al. 2019), on pooled representations."""
 
-    @staticmethod
-    def loss_fn(s, t):
-        from .losses import relation
-
-        return relation.rkd_angle_loss(s, t)
+    loss_fn = staticmethod(relation_losses.rkd_angle_loss)
 
 
 @register_term("similarity_preserving")
 class SimilarityPreservingTerm(_SampleRelationTerm):
     """Similarity-preserving KD (Tung & Mori 2019): batch Gram matrices of pooled representations."""
 
-    @staticmethod
-    def loss_fn(s, t):
-        from .losses import relation
-
-        return relation.similarity_preserving_loss(s, t)
+    loss_fn = staticmethod(relation_losses.similarity_preserving_loss)
 
 
 # ---------------------------------------------------------------------- the objective
