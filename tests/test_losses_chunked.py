@@ -226,3 +226,38 @@ def test_fused_never_allocates_a_full_logits_sized_tensor():
     with AllocationRecorder() as dense_rec:
         losses.generalized_jsd_loss(s, t, beta=0.5).backward()
     assert sum(size >= full for size in dense_rec.sizes) >= 8
+
+
+def test_non_contiguous_logits_and_shifted_views():
+    # causal-LM style: logits[:, :-1] is a non-contiguous view
+    s_full, t_full, mask = logits(torch.float64, seed=8, shape=(3, 8, 20))
+    s, t, m = s_full[:, :-1], t_full[:, :-1], mask[:, :-1]
+    dense = losses.generalized_jsd_loss(s, t, beta=0.7, temperature=1.3, mask=m)
+    (g_dense,) = torch.autograd.grad(dense, s_full)
+    chunked = losses.chunked_generalized_jsd_loss(s, t, beta=0.7, temperature=1.3, mask=m, chunk_size=3)
+    (g_chunked,) = torch.autograd.grad(chunked, s_full)
+    assert_close(chunked, dense)
+    assert_close(g_chunked, g_dense)
+
+
+def test_bfloat16_inputs_follow_the_dense_low_precision_path():
+    g = torch.Generator().manual_seed(9)
+    h_s = torch.randn(2, 6, 8, generator=g).bfloat16().requires_grad_(True)
+    w_s = (torch.randn(64, 8, generator=g) / 3).bfloat16().requires_grad_(True)
+    h_t, w_t = torch.randn(2, 6, 8, generator=g).bfloat16(), (torch.randn(64, 8, generator=g) / 3).bfloat16()
+    mask = torch.rand(2, 6, generator=g) > 0.3
+    dense = losses.kl_div_loss(h_s @ w_s.T, h_t @ w_t.T, temperature=2.0, mask=mask)
+    g_dense = torch.autograd.grad(dense, (h_s, w_s))
+    fused = losses.fused_linear_kl_loss(h_s, w_s, h_t, w_t, temperature=2.0, mask=mask, chunk_size=4)
+    g_fused = torch.autograd.grad(fused, (h_s, w_s))
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(dense.item(), rel=1e-4)
+    for a, b in zip(g_fused, g_dense):
+        assert a.dtype == torch.bfloat16
+        assert_close(a.float(), b.float(), rtol=2e-2)
+    s = (h_s @ w_s.T).detach().requires_grad_(True)
+    chunked = losses.chunked_kl_loss(s, h_t @ w_t.T, temperature=2.0, mask=mask, chunk_size=4)
+    (g_c,) = torch.autograd.grad(chunked, s)
+    (g_d,) = torch.autograd.grad(losses.kl_div_loss(s, h_t @ w_t.T, temperature=2.0, mask=mask), s)
+    assert g_c.dtype == torch.bfloat16 and chunked.item() == pytest.approx(dense.item(), rel=1e-5)
+    assert_close(g_c.float(), g_d.float(), rtol=1e-2)

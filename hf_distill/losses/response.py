@@ -140,7 +140,9 @@ def generalized_jsd_loss(
     ``GKDTrainer.generalized_jsd_loss`` (same mixture, same weights, same endpoints). Two
     differences from TRL: we multiply by ``T**2`` (TRL divides the logits by ``T`` but does not
     rescale), and we normalise by ``num_items`` (TRL's ``batchmean`` divides by the local count
-    of labelled tokens). ``beta = 0.5`` is the symmetric Jensen-Shannon divergence.
+    of labelled tokens). ``beta = 0.5`` is the symmetric Jensen-Shannon divergence. (Early TRL
+    versions formed the "mixture" as ``beta * log p_T + (1 - beta) * log p_S``, a normalisation-free
+    geometric blend that can make the loss negative; the mixture here is the arithmetic one.)
 
     Endpoints are special-cased to the two KLs, exactly:
 
