@@ -78,9 +78,9 @@ def resolve_teacher(spec: str) -> Path:
         module = importlib.import_module(spec.split(":", 1)[1])
         return Path(module.get_model_path())
     path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: give a local CTC model folder")
-    return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: give a CTC model folder with its processor")
+    return path  # a folder, or a Hub id (downloaded by transformers when online)
 
 
 def main(argv: list[str] | None = None) -> dict:

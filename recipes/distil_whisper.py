@@ -122,7 +122,9 @@ def resolve_teacher(spec: str, out: Path) -> tuple[Path, str]:
     else:
         path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"teacher folder {path} not found (Hub ids are not supported offline: download it)")
+        if spec.startswith("package:") or path.is_absolute() or spec.startswith("."):
+            raise FileNotFoundError(f"teacher folder {path} not found")
+        return Path(spec), "Hub id"  # loaded (and downloaded when online) by transformers
     config = path / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "whisper":
         return path, "transformers"
@@ -187,7 +189,8 @@ def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, 
     t0 = time.perf_counter()
     if recipe.labeller == "packed":
         if recipe.soft_labels == "stored":
-            raise ValueError("--labeller packed gives no soft labels; use --labeller standard with --soft_labels stored")
+            raise ValueError("--labeller packed gives no soft labels; use --labeller standard with "
+                             "--soft_labels stored")
         from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
 
         result = packed_pseudo_label(PackedLabelConfig(**common))

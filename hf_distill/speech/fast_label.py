@@ -110,6 +110,7 @@ class PackedLabelConfig(PseudoLabelConfig):
 
     pack_gap_s: float = 1.0  # silence between two clips of a window
     pack_tail_s: float = 2.0  # silence kept free at the end of a packed window
+    pack_max_unit_s: float = 12.0  # longer clips (and pieces) get a window of their own
     pack_tolerance_s: float = 0.3  # how far a segment may reach into another clip's speech
     pack_max_uncovered_s: float = 1.0  # voiced seconds of a clip its segments may leave uncovered
     max_piece_s: float | None = None  # long recordings are cut into pieces of at most this (default: window - 1 s)
@@ -131,7 +132,8 @@ class PackedLabelConfig(PseudoLabelConfig):
         if self.num_beams != 1:
             raise ValueError("packed labelling decodes greedily (num_beams=1)")
         if self.teacher_type == "ctc":
-            raise ValueError("packing is for Whisper teachers (a CTC teacher reads audio of any length: use pseudo_label)")
+            raise ValueError(
+                "packing is for Whisper teachers (a CTC teacher reads audio of any length: use pseudo_label)")
 
 
 # ==================================================================================================
@@ -362,34 +364,171 @@ def assign_segments(
 # decoding
 
 
-class _LogProbRecorder:
-    """A logits processor placed last: records, per step, the log-probability of the chosen token
-    under the final (processed) scores. Greedy decoding only."""
+class GreedyWhisperDecoder:
+    """Greedy decoding of a ``WhisperForConditionalGeneration`` with the decoding rules of its generation
+    config, lean enough that the decoder's arithmetic, not the decoding loop, is what costs.
 
-    def __init__(self):
-        self.steps: list[tuple[int, Any]] = []  # (position predicted, log-softmax of the scores)
-        self._prev = None
+    Same rules as ``model.generate`` with ``num_beams=1``: ``begin_suppress_tokens`` at the first
+    generated position, ``suppress_tokens`` everywhere, and with ``timestamps=True`` Whisper's timestamp
+    rules (no ``<|notimestamps|>``; a timestamp first, at most ``max_initial_timestamp_index``;
+    timestamps in pairs except before end-of-text; never decreasing; a timestamp whenever the
+    timestamps together are more probable than any single text token). What differs is the loop:
+    key/value caches are preallocated tensors, the cross-attention keys and values are computed once,
+    finished rows leave the batch, and the log-probability of each chosen token (under the rules) and
+    the no-speech probability come out of the same pass (no second, teacher-forced pass).
+    """
 
-    def __call__(self, input_ids, scores):
+    def __init__(self, model, *, timestamps: bool, max_new_tokens: int | None = None):
+        gen = model.generation_config
+        config = model.config
+        self.model = model
+        self.timestamps = timestamps
+        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
+        self.eos = int(eos if isinstance(eos, int) else eos[0])
+        self.no_ts = getattr(gen, "no_timestamps_token_id", None)
+        if timestamps and self.no_ts is None:
+            raise ValueError("the generation config has no no_timestamps_token_id: no timestamps")
+        self.tb = int(self.no_ts) + 1 if self.no_ts is not None else None
+        self.max_initial = getattr(gen, "max_initial_timestamp_index", None)
+        self.suppress = sorted(int(t) for t in (gen.suppress_tokens or []))
+        self.begin_suppress = sorted(int(t) for t in (gen.begin_suppress_tokens or []))
+        self.max_positions = int(config.max_target_positions)
+        self.max_new_tokens = max_new_tokens
+        self.max_length = getattr(gen, "max_length", None)
+        decoder = model.get_decoder()
+        self.decoder = decoder
+        self.heads = int(config.decoder_attention_heads)
+        self.head_dim = int(config.d_model) // self.heads
+        self.out_weight = model.get_output_embeddings().weight
+        self.no_speech_id = None
+
+    def _split(self, x):  # [B, L, D] -> [B, H, L, d]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def _forward(self, ids, start: int, cache, cross):
+        import torch.nn.functional as F
+
+        dec = self.decoder
+        pos = dec.embed_positions.weight[start : start + ids.shape[1]]
+        h = dec.embed_tokens(ids) + pos
+        causal = ids.shape[1] > 1
+        for layer, (k_cache, v_cache), (ck, cv) in zip(dec.layers, cache, cross):
+            att = layer.self_attn
+            x = layer.self_attn_layer_norm(h)
+            q = self._split(att.q_proj(x) * att.scaling)
+            end = start + ids.shape[1]
+            k_cache[:, :, start:end] = self._split(att.k_proj(x))
+            v_cache[:, :, start:end] = self._split(att.v_proj(x))
+            if causal and start > 0:
+                raise ValueError("several new positions are only supported at the start")
+            o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal,
+                                               scale=1.0)
+            h = h + att.out_proj(o.transpose(1, 2).reshape(h.shape))
+            catt = layer.encoder_attn
+            x = layer.encoder_attn_layer_norm(h)
+            q = self._split(catt.q_proj(x) * catt.scaling)
+            o = F.scaled_dot_product_attention(q, ck, cv, scale=1.0)
+            h = h + catt.out_proj(o.transpose(1, 2).reshape(h.shape))
+            x = layer.final_layer_norm(h)
+            h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        return F.linear(dec.layer_norm(h), self.out_weight)
+
+    def _apply_rules(self, scores, n: int, last, pen, last_ts):
+        """In place on ``scores`` [A, V]; ``n`` tokens generated so far; per row the last two generated
+        tokens and the last timestamp token (-1: none)."""
         import torch
 
-        self.steps.append((int(input_ids.shape[1]), torch.log_softmax(scores.float(), dim=-1)))
-        if len(self.steps) > 1:  # keep only the chosen tokens' values of the previous step
-            pos, logp = self.steps[-2]
-            chosen = input_ids[:, pos]
-            self.steps[-2] = (pos, logp.gather(-1, chosen[:, None])[:, 0])
-        return scores
+        neg = float("-inf")
+        if n == 0 and self.begin_suppress:
+            scores[:, self.begin_suppress] = neg
+        if self.suppress:
+            scores[:, self.suppress] = neg
+        if not self.timestamps:
+            return
+        tb = self.tb
+        scores[:, self.no_ts] = neg
+        if n >= 1:
+            last_is_ts = last >= tb
+            pen_is_ts = pen >= tb if n >= 2 else torch.ones_like(last_is_ts)
+            scores[:, tb:].masked_fill_((last_is_ts & pen_is_ts)[:, None], neg)
+            scores[:, : self.eos].masked_fill_((last_is_ts & ~pen_is_ts)[:, None], neg)
+            has = last_ts >= 0
+            floor = torch.where(last_is_ts & ~pen_is_ts, last_ts, last_ts + 1)
+            floor = torch.where(has, floor, torch.full_like(floor, tb))
+            vocab = torch.arange(scores.shape[1], device=scores.device)
+            scores.masked_fill_((vocab[None] >= tb) & (vocab[None] < floor[:, None]), neg)
+        else:
+            scores[:, :tb] = neg
+            if self.max_initial is not None:
+                scores[:, tb + int(self.max_initial) + 1 :] = neg
+        logp = torch.log_softmax(scores, dim=-1)
+        ts_lp = logp[:, tb:].logsumexp(dim=-1)
+        text_max = logp[:, :tb].max(dim=-1).values
+        scores[:, :tb].masked_fill_((ts_lp > text_max)[:, None], neg)
 
-    def logprobs(self, sequences) -> np.ndarray:
-        """``[batch, length]`` log-probabilities aligned with ``sequences`` (NaN where not generated)."""
-        out = np.full(tuple(sequences.shape), np.nan, dtype=np.float64)
-        for i, (pos, value) in enumerate(self.steps):
-            if pos >= sequences.shape[1]:
-                continue
-            if value.dim() == 2:  # the last step: pick the chosen tokens now
-                value = value.gather(-1, sequences[:, pos : pos + 1].to(value.device))[:, 0]
-            out[:, pos] = value.cpu().numpy()
-        return out
+    def decode(self, encoder_hidden, prompts):
+        """Greedy continuations of ``prompts`` (a token list for every row, or one ``[B, P]`` tensor / list
+        of lists) for each row of ``encoder_hidden`` [B, S, D].
+
+        Returns ``(tokens, logprobs, first_logits)``: per row the generated tokens (end-of-text included
+        when generated), the log-probability of each under the decoding rules, and the raw logits at the
+        prompt's first position (for the no-speech probability).
+        """
+        import torch
+
+        B = encoder_hidden.shape[0]
+        device, dtype = encoder_hidden.device, encoder_hidden.dtype
+        ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
+        if ids.dim() == 1:
+            ids = ids[None].expand(B, -1)
+        if ids.shape[0] != B:
+            raise ValueError(f"{ids.shape[0]} prompts for {B} rows")
+        P = ids.shape[1]
+        limit = self.max_positions
+        if self.max_new_tokens is not None:
+            limit = min(limit, P + int(self.max_new_tokens))
+        elif self.max_length is not None:  # as Whisper's generate: max_length plus the (capped) prompt
+            limit = min(limit, int(self.max_length) + min(self.max_positions // 2 - 1, P))
+        if limit <= P:
+            raise ValueError(f"no room to generate: prompt of {P} tokens, limit {limit}")
+        cross, cache = [], []
+        for layer in self.decoder.layers:
+            att = layer.encoder_attn
+            cross.append((self._split(att.k_proj(encoder_hidden)), self._split(att.v_proj(encoder_hidden))))
+            shape = (B, self.heads, limit, self.head_dim)
+            cache.append((torch.empty(shape, device=device, dtype=dtype),
+                          torch.empty(shape, device=device, dtype=dtype)))
+        logits = self._forward(ids.contiguous(), 0, cache, cross)
+        first_logits = logits[:, 0].float()
+        logits = logits[:, -1].float()
+        rows = torch.arange(B, device=device)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
+        last = torch.full((B,), -1, device=device, dtype=torch.long)
+        pen = last.clone()
+        last_ts = last.clone()
+        n = 0
+        while True:
+            self._apply_rules(logits, n, last, pen, last_ts)
+            nxt = logits.argmax(dim=-1)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
+            for r, t, v in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
+                tokens[r].append(t)
+                logprobs[r].append(v)
+            n += 1
+            pen, last = last, nxt
+            if self.timestamps:
+                last_ts = torch.where(nxt >= self.tb, nxt, last_ts)
+            done = (nxt == self.eos) | (P + n >= limit)
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero()[:, 0]
+                rows, nxt, last, pen, last_ts = rows[keep], nxt[keep], last[keep], pen[keep], last_ts[keep]
+                cache = [(k[keep], v[keep]) for k, v in cache]
+                cross = [(k[keep], v[keep]) for k, v in cross]
+            logits = self._forward(nxt[:, None], P + n - 1, cache, cross)[:, -1].float()
+        return tokens, logprobs, first_logits
 
 
 class _AudioCache:
@@ -474,6 +613,7 @@ class _PackedShardRunner(_ShardRunner):
         self.sr = t.sampling_rate
         self.gap = int(round(config.pack_gap_s * self.sr))
         self.capacity = t.window - int(round(config.pack_tail_s * self.sr))
+        self.max_unit = min(self.capacity, int(round(config.pack_max_unit_s * self.sr)))
         if self.capacity <= self.gap:
             raise ValueError("pack_tail_s leaves no room in the window")
         max_piece_s = config.max_piece_s if config.max_piece_s is not None else t.window / self.sr - 1.0
@@ -492,6 +632,11 @@ class _PackedShardRunner(_ShardRunner):
         for key in ("language", "task", "max_new_tokens"):
             if key in t.gen_kwargs:
                 self.gen_kwargs[key] = t.gen_kwargs[key]
+        max_new = config.max_new_tokens
+        self.decoders = {True: GreedyWhisperDecoder(t.model, timestamps=True, max_new_tokens=max_new)}
+        self.decoders[bool(config.return_timestamps)] = GreedyWhisperDecoder(
+            t.model, timestamps=bool(config.return_timestamps), max_new_tokens=max_new)
+        self._prompt_cache: dict[bool, list[int]] = {}
         self.stats = {"windows": 0, "packed_windows": 0, "rejected_windows": 0, "units": 0, "packed_units": 0,
                       "relabelled_units": 0, "direct_units": 0}
 
@@ -541,9 +686,11 @@ class _PackedShardRunner(_ShardRunner):
                 continue
             for k, (a, b) in enumerate(split_at_pauses(audio, self.sr, self.max_piece, self.search)):
                 units.append(Unit(pos, k, a, b))
-        # A unit longer than the packing capacity gets a window of its own (labelled directly).
-        lengths_for_packing = [min(u.length, self.capacity) for u in units]
-        windows = [[units[i] for i in w] for w in pack_units(lengths_for_packing, self.capacity, self.gap)]
+        # Units longer than pack_max_unit_s get a window of their own (labelled directly): they would leave
+        # little room, and long multi-sentence clips are where timestamps drift across clip boundaries.
+        small = [u for u in units if u.length <= self.max_unit]
+        windows = [[small[i] for i in w] for w in pack_units([u.length for u in small], self.capacity, self.gap)]
+        windows += [[u] for u in units if u.length > self.max_unit]
         packed = [w for w in windows if len(w) > 1]
         singles = [w[0] for w in windows if len(w) == 1]
         self.stats["windows"] += len(windows)
@@ -644,9 +791,9 @@ class _PackedShardRunner(_ShardRunner):
 
         dbatches = [direct[i : i + bs] for i in range(0, len(direct), bs)]
         for batch, (kept, features) in _prefetch(dbatches, build_direct):
-            outs = teacher.run(features) if kept else []
+            outs = self._generate_direct(features) if kept else []
             for u, r in zip(kept, outs):
-                results[(u.item, u.piece)] = self._direct_result(r)
+                results[(u.item, u.piece)] = r
             done([u for u in kept])
         report([p for p, left in remaining.items() if left > 0])  # failed while decoding in this phase
 
@@ -666,35 +813,70 @@ class _PackedShardRunner(_ShardRunner):
 
     # ---------------------------------------------------------------------------------------------
 
+    def _encode(self, features):
+        t = self.teacher
+        return t.model.get_encoder()(features.to(t.device, dtype=t.model.dtype)).last_hidden_state
+
+    def _prompts(self, hidden, timestamps: bool):
+        """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps):
+        asked of it once (one decoding step on one window), or per window when a multilingual teacher
+        has no language set (it detects the language of each window)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if timestamps in self._prompt_cache:
+            return [list(self._prompt_cache[timestamps]) for _ in range(hidden.shape[0])]
+        t = self.teacher
+        per_row = bool(getattr(t.model.generation_config, "is_multilingual", False)) and "language" not in t.gen_kwargs
+        probe = hidden if per_row else hidden[:1]
+        kwargs: dict[str, Any] = {"max_new_tokens": 1, "return_dict_in_generate": True}
+        for key in ("language", "task"):
+            if key in t.gen_kwargs:
+                kwargs[key] = t.gen_kwargs[key]
+        if timestamps:
+            kwargs.update(return_timestamps=True, force_unique_generate_call=True)
+        out = t.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=probe), **kwargs)
+        seqs = out["sequences"] if isinstance(out, dict) else out.sequences
+        prompts = seqs[:, :-1].tolist()
+        if per_row:
+            return prompts
+        self._prompt_cache[timestamps] = prompts[0]
+        return [list(prompts[0]) for _ in range(hidden.shape[0])]
+
     def _generate_packed(self, features) -> list[list[Segment]]:
         import torch
-        from transformers import LogitsProcessorList
+
+        with torch.inference_mode():
+            hidden = self._encode(features)
+            prompts = self._prompts(hidden, True)
+            tokens, logprobs, _ = self.decoders[True].decode(hidden, prompts)
+        self._packed_prompt = [int(x) for x in prompts[0]]
+        return [parse_timestamped(tok, lp, timestamp_begin=self.timestamp_begin, eos_id=self.teacher.eos_id,
+                                  special_begin=self.special_begin, time_precision=self.time_precision)
+                for tok, lp in zip(tokens, logprobs)]
+
+    def _generate_direct(self, features) -> list[_UnitResult]:
+        import torch
 
         t = self.teacher
-        recorder = _LogProbRecorder()
+        ts = bool(self.config.return_timestamps)
         with torch.inference_mode():
-            feats = features.to(t.device, dtype=t.model.dtype)
-            sequences = t.model.generate(
-                input_features=feats, logits_processor=LogitsProcessorList([recorder]), **self.gen_kwargs
-            )
-        if not torch.is_tensor(sequences):
-            sequences = sequences["sequences"]
-        logprobs = recorder.logprobs(sequences)
-        out = []
-        for b, seq in enumerate(sequences.cpu().tolist()):
-            p = max(1, t._prompt_length(seq))
-            out.append(
-                parse_timestamped(
-                    seq[p:],
-                    np.nan_to_num(logprobs[b, p:], nan=0.0).tolist(),
-                    timestamp_begin=self.timestamp_begin,
-                    eos_id=t.eos_id,
-                    special_begin=self.special_begin,
-                    time_precision=self.time_precision,
-                )
-            )
-            self._packed_prompt = seq[:p]
-        return out
+            hidden = self._encode(features)
+            prompts = self._prompts(hidden, ts)
+            tokens, logprobs, first = self.decoders[ts].decode(hidden, prompts)
+            no_speech = None
+            if t.no_speech_id is not None:
+                no_speech = torch.softmax(first, dim=-1)[:, t.no_speech_id].tolist()
+        results = []
+        for b, (tok, lp) in enumerate(zip(tokens, logprobs)):
+            prompt = [int(x) for x in prompts[b]]
+            self._direct_prompt = prompt
+            ended = bool(tok) and tok[-1] == t.eos_id
+            if ended:  # end-of-text is added back once per row
+                tok, lp = tok[:-1], lp[:-1]
+            segments = [dict(x) for x in t._segments(tok)] if ts else []
+            ns = no_speech[b] if no_speech is not None and prompt and prompt[0] == t.sot_id else None
+            results.append(_UnitResult(list(tok), list(lp), segments, ns, packed=False, ended=ended))
+        return results
 
     def _unit_result(self, segs: list[Segment], offset_s: float) -> _UnitResult:
         tokens: list[int] = []
@@ -708,18 +890,6 @@ class _PackedShardRunner(_ShardRunner):
             tokens.extend(seg.tokens)
             logprobs.extend(seg.logprobs)
         return _UnitResult(tokens, logprobs, segments, None, packed=True)
-
-    def _direct_result(self, r: _SegmentResult) -> _UnitResult:
-        t = self.teacher
-        tokens = [int(x) for x in r.token_ids]
-        logprobs = [float(x) for x in (r.logprobs if r.logprobs is not None else [])]
-        logprobs = (logprobs + [0.0] * len(tokens))[: len(tokens)]
-        ended = bool(tokens) and tokens[-1] == t.eos_id
-        if ended:  # end-of-text is added back once per row
-            tokens, logprobs = tokens[:-1], logprobs[:-1]
-        segments = [dict(s) for s in (r.segments or [])] if self.config.return_timestamps else []
-        self._direct_prompt = [int(x) for x in r.prompt_ids] if r.prompt_ids is not None else None
-        return _UnitResult(tokens, logprobs, segments, r.no_speech_prob, packed=False, ended=ended)
 
     def _prompt(self) -> list[int]:
         """The decoder prompt of every row: start-of-transcript, language and task when set, and
@@ -791,7 +961,8 @@ def packed_pseudo_label(config: PackedLabelConfig) -> dict[str, Any]:
     if not isinstance(teacher, WhisperTeacher):
         raise ValueError("packed labelling is for Whisper teachers; use pseudo_label for CTC teachers")
     manifest = _manifest(config, items, teacher.describe())
-    manifest["packing"] = {k: getattr(config, k) for k in ("pack_gap_s", "pack_tail_s", "pack_tolerance_s",
+    manifest["packing"] = {k: getattr(config, k) for k in ("pack_gap_s", "pack_tail_s", "pack_max_unit_s",
+                                                            "pack_tolerance_s",
                                                             "pack_max_uncovered_s", "max_piece_s", "pause_search_s")}
     _check_or_write_manifest(out, manifest)
     config_hash = manifest["config_hash"]
@@ -874,3 +1045,43 @@ def config_from(base: PseudoLabelConfig, **packing) -> PackedLabelConfig:
     """A :class:`PackedLabelConfig` with the fields of ``base`` and the given packing settings."""
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(PseudoLabelConfig)}
     return PackedLabelConfig(**fields, **packing)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``pseudo-label`` with packing: every flag of ``hf-distill pseudo-label`` plus the packing settings."""
+    import sys
+
+    from hf_distill.speech.pseudo_label import ConfigMismatchError, _parser
+
+    parser = _parser()
+    parser.prog = "hf-distill pseudo-label-packed"
+    parser.description = "Label audio with a Whisper teacher, several short clips per 30-s window."
+    g = parser.add_argument_group("packing")
+    defaults = PackedLabelConfig.__dataclass_fields__
+    for name in ("pack_gap_s", "pack_tail_s", "pack_max_unit_s", "pack_tolerance_s", "pack_max_uncovered_s",
+                 "max_piece_s", "pause_search_s"):
+        g.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=float,
+                       default=defaults[name].default)
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.finalize:
+        summary = finalize(args.output_dir)
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    if not args.input or not args.model:
+        print("error: INPUT and --model are required (unless --finalize)", file=sys.stderr)
+        return 2
+    names = {f.name for f in dataclasses.fields(PackedLabelConfig)}
+    try:
+        config = PackedLabelConfig(**{k: v for k, v in vars(args).items() if k in names})
+        result = packed_pseudo_label(config)
+    except (ConfigMismatchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: result[k] for k in ("shards_computed", "shards_skipped", "rows", "failures", "packing")}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(cli_main())
