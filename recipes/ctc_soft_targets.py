@@ -59,6 +59,7 @@ class CTCSoftTargetArguments:
     dataset_config: str | None = field(default=None)
     label_batch_size: int = field(default=16)
     label_device: str | None = field(default=None)
+    label_shard_size: int = field(default=256, metadata={"help": "Files per store shard (resuming, processes)."})
     top_k: int = field(default=8, metadata={"help": "Soft targets kept per frame."})
     wer_threshold: float = field(default=0.1, metadata={"help": "Keep pseudo-labels under this WER vs the reference."})
     min_mean_max_posterior: float = field(default=0.5, metadata={"help": "No reference: keep rows whose mean top "
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             audio_column=recipe.audio_column, split=recipe.split, dataset_config=recipe.dataset_config,
             batch_size=recipe.label_batch_size, top_k=recipe.top_k, soft_label_temperature=temperature,
             wer_threshold=recipe.wer_threshold, min_mean_max_posterior=recipe.min_mean_max_posterior,
-            device=recipe.label_device))
+            device=recipe.label_device, shard_size=recipe.label_shard_size))
         state.wait_for_everyone()
         if state.is_main_process and not (store / "summary.json").is_file():
             finalize(store)

@@ -85,6 +85,8 @@ class DistilWhisperArguments:
                                                          "choices": ["standard", "packed"]})
     label_batch_size: int = field(default=16, metadata={"help": "Windows per teacher batch while labelling."})
     label_device: str | None = field(default=None, metadata={"help": "Device for labelling (default: cuda if any)."})
+    label_shard_size: int = field(default=256, metadata={"help": "Files per store shard (the unit of resuming and "
+                                                                 "of the split between processes)."})
     wer_threshold: float = field(default=0.1, metadata={"help": "Keep pseudo-labels under this WER vs the reference."})
     logprob_threshold: float = field(default=-1.0, metadata={"help": "No reference: keep avg log-prob >= this."})
     no_speech_threshold: float = field(default=0.6, metadata={"help": "No reference: keep no-speech prob <= this."})
@@ -181,7 +183,7 @@ def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, 
         batch_size=recipe.label_batch_size, wer_threshold=recipe.wer_threshold,
         logprob_threshold=recipe.logprob_threshold, no_speech_threshold=recipe.no_speech_threshold,
         compression_ratio_threshold=recipe.compression_ratio_threshold, device=recipe.label_device,
-        teacher_type="whisper",
+        teacher_type="whisper", shard_size=recipe.label_shard_size,
     )
     if recipe.soft_labels == "stored":
         common.update(top_k=recipe.top_k, soft_label_temperature=temperature)

@@ -3,10 +3,11 @@
 Whisper's encoder always reads a 30-second window (3,000 mel frames): a 2-second clip costs as much
 encoder time as a 30-second one, and on a CPU the encoder dominates the cost of short clips. Here
 the clips are **packed**: several clips go into one window, one after the other with
-``pack_gap_s`` of silence between them; the window is transcribed once with timestamps; and the
-timestamped segments are handed back to the clip whose audio they cover. Long recordings are first
-cut at pauses into pieces that fit a window (no overlapping chunks, nothing to stitch); the pieces
-join the clips in the packing.
+``pack_gap_s`` of silence between them and ``pack_tail_s`` of silence kept free at the end; the
+window is transcribed once with timestamps; and the timestamped segments are handed back to the
+clip whose audio they cover. Long recordings are first cut at pauses into pieces that fit a window
+(no overlapping chunks, nothing to stitch). Clips and pieces up to ``pack_max_unit_s`` are packed;
+longer ones get a window of their own and are transcribed directly, without timestamps.
 
 Robustness (a packed window is only trusted when its split is unambiguous):
 
@@ -15,13 +16,15 @@ Robustness (a packed window is only trusted when its split is unambiguous):
 - a segment is given to the clip whose speech (the clip's extent above -40 dB of its peak) it
   overlaps most; if it also overlaps another clip's speech by more than ``pack_tolerance_s`` (or
   half of that clip), the model merged two clips into one segment and the window is **rejected**;
-- a window is rejected too when any of its clips receives no text (a clip skipped or absorbed by a
-  neighbour, or the window cut short);
-- every clip of a rejected window is labelled again alone in its own window, exactly as
-  :func:`~hf_distill.speech.pseudo_label.pseudo_label` does. The share of rejected windows is in
-  ``summary.json`` (``packing``).
+- a window is rejected too when any of its clips receives no text, or when more than
+  ``pack_max_uncovered_s`` of a clip's voiced frames lie outside its segments (speech skipped);
+- every clip of a rejected window is labelled again alone in its own window, as
+  :func:`~hf_distill.speech.pseudo_label.pseudo_label` would. The counts (windows, packed windows,
+  rejected windows, clips labelled packed or alone) are in ``summary.json`` (``packing``).
 
-Windows that hold a single clip or piece are labelled directly, without timestamps.
+Decoding is greedy, by :class:`GreedyWhisperDecoder`: the tokens ``model.generate`` gives (same
+prompt, same suppression and timestamp rules), with preallocated caches, finished rows leaving the
+batch, and each token's log-probability and the no-speech probability taken in the same pass.
 
 Output: the same resumable store as :func:`~hf_distill.speech.pseudo_label.pseudo_label` (manifest,
 Parquet shards with atomic renames, ``summary.json``), loadable with
@@ -29,8 +32,9 @@ Parquet shards with atomic renames, ``summary.json``), loadable with
 
 - a packed clip has no ``no_speech_prob`` (the first decoding step sees the whole window), so its
   ``pass_no_speech`` is null;
-- ``avg_logprob`` of a packed clip is the mean log-probability of its text tokens under the decoding
-  rules (suppressed tokens and timestamp rules applied, as Whisper's own ``avg_logprob``);
+- ``avg_logprob`` is the mean log-probability of the row's text tokens under the decoding rules
+  (suppressed tokens and timestamp rules applied, as Whisper's own ``avg_logprob``), not of a second,
+  teacher-forced pass;
 - ``token_ids`` of a packed clip are its text tokens and end-of-text behind the no-timestamps prompt;
   with ``return_timestamps`` they carry the clip's own timestamps (re-based to the clip's start)
   and ``segments`` holds them; a recording cut into several pieces gets text tokens only, as a
@@ -39,9 +43,9 @@ Parquet shards with atomic renames, ``summary.json``), loadable with
 - top-k soft labels are not available (a clip's teacher distribution alone in its window is not
   what a packed window gives): use :func:`~hf_distill.speech.pseudo_label.pseudo_label` for those.
 
-The configuration adds ``pack_gap_s``, ``pack_tolerance_s``, ``max_piece_s`` and
-``pause_search_s`` to :class:`~hf_distill.speech.pseudo_label.PseudoLabelConfig`; they are part of
-the store's configuration hash.
+The packing settings (``pack_*``, ``max_piece_s``, ``pause_search_s``) extend
+:class:`~hf_distill.speech.pseudo_label.PseudoLabelConfig` and are part of the store's configuration
+hash. Command line: :func:`cli_main` (every ``hf-distill pseudo-label`` flag plus the packing ones).
 """
 
 from __future__ import annotations
