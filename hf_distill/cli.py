@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-student": ("hf_distill.students:cli_main", "build a smaller student from a teacher's layers"),
     "cache-teacher": ("hf_distill.teachers:cli_main", "run a teacher once over a dataset and store its outputs"),
     "pseudo-label": ("hf_distill.speech.pseudo_label:cli_main", "label unlabeled audio with a speech teacher"),
+    "pseudo-label-packed": ("hf_distill.speech.fast_label:cli_main",
+                            "label Whisper audio, several short clips per 30-s window"),
     "convert-ct2": ("hf_distill.speech.convert_ct2:cli_main", "convert a CTranslate2 Whisper model to transformers"),
 }
 

@@ -176,7 +176,12 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            self._signature_columns += [c for c in CACHED_TEACHER_COLUMNS if c not in self._signature_columns]
+            cached = list(CACHED_TEACHER_COLUMNS)
+            for ds in (self.train_dataset, self.eval_dataset):  # stored soft labels: teacher_topk_*, ...
+                for name in getattr(ds, "column_names", None) or []:
+                    if isinstance(name, str) and name.startswith("teacher_"):
+                        cached.append(name)
+            self._signature_columns += [c for c in dict.fromkeys(cached) if c not in self._signature_columns]
 
     # ------------------------------------------------------------------ optimiser and checkpoints
     def create_optimizer(self, *args, **kwargs):
