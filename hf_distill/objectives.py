@@ -23,6 +23,7 @@ Add your own term by name::
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def _shifted(step: StepTensors, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[..., :-1, :] if step.task == "causal_lm" else tensor
 
 
-class Term(nn.Module):
+class Term(nn.Module, abc.ABC):
     """One weighted loss term. Subclasses set ``needs`` and implement :meth:`forward`.
 
     ``needs`` is a subset of ``{"logits", "hidden_states", "attentions", "qkv"}``; ``count_key``
@@ -137,8 +138,9 @@ class Term(nn.Module):
         """Student and teacher layer indices whose Q/K/V projections this term reads."""
         return [], []
 
-    def forward(self, step: StepTensors) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, step: StepTensors) -> torch.Tensor:
+        """The term's value for this micro-batch (normalised by ``step.counts[self.count_key]``)."""
 
 
 # ---------------------------------------------------------------------- response-based
