@@ -22,9 +22,14 @@ Robustness (a packed window is only trusted when its split is unambiguous):
   :func:`~hf_distill.speech.pseudo_label.pseudo_label` would. The counts (windows, packed windows,
   rejected windows, clips labelled packed or alone) are in ``summary.json`` (``packing``).
 
-Decoding is greedy, by :class:`GreedyWhisperDecoder`: the tokens ``model.generate`` gives (same
-prompt, same suppression and timestamp rules), with preallocated caches, finished rows leaving the
-batch, and each token's log-probability and the no-speech probability taken in the same pass.
+Decoding is greedy, by :class:`~hf_distill.speech.greedy_decoding.GreedyWhisperDecoder`: the tokens
+``model.generate`` gives (same prompt, same suppression and timestamp rules), with each token's
+log-probability and the no-speech probability taken in the same pass. All windows of a shard, packed ones
+(with timestamps) and units alone in their window (as asked), go through one pool of ``batch_size``
+decoder rows: a row that finishes is replaced at once by the next window (continuous batching), so the
+batch does not shrink to a few rows at the end of every group of windows; the units of a rejected window
+join the same pool as soon as the rejection is known. ``encoder_dtype="bfloat16"`` runs the encoder in
+bfloat16 (before the float32 decoder) where the hardware has bf16 arithmetic.
 
 Output: the same resumable store as :func:`~hf_distill.speech.pseudo_label.pseudo_label` (manifest,
 Parquet shards with atomic renames, ``summary.json``), loadable with
@@ -56,7 +61,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_distill.speech.greedy_decoding import DecodeRequest, GreedyWhisperDecoder
 from hf_distill.speech.audio import AudioError, AudioFailure, AudioItem, decode_with_rate, probe, resampled_length
 from hf_distill.speech.pseudo_label import (
     FORMAT,
@@ -368,173 +374,6 @@ def assign_segments(
 # decoding
 
 
-class GreedyWhisperDecoder:
-    """Greedy decoding of a ``WhisperForConditionalGeneration`` with the decoding rules of its generation
-    config, lean enough that the decoder's arithmetic, not the decoding loop, is what costs.
-
-    Same rules as ``model.generate`` with ``num_beams=1``: ``begin_suppress_tokens`` at the first
-    generated position, ``suppress_tokens`` everywhere, and with ``timestamps=True`` Whisper's timestamp
-    rules (no ``<|notimestamps|>``; a timestamp first, at most ``max_initial_timestamp_index``;
-    timestamps in pairs except before end-of-text; never decreasing; a timestamp whenever the
-    timestamps together are more probable than any single text token). What differs is the loop:
-    key/value caches are preallocated tensors, the cross-attention keys and values are computed once,
-    finished rows leave the batch, and the log-probability of each chosen token (under the rules) and
-    the no-speech probability come out of the same pass (no second, teacher-forced pass).
-    """
-
-    def __init__(self, model, *, timestamps: bool, max_new_tokens: int | None = None):
-        gen = model.generation_config
-        config = model.config
-        self.model = model
-        self.timestamps = timestamps
-        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
-        self.eos = int(eos if isinstance(eos, int) else eos[0])
-        self.no_ts = getattr(gen, "no_timestamps_token_id", None)
-        if timestamps and self.no_ts is None:
-            raise ValueError("the generation config has no no_timestamps_token_id: no timestamps")
-        self.tb = int(self.no_ts) + 1 if self.no_ts is not None else None
-        self.max_initial = getattr(gen, "max_initial_timestamp_index", None)
-        self.suppress = sorted(int(t) for t in (gen.suppress_tokens or []))
-        self.begin_suppress = sorted(int(t) for t in (gen.begin_suppress_tokens or []))
-        self.max_positions = int(config.max_target_positions)
-        self.max_new_tokens = max_new_tokens
-        self.max_length = getattr(gen, "max_length", None)
-        decoder = model.get_decoder()
-        self.decoder = decoder
-        self.heads = int(config.decoder_attention_heads)
-        self.head_dim = int(config.d_model) // self.heads
-        self.out_weight = model.get_output_embeddings().weight
-        self.no_speech_id = None
-
-    def _split(self, x):  # [B, L, D] -> [B, H, L, d]
-        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-    def _forward(self, ids, start: int, cache, cross):
-        import torch.nn.functional as F
-
-        dec = self.decoder
-        pos = dec.embed_positions.weight[start : start + ids.shape[1]]
-        h = dec.embed_tokens(ids) + pos
-        causal = ids.shape[1] > 1
-        for layer, (k_cache, v_cache), (ck, cv) in zip(dec.layers, cache, cross):
-            att = layer.self_attn
-            x = layer.self_attn_layer_norm(h)
-            q = self._split(att.q_proj(x) * att.scaling)
-            end = start + ids.shape[1]
-            k_cache[:, :, start:end] = self._split(att.k_proj(x))
-            v_cache[:, :, start:end] = self._split(att.v_proj(x))
-            if causal and start > 0:
-                raise ValueError("several new positions are only supported at the start")
-            o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal,
-                                               scale=1.0)
-            h = h + att.out_proj(o.transpose(1, 2).reshape(h.shape))
-            catt = layer.encoder_attn
-            x = layer.encoder_attn_layer_norm(h)
-            q = self._split(catt.q_proj(x) * catt.scaling)
-            o = F.scaled_dot_product_attention(q, ck, cv, scale=1.0)
-            h = h + catt.out_proj(o.transpose(1, 2).reshape(h.shape))
-            x = layer.final_layer_norm(h)
-            h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
-        return F.linear(dec.layer_norm(h), self.out_weight)
-
-    def _apply_rules(self, scores, n: int, last, pen, last_ts):
-        """In place on ``scores`` [A, V]; ``n`` tokens generated so far; per row the last two generated
-        tokens and the last timestamp token (-1: none)."""
-        import torch
-
-        neg = float("-inf")
-        if n == 0 and self.begin_suppress:
-            scores[:, self.begin_suppress] = neg
-        if self.suppress:
-            scores[:, self.suppress] = neg
-        if not self.timestamps:
-            return
-        tb = self.tb
-        scores[:, self.no_ts] = neg
-        if n >= 1:
-            last_is_ts = last >= tb
-            pen_is_ts = pen >= tb if n >= 2 else torch.ones_like(last_is_ts)
-            scores[:, tb:].masked_fill_((last_is_ts & pen_is_ts)[:, None], neg)
-            scores[:, : self.eos].masked_fill_((last_is_ts & ~pen_is_ts)[:, None], neg)
-            has = last_ts >= 0
-            floor = torch.where(last_is_ts & ~pen_is_ts, last_ts, last_ts + 1)
-            floor = torch.where(has, floor, torch.full_like(floor, tb))
-            vocab = torch.arange(scores.shape[1], device=scores.device)
-            scores.masked_fill_((vocab[None] >= tb) & (vocab[None] < floor[:, None]), neg)
-        else:
-            scores[:, :tb] = neg
-            if self.max_initial is not None:
-                scores[:, tb + int(self.max_initial) + 1 :] = neg
-        logp = torch.log_softmax(scores, dim=-1)
-        ts_lp = logp[:, tb:].logsumexp(dim=-1)
-        text_max = logp[:, :tb].max(dim=-1).values
-        scores[:, :tb].masked_fill_((ts_lp > text_max)[:, None], neg)
-
-    def decode(self, encoder_hidden, prompts):
-        """Greedy continuations of ``prompts`` (a token list for every row, or one ``[B, P]`` tensor / list
-        of lists) for each row of ``encoder_hidden`` [B, S, D].
-
-        Returns ``(tokens, logprobs, first_logits)``: per row the generated tokens (end-of-text included
-        when generated), the log-probability of each under the decoding rules, and the raw logits at the
-        prompt's first position (for the no-speech probability).
-        """
-        import torch
-
-        B = encoder_hidden.shape[0]
-        device, dtype = encoder_hidden.device, encoder_hidden.dtype
-        ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
-        if ids.dim() == 1:
-            ids = ids[None].expand(B, -1)
-        if ids.shape[0] != B:
-            raise ValueError(f"{ids.shape[0]} prompts for {B} rows")
-        P = ids.shape[1]
-        limit = self.max_positions
-        if self.max_new_tokens is not None:
-            limit = min(limit, P + int(self.max_new_tokens))
-        elif self.max_length is not None:  # as Whisper's generate: max_length plus the (capped) prompt
-            limit = min(limit, int(self.max_length) + min(self.max_positions // 2 - 1, P))
-        if limit <= P:
-            raise ValueError(f"no room to generate: prompt of {P} tokens, limit {limit}")
-        cross, cache = [], []
-        for layer in self.decoder.layers:
-            att = layer.encoder_attn
-            cross.append((self._split(att.k_proj(encoder_hidden)), self._split(att.v_proj(encoder_hidden))))
-            shape = (B, self.heads, limit, self.head_dim)
-            cache.append((torch.empty(shape, device=device, dtype=dtype),
-                          torch.empty(shape, device=device, dtype=dtype)))
-        logits = self._forward(ids.contiguous(), 0, cache, cross)
-        first_logits = logits[:, 0].float()
-        logits = logits[:, -1].float()
-        rows = torch.arange(B, device=device)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        logprobs: list[list[float]] = [[] for _ in range(B)]
-        last = torch.full((B,), -1, device=device, dtype=torch.long)
-        pen = last.clone()
-        last_ts = last.clone()
-        n = 0
-        while True:
-            self._apply_rules(logits, n, last, pen, last_ts)
-            nxt = logits.argmax(dim=-1)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
-            for r, t, v in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
-                tokens[r].append(t)
-                logprobs[r].append(v)
-            n += 1
-            pen, last = last, nxt
-            if self.timestamps:
-                last_ts = torch.where(nxt >= self.tb, nxt, last_ts)
-            done = (nxt == self.eos) | (P + n >= limit)
-            if bool(done.all()):
-                break
-            if bool(done.any()):
-                keep = (~done).nonzero()[:, 0]
-                rows, nxt, last, pen, last_ts = rows[keep], nxt[keep], last[keep], pen[keep], last_ts[keep]
-                cache = [(k[keep], v[keep]) for k, v in cache]
-                cross = [(k[keep], v[keep]) for k, v in cross]
-            logits = self._forward(nxt[:, None], P + n - 1, cache, cross)[:, -1].float()
-        return tokens, logprobs, first_logits
-
-
 class _AudioCache:
     """Decoded items (at the teacher's rate), least recently used dropped past ``budget`` samples."""
 
@@ -559,9 +398,9 @@ class _AudioCache:
         return audio
 
 
-def _prefetch(batches: list, build: Callable[[Any], Any]):
-    """Yield ``(batch, build(batch))`` with the next batches built in a background thread."""
-    q: queue.Queue = queue.Queue(maxsize=2)
+def _prefetch(batches: list, build: Callable[[Any], Any], depth: int = 2):
+    """Yield ``(batch, build(batch))`` with up to ``depth`` next batches built ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
     def produce():
@@ -637,9 +476,7 @@ class _PackedShardRunner(_ShardRunner):
             if key in t.gen_kwargs:
                 self.gen_kwargs[key] = t.gen_kwargs[key]
         max_new = config.max_new_tokens
-        self.decoders = {True: GreedyWhisperDecoder(t.model, timestamps=True, max_new_tokens=max_new)}
-        self.decoders[bool(config.return_timestamps)] = GreedyWhisperDecoder(
-            t.model, timestamps=bool(config.return_timestamps), max_new_tokens=max_new)
+        self.decoder = GreedyWhisperDecoder(t.model, max_new_tokens=max_new)  # timestamps: per request
         self._prompt_cache: dict[bool, list[int]] = {}
         self.stats = {"windows": 0, "packed_windows": 0, "rejected_windows": 0, "units": 0, "packed_units": 0,
                       "relabelled_units": 0, "direct_units": 0}
@@ -647,6 +484,8 @@ class _PackedShardRunner(_ShardRunner):
     # ---------------------------------------------------------------------------------------------
 
     def run(self, items: list[AudioItem]):
+        import torch
+
         teacher = self.teacher
         failures: dict[int, AudioFailure] = {}
         durations: dict[int, float] = {}
@@ -730,76 +569,108 @@ class _PackedShardRunner(_ShardRunner):
                 fail(u.item, exc)
                 return None
 
-        # ---- phase 1: packed windows, transcribed with timestamps
+        # ---- decoding: the packed windows (with timestamps), then the units alone in their windows (long
+        # ones, and the units of rejected windows as rejections come in), all through one pool of decoder rows
+        # that new windows join as soon as rows finish (GreedyWhisperDecoder.stream)
+        ts_direct = bool(self.config.return_timestamps)
+        jobs = [("packed", w) for w in packed]
+        jobs += [("direct", u) for u in sorted(singles, key=lambda u: (-u.length, u.item, u.piece))]
+        rejected: deque[Unit] = deque()
+
+        def build(job):
+            kind, payload = job
+            if kind == "direct":
+                audio = unit_audio(payload)
+                return None if audio is None else (payload, teacher.prepare([audio]))
+            parts, spans, voiced, kept, t = [], [], [], [], 0
+            for u in payload:
+                audio = unit_audio(u)
+                if audio is None:
+                    continue
+                peak = float(np.abs(audio).max()) if len(audio) else 0.0
+                if peak > 1e-4:
+                    audio = audio * (0.5 / peak)
+                if parts:
+                    parts.append(np.zeros(self.gap, dtype=np.float32))
+                    t += self.gap
+                a, b = speech_extent(audio, self.sr)
+                spans.append(((t + a) / self.sr, (t + b) / self.sr))
+                voiced.append(voiced_frames(audio, self.sr) + t / self.sr)
+                parts.append(audio.astype(np.float32, copy=False))
+                kept.append((u, t))
+                t += len(audio)
+            if not parts:
+                return None
+            return (kept, spans, voiced, t / self.sr), teacher.prepare([np.concatenate(parts)])
+
         bs = self.config.batch_size
-        rejected: list[Unit] = []
+        built_jobs = _prefetch(jobs, build, depth=bs)
 
-        def build_packed(batch):
-            built = []
-            for window in batch:
-                parts, spans, voiced, kept, t = [], [], [], [], 0
-                for u in window:
-                    audio = unit_audio(u)
-                    if audio is None:
+        def take(k: int) -> list[DecodeRequest]:
+            ready = []  # (kind, meta, features)
+            while len(ready) < k:
+                if rejected:
+                    u = rejected.popleft()
+                    got = build(("direct", u))
+                    kind = "direct"
+                else:
+                    nxt = next(built_jobs, None)
+                    if nxt is None:
+                        break
+                    (kind, payload), got = nxt
+                    if got is None:  # nothing of it decoded: its units failed (reported below)
+                        done(payload if kind == "packed" else [payload])
                         continue
-                    peak = float(np.abs(audio).max()) if len(audio) else 0.0
-                    if peak > 1e-4:
-                        audio = audio * (0.5 / peak)
-                    if parts:
-                        parts.append(np.zeros(self.gap, dtype=np.float32))
-                        t += self.gap
-                    a, b = speech_extent(audio, self.sr)
-                    spans.append(((t + a) / self.sr, (t + b) / self.sr))
-                    voiced.append(voiced_frames(audio, self.sr) + t / self.sr)
-                    parts.append(audio.astype(np.float32, copy=False))
-                    kept.append((u, t))
-                    t += len(audio)
-                built.append((kept, spans, voiced, t / self.sr, np.concatenate(parts) if parts else None))
-            audios = [b[-1] for b in built if b[-1] is not None]
-            return built, (teacher.prepare(audios) if audios else None)
+                if got is not None:
+                    ready.append((kind, *got))
+            if not ready:
+                return []
+            with torch.inference_mode():
+                hidden = self._encode(torch.cat([f for _, _, f in ready]))
+            requests = []
+            for kind in ("packed", "direct"):
+                rows = [i for i, r in enumerate(ready) if r[0] == kind]
+                if not rows:
+                    continue
+                ts = True if kind == "packed" else ts_direct
+                prompts = self._prompts(hidden[rows], ts)
+                if kind == "packed":
+                    self._packed_prompt = [int(x) for x in prompts[0]]
+                for i, prompt in zip(rows, prompts):
+                    if kind == "direct":
+                        self._direct_prompt = [int(x) for x in prompt]
+                    requests.append(DecodeRequest((kind, ready[i][1], list(prompt)), hidden[i], prompt, ts))
+            return requests
 
-        pbatches = [packed[i : i + bs] for i in range(0, len(packed), bs)]
-        for batch, (built, features) in _prefetch(pbatches, build_packed):
-            live = [b for b in built if b[-1] is not None]
-            outs = self._generate_packed(features) if live else []
-            for (kept, spans, voiced, content_end, _), segs in zip(live, outs):
+        with torch.inference_mode():
+            for res in self.decoder.stream(take, capacity=bs):
+                kind, meta, prompt = res.key
+                if kind == "direct":
+                    results[(meta.item, meta.piece)] = self._direct_result(res, prompt)
+                    done([meta])
+                    continue
+                kept, spans, voiced, content_end = meta
+                segs = parse_timestamped(res.tokens, res.logprobs, timestamp_begin=self.timestamp_begin,
+                                         eos_id=teacher.eos_id, special_begin=self.special_begin,
+                                         time_precision=self.time_precision)
                 split, reason = assign_segments(segs, spans, self.config.pack_tolerance_s, content_end, voiced,
                                                 self.config.pack_max_uncovered_s, self.config.pack_tolerance_s)
                 if split is None:
                     logger.debug("packed window of %d clips rejected: %s", len(kept), reason)
                     self.stats["rejected_windows"] += 1
+                    self.stats["relabelled_units"] += len(kept)
+                    self.stats["direct_units"] += len(kept)
                     rejected.extend(u for u, _ in kept)
                     continue
                 for (u, offset), unit_segs in zip(kept, split):
                     results[(u.item, u.piece)] = self._unit_result(unit_segs, offset / self.sr)
                     self.stats["packed_units"] += 1
-            done([u for window in batch for u in window if (u.item, u.piece) in results])
-
-        # ---- phase 2: single units and the units of rejected windows, one per window
-        self.stats["relabelled_units"] += len(rejected)
-        direct = sorted(singles + rejected, key=lambda u: (-u.length, u.item, u.piece))
-        direct = [u for u in direct if u.item not in failures]
+                done([u for u, _ in kept])
+        self.stats["direct_units"] += len(singles)
         report([p for p in failures if remaining.get(p, 0) > 0])
         for p in failures:
             remaining[p] = 0
-        self.stats["direct_units"] += len(direct)
-
-        def build_direct(batch):
-            kept, audios = [], []
-            for u in batch:
-                audio = unit_audio(u)
-                if audio is not None:
-                    kept.append(u)
-                    audios.append(audio)
-            return kept, (teacher.prepare(audios) if audios else None)
-
-        dbatches = [direct[i : i + bs] for i in range(0, len(direct), bs)]
-        for batch, (kept, features) in _prefetch(dbatches, build_direct):
-            outs = self._generate_direct(features) if kept else []
-            for u, r in zip(kept, outs):
-                results[(u.item, u.piece)] = r
-            done([u for u in kept])
-        report([p for p, left in remaining.items() if left > 0])  # failed while decoding in this phase
+        report([p for p, left in remaining.items() if left > 0])  # failed while decoding
 
         # ---- rows
         rows = []
@@ -818,8 +689,7 @@ class _PackedShardRunner(_ShardRunner):
     # ---------------------------------------------------------------------------------------------
 
     def _encode(self, features):
-        t = self.teacher
-        return t.model.get_encoder()(features.to(t.device, dtype=t.model.dtype)).last_hidden_state
+        return self.teacher.encode_audio(features).last_hidden_state
 
     def _prompts(self, hidden, timestamps: bool):
         """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps):
@@ -846,41 +716,20 @@ class _PackedShardRunner(_ShardRunner):
         self._prompt_cache[timestamps] = prompts[0]
         return [list(prompts[0]) for _ in range(hidden.shape[0])]
 
-    def _generate_packed(self, features) -> list[list[Segment]]:
-        import torch
-
-        with torch.inference_mode():
-            hidden = self._encode(features)
-            prompts = self._prompts(hidden, True)
-            tokens, logprobs, _ = self.decoders[True].decode(hidden, prompts)
-        self._packed_prompt = [int(x) for x in prompts[0]]
-        return [parse_timestamped(tok, lp, timestamp_begin=self.timestamp_begin, eos_id=self.teacher.eos_id,
-                                  special_begin=self.special_begin, time_precision=self.time_precision)
-                for tok, lp in zip(tokens, logprobs)]
-
-    def _generate_direct(self, features) -> list[_UnitResult]:
+    def _direct_result(self, res, prompt: list[int]) -> _UnitResult:
+        """A unit decoded alone in its window (``res``: its :class:`DecodeResult`)."""
         import torch
 
         t = self.teacher
-        ts = bool(self.config.return_timestamps)
-        with torch.inference_mode():
-            hidden = self._encode(features)
-            prompts = self._prompts(hidden, ts)
-            tokens, logprobs, first = self.decoders[ts].decode(hidden, prompts)
-            no_speech = None
-            if t.no_speech_id is not None:
-                no_speech = torch.softmax(first, dim=-1)[:, t.no_speech_id].tolist()
-        results = []
-        for b, (tok, lp) in enumerate(zip(tokens, logprobs)):
-            prompt = [int(x) for x in prompts[b]]
-            self._direct_prompt = prompt
-            ended = bool(tok) and tok[-1] == t.eos_id
-            if ended:  # end-of-text is added back once per row
-                tok, lp = tok[:-1], lp[:-1]
-            segments = [dict(x) for x in t._segments(tok)] if ts else []
-            ns = no_speech[b] if no_speech is not None and prompt and prompt[0] == t.sot_id else None
-            results.append(_UnitResult(list(tok), list(lp), segments, ns, packed=False, ended=ended))
-        return results
+        tok, lp = list(res.tokens), list(res.logprobs)
+        ended = bool(tok) and tok[-1] == t.eos_id
+        if ended:  # end-of-text is added back once per row
+            tok, lp = tok[:-1], lp[:-1]
+        segments = [dict(x) for x in t._segments(tok)] if self.config.return_timestamps else []
+        ns = None
+        if t.no_speech_id is not None and prompt and prompt[0] == t.sot_id:
+            ns = float(torch.softmax(res.first_logits, dim=-1)[t.no_speech_id])
+        return _UnitResult(tok, lp, segments, ns, packed=False, ended=ended)
 
     def _unit_result(self, segs: list[Segment], offset_s: float) -> _UnitResult:
         tokens: list[int] = []

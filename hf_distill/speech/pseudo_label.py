@@ -135,6 +135,7 @@ class PseudoLabelConfig:
     # runtime only: not part of the configuration hash
     device: str | None = None
     dtype: str = "float32"
+    encoder_dtype: str | None = None  # Whisper teachers: the encoder's own dtype (default: dtype)
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -154,11 +155,13 @@ class PseudoLabelConfig:
             raise ValueError("normalizer must be english, basic or none")
         if self.dtype not in {"float32", "float16", "bfloat16"}:
             raise ValueError("dtype must be float32, float16 or bfloat16")
+        if self.encoder_dtype not in {None, "float32", "float16", "bfloat16"}:
+            raise ValueError("encoder_dtype must be float32, float16 or bfloat16 (or unset: dtype)")
 
     def hashed_fields(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
-            if f.name in self.RUNTIME_FIELDS:
+            if f.name in self.RUNTIME_FIELDS or (f.name == "encoder_dtype" and self.encoder_dtype is None):
                 continue
             value = getattr(self, f.name)
             if f.name in {"input", "model"} and isinstance(value, str) and os.path.exists(value):
@@ -412,6 +415,8 @@ class WhisperTeacher(_Teacher):
         self.tokenizer = self.processor.tokenizer
         self.model = WhisperForConditionalGeneration.from_pretrained(config.model, dtype=_torch_dtype(config.dtype))
         self.model.to(device).eval().requires_grad_(False)
+        if config.encoder_dtype is not None:  # e.g. a bfloat16 encoder (where the CPU has bf16 arithmetic) before a
+            self.model.get_encoder().to(_torch_dtype(config.encoder_dtype))  # float32 decoder
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
         max_window = int(getattr(self.feature_extractor, "n_samples", 30 * self.sampling_rate))
         window_s = config.chunk_length_s if config.chunk_length_s is not None else max_window / self.sampling_rate
@@ -458,6 +463,16 @@ class WhisperTeacher(_Teacher):
         feats = self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt")
         return feats["input_features"]
 
+    def encode_audio(self, features):
+        """The encoder's output for log-mel ``features`` [B, 80, 3000], in the decoder's dtype (the encoder may
+        run in its own, ``encoder_dtype``)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoder = self.model.get_encoder()
+        enc_dtype = next(encoder.parameters()).dtype
+        hidden = encoder(features.to(self.device, dtype=enc_dtype)).last_hidden_state
+        return BaseModelOutput(last_hidden_state=hidden.to(self.model.get_decoder().embed_tokens.weight.dtype))
+
     def _prompt_length(self, seq: list[int]) -> int:
         """sot, then at most one language, one task and one no-timestamps token, in that order."""
         p = 1 if seq and seq[0] == self.sot_id else 0
@@ -475,8 +490,7 @@ class WhisperTeacher(_Teacher):
 
         model = self.model
         with torch.inference_mode():
-            feats = features.to(self.device, dtype=model.dtype)
-            encoder_outputs = model.get_encoder()(feats)
+            encoder_outputs = self.encode_audio(features)
             gen = model.generate(encoder_outputs=encoder_outputs, **self.gen_kwargs)
             sequences = gen.sequences if hasattr(gen, "sequences") else gen
             if sequences.shape[1] < 2:
@@ -1362,6 +1376,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=256)
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--encoder-dtype", "--encoder_dtype", dest="encoder_dtype", default=None,
+                   choices=["float32", "float16", "bfloat16"],
+                   help="Whisper: run the encoder in this dtype (default: --dtype); bfloat16 speeds up CPUs with "
+                        "bf16 arithmetic (AVX512-BF16, AMX)")
     g.add_argument("--rank", type=int, default=None, help="default: $RANK")
     g.add_argument(
         "--world-size", "--world_size", dest="world_size", type=int, default=None, help="default: $WORLD_SIZE"

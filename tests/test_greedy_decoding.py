@@ -1,0 +1,104 @@
+"""Continuous-batching greedy Whisper decoding: the tokens ``model.generate`` gives, row by row, whatever
+the pool's composition (rows joining late, at other positions, with or without timestamps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_distill.speech.greedy_decoding import DecodeRequest, GreedyWhisperDecoder
+from test_pseudo_label import build_tiny_whisper
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from transformers import WhisperForConditionalGeneration
+
+    m = WhisperForConditionalGeneration.from_pretrained(build_tiny_whisper(tmp_path_factory.mktemp("w"))).eval()
+    gen = m.generation_config  # let this random model emit timestamps: suppress the other specials only
+    gen.suppress_tokens = list(range(gen.decoder_start_token_id, gen.no_timestamps_token_id))
+    return m
+
+
+def generate_one(model, hidden, timestamps: bool):
+    """``model.generate`` on one row: (prompt, tokens up to end-of-text, log-probabilities)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    kwargs = dict(return_timestamps=True, force_unique_generate_call=True) if timestamps else {}
+    out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[None]),
+                         return_dict_in_generate=True, output_scores=True, **kwargs)
+    P = out.sequences.shape[1] - len(out.scores)
+    seq = out.sequences[0].tolist()
+    tokens = seq[P:]
+    eos = model.generation_config.eos_token_id
+    if eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    lps = [float(torch.log_softmax(out.scores[i][0].float(), -1)[t]) for i, t in enumerate(tokens)]
+    return seq[:P], tokens, lps
+
+
+def test_pool_with_late_rows_and_mixed_rules_matches_generate_row_by_row(model):
+    torch.manual_seed(3)
+    n = 7
+    with torch.inference_mode():
+        hidden = model.get_encoder()(torch.randn(n, 80, 3000)).last_hidden_state
+        modes = [bool(i % 2) for i in range(n)]  # odd rows with timestamps (a prompt one token shorter)
+        want = [generate_one(model, hidden[i], modes[i]) for i in range(n)]
+        assert len({len(w[1]) for w in want}) > 1  # rows finish at different steps: the pool changes
+        requests = [DecodeRequest(i, hidden[i], want[i][0], modes[i]) for i in range(n)]
+        asked = []
+
+        def take(k):  # rows arrive two at a time, whatever the free capacity
+            got = requests[len(asked): len(asked) + min(k, 2)]
+            asked.extend(got)
+            return got
+
+        dec = GreedyWhisperDecoder(model, max_new_tokens=40)
+        results = list(dec.stream(take, capacity=3, refill=1))
+    assert sorted(r.key for r in results) == list(range(n))
+    n_ts = 0
+    for r in results:
+        prompt, tokens, lps = want[r.key]
+        assert r.tokens == tokens[: len(r.tokens)] and (len(r.tokens) == len(tokens) or len(r.tokens) == 40)
+        np.testing.assert_allclose(r.logprobs, lps[: len(r.logprobs)], rtol=1e-4, atol=1e-4)
+        n_ts += sum(t > model.generation_config.no_timestamps_token_id for t in r.tokens)
+    assert n_ts > 0
+
+
+def test_decode_equals_stream_and_returns_first_logits(model):
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        hidden = model.get_encoder()(torch.randn(3, 80, 3000)).last_hidden_state
+        prompt = generate_one(model, hidden[0], False)[0]
+        dec = GreedyWhisperDecoder(model, timestamps=False, max_new_tokens=30)
+        tokens, logprobs, first = dec.decode(hidden, [prompt] * 3)
+        for b in range(3):
+            ref = model(encoder_outputs=(hidden[b : b + 1],), decoder_input_ids=torch.tensor([prompt])).logits[0, 0]
+            torch.testing.assert_close(first[b], ref.float(), rtol=1e-4, atol=1e-4)
+            want = generate_one(model, hidden[b], False)[1]
+            assert tokens[b] == want[:30]
+
+
+def test_bfloat16_encoder_labels_with_a_float32_decoder_and_changes_the_config_hash(tmp_path):
+    from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
+    from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, load_teacher
+    from test_pseudo_label import write_clips
+
+    whisper = build_tiny_whisper(tmp_path / "w")
+    folder = write_clips(tmp_path / "audio", [1.0, 2.0, 1.5], bad=False)
+    plain = PseudoLabelConfig(input=str(folder), model=str(whisper), output_dir=str(tmp_path / "a"))
+    bf16 = PseudoLabelConfig(input=str(folder), model=str(whisper), output_dir=str(tmp_path / "b"),
+                             encoder_dtype="bfloat16")
+    assert "encoder_dtype" not in plain.hashed_fields()  # stores written before the option keep their hash
+    assert bf16.hashed_fields()["encoder_dtype"] == "bfloat16"
+    teacher = load_teacher(bf16)
+    assert next(teacher.model.get_encoder().parameters()).dtype == torch.bfloat16
+    assert next(teacher.model.get_decoder().parameters()).dtype == torch.float32
+    out = teacher.encode_audio(torch.randn(2, 80, 3000)).last_hidden_state
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="encoder_dtype"):
+        PseudoLabelConfig(input=str(folder), model=str(whisper), output_dir="x", encoder_dtype="int8")
+    result = packed_pseudo_label(PackedLabelConfig(input=str(folder), model=str(whisper), progress=False,
+                                                   output_dir=str(tmp_path / "c"), encoder_dtype="bfloat16"))
+    assert result["rows"] == 3 and len(load_pseudo_labels(tmp_path / "c")) == 3
