@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-label": ("hf_distill.speech.pseudo_label:cli_main", "label unlabeled audio with a speech teacher"),
     "pseudo-label-packed": ("hf_distill.speech.fast_label:cli_main",
                             "label Whisper audio, several short clips per 30-s window"),
+    "synthesize": ("hf_distill.speech.synth:cli_main", "speak sentences into WAV files + manifest.csv (festival/flite)"),
     "convert-ct2": ("hf_distill.speech.convert_ct2:cli_main", "convert a CTranslate2 Whisper model to transformers"),
 }
 

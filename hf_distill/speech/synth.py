@@ -15,6 +15,9 @@ Public API::
     available_engines() -> list[str]
     synthesize(texts, out_dir, engine="festival", voice=None, sampling_rate=None, prefix="utt", start=0)
         -> list[tuple[Path, str]]
+    write_manifest(clips, manifest) -> Path
+
+Command line: ``hf-distill synthesize OUT_DIR [--sentences N | --text-file F] [--engine flite]``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "available_engines",
     "harvard_sentences",
     "synthesize",
+    "write_manifest",
 ]
 
 # The first four lists of the Harvard sentences (IEEE Recommended Practice for Speech Quality
@@ -205,3 +209,52 @@ def synthesize(
             _resample_file(path, sampling_rate)
         results.append((path, text))
     return results
+
+
+def write_manifest(clips: Sequence[tuple[Path, str]], manifest: str | os.PathLike) -> Path:
+    """A ``path,text`` CSV of ``clips`` (paths relative to the manifest's folder), written atomically."""
+    import csv
+
+    manifest = Path(manifest)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "text"])
+        for path, text in clips:
+            writer.writerow([os.path.relpath(Path(path).resolve(), manifest.parent.resolve()), text])
+    tmp.replace(manifest)
+    return manifest
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``hf-distill synthesize``: speak Harvard sentences (or lines of a text file) into a folder of WAV files
+    with a ``manifest.csv`` (path, text) that ``pseudo-label`` and the speech recipes read."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="hf-distill synthesize", description=cli_main.__doc__.split("\n\n")[0])
+    p.add_argument("output_dir", help="folder for the WAV files and manifest.csv")
+    p.add_argument("--sentences", type=int, default=len(HARVARD_SENTENCES),
+                   help=f"the first N Harvard sentences (at most {len(HARVARD_SENTENCES)})")
+    p.add_argument("--text-file", "--text_file", dest="text_file", default=None,
+                   help="speak these lines instead (one sentence per line)")
+    p.add_argument("--engine", default="festival", choices=sorted(ENGINES))
+    p.add_argument("--voice", default=None)
+    p.add_argument("--sampling-rate", "--sampling_rate", dest="sampling_rate", type=int, default=16000)
+    args = p.parse_args(argv)
+    if args.text_file:
+        texts = [line.strip() for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+    else:
+        if not 1 <= args.sentences <= len(HARVARD_SENTENCES):
+            p.error(f"--sentences must be between 1 and {len(HARVARD_SENTENCES)}")
+        texts = harvard_sentences(args.sentences)
+    try:
+        clips = synthesize(texts, args.output_dir, engine=args.engine, voice=args.voice,
+                           sampling_rate=args.sampling_rate, prefix="utt")
+    except SynthesisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = write_manifest(clips, Path(args.output_dir) / "manifest.csv")
+    print(f"{len(clips)} clips in {args.output_dir}; manifest {manifest}")
+    return 0
