@@ -60,39 +60,22 @@ import json
 import logging
 import queue
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hf_distill.speech.greedy_decoding import DecodeRequest, GreedyWhisperDecoder
-from hf_distill.speech.audio import AudioError, AudioFailure, AudioItem, decode_with_rate, probe, resampled_length
+from hf_distill.speech.audio import AudioError, AudioFailure, AudioItem, decode_with_rate
 from hf_distill.speech.pseudo_label import (
-    FORMAT,
-    FORMAT_VERSION,
-    SHARD_PATTERN,
     PseudoLabelConfig,
     WhisperTeacher,
-    _atomic_write_text,
-    _check_or_write_manifest,
-    _distributed_env,
-    _items_hash,
-    _list_items,
-    _load_normalizer,
-    _manifest,
-    _Progress,
-    _rows_to_table,
-    _schema,
     _SegmentResult,
-    _shard_done,
     _ShardRunner,
-    _write_shard,
     finalize,
-    load_teacher,
+    run_labelling_job,
 )
 
 logger = logging.getLogger(__name__)
@@ -446,6 +429,13 @@ class _UnitResult:
 class _PackedShardRunner(_ShardRunner):
     """Labels one shard with packed windows; a pure function of (config, teacher, items)."""
 
+    stats_name = PACKING_STATS_DIR
+
+    @classmethod
+    def check_teacher(cls, teacher) -> None:
+        if not isinstance(teacher, WhisperTeacher):
+            raise ValueError("packed labelling is for Whisper teachers; use pseudo_label for CTC teachers")
+
     cache_budget_s = 1800.0
 
     def __init__(self, config: PackedLabelConfig, teacher: WhisperTeacher, normalizer, on_batch=None):
@@ -487,28 +477,7 @@ class _PackedShardRunner(_ShardRunner):
         import torch
 
         teacher = self.teacher
-        failures: dict[int, AudioFailure] = {}
-        durations: dict[int, float] = {}
-        lengths: dict[int, int] = {}
-        for pos, item in enumerate(items):
-            try:
-                info = probe(item)
-            except AudioError as exc:
-                failures[pos] = AudioFailure(item.id, item.path, exc.reason)
-                continue
-            except Exception as exc:  # an unexpected reader error must not stop the job either
-                failures[pos] = AudioFailure(item.id, item.path, f"unreadable: {type(exc).__name__}: {exc}")
-                continue
-            n = resampled_length(info.frames, info.sampling_rate, teacher.sampling_rate)
-            if n < teacher.min_samples:
-                failures[pos] = AudioFailure(
-                    item.id, item.path, f"too short for the teacher ({n} samples at {teacher.sampling_rate} Hz)"
-                )
-                continue
-            durations[pos] = info.duration
-            lengths[pos] = n
-        if failures and self.on_batch is not None:
-            self.on_batch(len(failures), 0.0)
+        failures, durations, lengths = self._probe(items)
         cache = _AudioCache(items, lengths, self.sr, int(self.cache_budget_s * self.sr))
 
         def fail(pos: int, exc: Exception) -> None:
@@ -806,92 +775,9 @@ def packed_pseudo_label(config: PackedLabelConfig) -> dict[str, Any]:
     """
     if not isinstance(config, PackedLabelConfig):
         raise TypeError("packed_pseudo_label needs a PackedLabelConfig")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = _distributed_env(config)
-    items = _list_items(config)
-    teacher = load_teacher(config)
-    if not isinstance(teacher, WhisperTeacher):
-        raise ValueError("packed labelling is for Whisper teachers; use pseudo_label for CTC teachers")
-    manifest = _manifest(config, items, teacher.describe())
-    manifest["packing"] = {k: getattr(config, k) for k in ("pack_gap_s", "pack_tail_s", "pack_max_unit_s",
-                                                            "pack_tolerance_s",
-                                                            "pack_max_uncovered_s", "max_piece_s", "pause_search_s")}
-    _check_or_write_manifest(out, manifest)
-    config_hash = manifest["config_hash"]
-    n_shards = manifest["num_shards"]
-    S = config.shard_size
-    pending, skipped = [], 0
-    for i in range(rank, n_shards, world):
-        shard_items = items[i * S : (i + 1) * S]
-        path = out / SHARD_PATTERN.format(i)
-        for stale in out.glob(SHARD_PATTERN.format(i) + ".tmp-*"):
-            stale.unlink(missing_ok=True)
-        if path.exists() and _shard_done(path, config_hash, i, _items_hash(shard_items)):
-            skipped += 1
-            continue
-        pending.append((i, shard_items))
-    logger.info("rank %d/%d: %d items in %d shards; %d of mine already done, %d to label", rank, world, len(items),
-                n_shards, skipped, len(pending))
-    normalizer = _load_normalizer(config.normalizer)
-    progress = _Progress(sum(len(s) for _, s in pending), config.progress)
-    runner = _PackedShardRunner(config, teacher, normalizer, on_batch=progress.update)
-    schema = _schema(config, teacher.kind)
-    (out / "stats").mkdir(exist_ok=True)
-    (out / PACKING_STATS_DIR).mkdir(exist_ok=True)
-    n_rows = n_fail = 0
-    try:
-        for i, shard_items in pending:
-            t0 = time.perf_counter()
-            before = dict(runner.stats)
-            rows, failures, _ = runner.run(shard_items)
-            table = _rows_to_table(rows, schema, None)
-            meta = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "shard": i,
-                "num_shards": n_shards,
-                "config_hash": config_hash,
-                "items_hash": _items_hash(shard_items),
-                "num_items": len(shard_items),
-                "num_rows": len(rows),
-                "failures": [f.to_dict() for f in failures],
-            }
-            elapsed = time.perf_counter() - t0
-            stats = {"shard": i, "audio_seconds": sum(r["duration"] for r in rows), "compute_seconds": elapsed}
-            packing = {k: runner.stats[k] - before[k] for k in runner.stats}
-            _atomic_write_text(out / "stats" / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
-            _atomic_write_text(out / PACKING_STATS_DIR / f"shard-{i:05d}.json",
-                               json.dumps(packing, sort_keys=True) + "\n")
-            _write_shard(out / SHARD_PATTERN.format(i), table, meta, i)
-            n_rows += len(rows)
-            n_fail += len(failures)
-    finally:
-        progress.close()
-    summary = None
-    if all(_shard_done(out / SHARD_PATTERN.format(i), config_hash, i, _items_hash(items[i * S : (i + 1) * S]))
-           for i in range(n_shards)):
-        summary = finalize(out)
-        totals: dict[str, int] = {}
-        for i in range(n_shards):
-            try:
-                shard_stats = json.loads((out / PACKING_STATS_DIR / f"shard-{i:05d}.json").read_text())
-            except (OSError, ValueError):
-                continue
-            for k, v in shard_stats.items():
-                totals[k] = totals.get(k, 0) + int(v)
-        summary["packing"] = totals
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return {
-        "output_dir": str(out),
-        "num_shards": n_shards,
-        "shards_skipped": skipped,
-        "shards_computed": len(pending),
-        "rows": n_rows,
-        "failures": n_fail,
-        "packing": dict(runner.stats),
-        "summary": summary,
-    }
+    packing = {k: getattr(config, k) for k in ("pack_gap_s", "pack_tail_s", "pack_max_unit_s", "pack_tolerance_s",
+                                               "pack_max_uncovered_s", "max_piece_s", "pause_search_s")}
+    return run_labelling_job(config, _PackedShardRunner, manifest_extra={"packing": packing})
 
 
 def config_from(base: PseudoLabelConfig, **packing) -> PackedLabelConfig:

@@ -700,17 +700,25 @@ FILTER_COLUMNS = ("pass_wer", "pass_avg_logprob", "pass_no_speech", "pass_compre
 class _ShardRunner:
     """Labels the items of one shard; a pure function of (config, teacher, items)."""
 
+    stats_name: str | None = None  # subclasses that count things: the name of their counters (see run_labelling_job)
+
+    @classmethod
+    def check_teacher(cls, teacher: _Teacher) -> None:
+        """Raise ValueError, before anything is written, for a teacher this runner cannot label with."""
+
     def __init__(self, config: PseudoLabelConfig, teacher: _Teacher, normalizer, on_batch=None):
+        self.stats: dict[str, int] = {}
         self.config = config
         self.teacher = teacher
         self.normalizer = normalizer
         self.on_batch = on_batch
 
-    def run(self, items: list[AudioItem]) -> tuple[list[dict], list[AudioFailure], float]:
-        teacher, cfg = self.teacher, self.config
+    def _probe(self, items: list[AudioItem]) -> tuple[dict[int, AudioFailure], dict[int, float], dict[int, int]]:
+        """Read every item's header: ``(failures, durations, lengths at the teacher's rate)`` by position.
+        Unreadable, empty and too-short items are failures (reported to the progress bar at once)."""
+        teacher = self.teacher
         failures: dict[int, AudioFailure] = {}
         durations: dict[int, float] = {}
-        segments: list[_Segment] = []
         lengths: dict[int, int] = {}
         for pos, item in enumerate(items):
             try:
@@ -729,10 +737,17 @@ class _ShardRunner:
                 continue
             durations[pos] = info.duration
             lengths[pos] = n
-            windows = teacher.plan(n)
-            segments.extend(_Segment(pos, c, w, len(windows)) for c, w in enumerate(windows))
         if failures and self.on_batch is not None:
             self.on_batch(len(failures), 0.0)
+        return failures, durations, lengths
+
+    def run(self, items: list[AudioItem]) -> tuple[list[dict], list[AudioFailure], float]:
+        teacher, cfg = self.teacher, self.config
+        failures, durations, lengths = self._probe(items)
+        segments: list[_Segment] = []
+        for pos, n in lengths.items():
+            windows = teacher.plan(n)
+            segments.extend(_Segment(pos, c, w, len(windows)) for c, w in enumerate(windows))
         # Longest first; a long recording's windows stay together (its audio is decoded once, then freed).
         segments.sort(key=lambda s: (-min(lengths[s.item], teacher.window), s.item, s.chunk))
         bs = cfg.batch_size
@@ -1109,20 +1124,35 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
     verified), ``shards_computed``, ``rows``, ``failures`` (this call) and ``summary`` (when the store
     is complete after this call, the dict written to ``summary.json``; else None).
     """
+    return run_labelling_job(config, _ShardRunner)
+
+
+def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[_ShardRunner],
+                      manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resumable job around a shard runner: this process's shards (``RANK`` / ``WORLD_SIZE``), finished
+    and verified shards skipped, each computed shard written atomically with its statistics, and
+    ``summary.json`` once every shard is done.
+
+    ``runner_cls`` labels one shard (:class:`_ShardRunner` or a subclass); ``manifest_extra`` is recorded
+    in the manifest (and so in the check that a resumed job is the same job). A runner with a
+    ``stats_name`` keeps counters in ``stats``: they are saved per shard under ``<stats_name>/``, summed
+    into the summary, and returned under that name.
+    """
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed_env(config)
     items = _list_items(config)
     teacher = load_teacher(config)
+    runner_cls.check_teacher(teacher)
     manifest = _manifest(config, items, teacher.describe())
+    manifest.update(manifest_extra or {})
     _check_or_write_manifest(out, manifest)
     config_hash = manifest["config_hash"]
     n_shards = manifest["num_shards"]
     S = config.shard_size
-    mine = list(range(rank, n_shards, world))
     pending = []
     skipped = 0
-    for i in mine:
+    for i in range(rank, n_shards, world):
         shard_items = items[i * S : (i + 1) * S]
         path = out / SHARD_PATTERN.format(i)
         for stale in out.glob(SHARD_PATTERN.format(i) + ".tmp-*"):
@@ -1131,25 +1161,20 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
             skipped += 1
             continue
         pending.append((i, shard_items))
-    logger.info(
-        "rank %d/%d: %d items in %d shards; %d of mine already done, %d to label",
-        rank,
-        world,
-        len(items),
-        n_shards,
-        skipped,
-        len(pending),
-    )
+    logger.info("rank %d/%d: %d items in %d shards; %d of mine already done, %d to label", rank, world, len(items),
+                n_shards, skipped, len(pending))
     normalizer = _load_normalizer(config.normalizer)
     progress = _Progress(sum(len(s) for _, s in pending), config.progress)
-    runner = _ShardRunner(config, teacher, normalizer, on_batch=progress.update)
+    runner = runner_cls(config, teacher, normalizer, on_batch=progress.update)
+    stats_name = runner.stats_name
     schema = _schema(config, teacher.kind)
-    stats_dir = out / "stats"
-    stats_dir.mkdir(exist_ok=True)
+    for folder in ["stats"] + ([stats_name] if stats_name else []):
+        (out / folder).mkdir(exist_ok=True)
     n_rows = n_fail = 0
     try:
         for i, shard_items in pending:
             t0 = time.perf_counter()
+            before = dict(runner.stats)
             rows, failures, _ = runner.run(shard_items)
             table = _rows_to_table(rows, schema, config.top_k)
             meta = {
@@ -1165,7 +1190,10 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
             }
             elapsed = time.perf_counter() - t0
             stats = {"shard": i, "audio_seconds": sum(r["duration"] for r in rows), "compute_seconds": elapsed}
-            _atomic_write_text(stats_dir / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
+            _atomic_write_text(out / "stats" / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
+            if stats_name:
+                counts = {k: runner.stats[k] - before.get(k, 0) for k in runner.stats}
+                _atomic_write_text(out / stats_name / f"shard-{i:05d}.json", json.dumps(counts, sort_keys=True) + "\n")
             _write_shard(out / SHARD_PATTERN.format(i), table, meta, i)
             n_rows += len(rows)
             n_fail += len(failures)
@@ -1177,9 +1205,20 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
         for i in range(n_shards)
     ):
         summary = finalize(out)
+        if stats_name:
+            totals: dict[str, int] = {}
+            for i in range(n_shards):
+                try:
+                    shard_stats = json.loads((out / stats_name / f"shard-{i:05d}.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                for k, v in shard_stats.items():
+                    totals[k] = totals.get(k, 0) + int(v)
+            summary[stats_name] = totals
+            _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     elif world > 1:
         logger.info("rank %d done; summary.json is written by the process that finishes the last shard", rank)
-    return {
+    result = {
         "output_dir": str(out),
         "num_shards": n_shards,
         "shards_skipped": skipped,
@@ -1188,6 +1227,9 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
         "failures": n_fail,
         "summary": summary,
     }
+    if stats_name:
+        result[stats_name] = dict(runner.stats)
+    return result
 
 
 def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
