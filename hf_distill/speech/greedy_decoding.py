@@ -46,48 +46,73 @@ class DecodeResult:
 
 
 class _Pool:
-    """The rows being decoded: per-row state as tensors over the batch, caches per decoder layer."""
+    """The rows being decoded. Caches live in buffers of ``capacity`` rows allocated once; the live rows are
+    the first ``len(pool)`` (views, no copies): a new row is written into the next free slot, a finished
+    row's slot is filled by moving the last live row into it (one row copied, not the whole pool).
+    Per-row state: Python lists, and small tensors over the live rows (``tensors``)."""
 
-    def __init__(self):
+    def __init__(self, capacity: int):
+        self.capacity = capacity
         self.requests: list[DecodeRequest] = []
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []
         self.first: list[Any] = []
         self.pos: list[int] = []  # positions filled in the self-attention cache (host copy)
         self.tensors: dict[str, Any] = {}  # ts, n, limit, last, pen, last_ts, logits
-        self.cache: list[tuple[Any, Any]] = []
-        self.cross: list[tuple[Any, Any]] = []
+        self.buffers: list[tuple[Any, Any, Any, Any]] = []  # per layer: self k, self v, cross k, cross v
 
     def __len__(self) -> int:
         return len(self.requests)
 
-    def extend(self, other: _Pool) -> None:
+    def allocate(self, n_layers: int, self_shape: tuple, cross_shape: tuple, device, dtype) -> None:
         import torch
 
-        if not len(self):
-            self.__dict__.update(other.__dict__)
+        if self.buffers:
+            if tuple(self.buffers[0][2].shape[1:]) != tuple(cross_shape):
+                raise ValueError(f"encoder outputs of shape {cross_shape} in a pool of {tuple(self.buffers[0][2].shape[1:])}")
             return
-        self.requests += other.requests
-        self.tokens += other.tokens
-        self.logprobs += other.logprobs
-        self.first += other.first
-        self.pos += other.pos
-        self.tensors = {k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()}
-        self.cache = [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.cache, other.cache)]
-        self.cross = [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.cross, other.cross)]
+        C = self.capacity
+
+        def new(shape):
+            return torch.empty((C, *shape), device=device, dtype=dtype)
+
+        self.buffers = [(new(self_shape), new(self_shape), new(cross_shape), new(cross_shape)) for _ in range(n_layers)]
+
+    def views(self, start: int, stop: int):
+        """``(self-attention caches, cross-attention keys/values)`` of slots ``[start, stop)``, per layer."""
+        return ([(k[start:stop], v[start:stop]) for k, v, _, _ in self.buffers],
+                [(ck[start:stop], cv[start:stop]) for _, _, ck, cv in self.buffers])
+
+    def append(self, requests, first, pos, tensors) -> None:
+        import torch
+
+        self.requests += requests
+        self.tokens += [[] for _ in requests]
+        self.logprobs += [[] for _ in requests]
+        self.first += first
+        self.pos += pos
+        self.tensors = {k: torch.cat([self.tensors[k], v]) if self.tensors else v for k, v in tensors.items()}
 
     def keep(self, rows: list[int]) -> None:
+        """Keep the live rows ``rows`` (in increasing order); the others' slots are refilled from the tail."""
         import torch
 
-        if len(rows) == len(self):
+        n = len(self)
+        if len(rows) == n:
             return
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.tensors["n"].device)
-        pick = lambda seq: [seq[r] for r in rows]  # noqa: E731
+        m = len(rows)
+        dead = sorted(set(range(n)) - set(rows))
+        order = list(range(m))
+        for hole, mover in zip([d for d in dead if d < m], [r for r in rows if r >= m]):
+            order[hole] = mover
+            for buf in self.buffers:
+                for t in buf:
+                    t[hole].copy_(t[mover])
+        pick = lambda seq: [seq[r] for r in order]  # noqa: E731
         self.requests, self.tokens, self.logprobs = pick(self.requests), pick(self.tokens), pick(self.logprobs)
         self.first, self.pos = pick(self.first), pick(self.pos)
+        index = torch.as_tensor(order, dtype=torch.long, device=self.tensors["n"].device)
         self.tensors = {k: v.index_select(0, index) for k, v in self.tensors.items()}
-        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
-        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
 
 
 class GreedyWhisperDecoder:
@@ -203,42 +228,44 @@ class GreedyWhisperDecoder:
     # ------------------------------------------------------------------------------------------ rules
 
     def _apply_rules(self, scores, t: dict[str, Any]) -> None:
-        """In place on ``scores`` [B, V], each row by its own state (``t``: the pool's tensors)."""
+        """In place on ``scores`` [B, V], each row by its own state (``t``: the pool's tensors). Masks are
+        applied to the slices they concern (text part, timestamp part), not built over the whole vocabulary."""
         import torch
 
         neg = float("-inf")
         n, ts = t["n"], t["ts"]
         first = n == 0
-        if self.begin_suppress:
+        if self.begin_suppress and bool(first.any()):
             scores[:, self.begin_suppress] = scores[:, self.begin_suppress].masked_fill(first[:, None], neg)
         if self.suppress:
             scores[:, self.suppress] = neg
         if self.tb is None or not bool(ts.any()):
             return
-        tb, V = self.tb, scores.shape[1]
-        vocab = torch.arange(V, device=scores.device)[None]
-        is_ts_tok = vocab >= tb
+        tb = self.tb
+        text, stamps = scores[:, :tb], scores[:, tb:]  # views
         last, pen, last_ts = t["last"], t["pen"], t["last_ts"]
         later = ts & ~first
         last_is_ts = last >= tb
         pen_is_ts = torch.where(n >= 2, pen >= tb, torch.ones_like(last_is_ts))
-        block_ts = later & last_is_ts & pen_is_ts  # after a closed pair: text (or end-of-text) next
-        block_text = later & last_is_ts & ~pen_is_ts  # after an opening timestamp: a timestamp or end-of-text
+        # after a closed pair of timestamps: text or end-of-text; after an opening one: a timestamp or end-of-text
+        stamps.masked_fill_((later & last_is_ts & pen_is_ts)[:, None], neg)
+        scores[:, : self.eos].masked_fill_((later & last_is_ts & ~pen_is_ts)[:, None], neg)
+        # timestamps never decrease (and a closing one may repeat the opening one)
         floor = torch.where(last_is_ts & ~pen_is_ts, last_ts, last_ts + 1)
         floor = torch.where(last_ts >= 0, floor, torch.full_like(floor, tb))
-        mask = (block_ts[:, None] & is_ts_tok) | (block_text[:, None] & (vocab < self.eos))
-        mask |= later[:, None] & is_ts_tok & (vocab < floor[:, None])
-        start = ts & first  # the first generated token is a timestamp, not too late
-        start_mask = ~is_ts_tok
+        stamp_ids = torch.arange(tb, scores.shape[1], device=scores.device)
+        stamps.masked_fill_(later[:, None] & (stamp_ids[None] < floor[:, None]), neg)
+        # the first generated token is a timestamp, not too late
+        start = ts & first
+        text.masked_fill_(start[:, None], neg)
         if self.max_initial is not None:
-            start_mask = start_mask | (vocab > tb + int(self.max_initial))
-        mask |= start[:, None] & start_mask
-        mask |= ts[:, None] & (vocab == self.no_ts)
-        scores.masked_fill_(mask, neg)
+            stamps[:, int(self.max_initial) + 1 :].masked_fill_(start[:, None], neg)
+        scores[:, self.no_ts].masked_fill_(ts, neg)
+        # a timestamp whenever the timestamps together are more probable than any single text token
         logp = torch.log_softmax(scores, dim=-1)
         ts_lp = logp[:, tb:].logsumexp(dim=-1)
         text_max = logp[:, :tb].max(dim=-1).values
-        scores.masked_fill_((ts & (ts_lp > text_max))[:, None] & ~is_ts_tok, neg)
+        text.masked_fill_((ts & (ts_lp > text_max))[:, None], neg)
 
     # ------------------------------------------------------------------------------------------ decoding
 
@@ -252,49 +279,46 @@ class GreedyWhisperDecoder:
             raise ValueError(f"no room to generate: prompt of {prompt_len} tokens, limit {limit}")
         return limit
 
-    def _admit(self, requests: list[DecodeRequest]) -> _Pool:
-        """Prefill new rows: a pool of them, ready to choose their first token."""
+    def _admit(self, pool: _Pool, requests: list[DecodeRequest]) -> None:
+        """Prefill new rows into the pool's free slots, ready to choose their first token."""
         import torch
 
         if any(r.timestamps for r in requests) and self.tb is None:
             raise ValueError("the generation config has no no_timestamps_token_id: no timestamps")
+        if len(pool) + len(requests) > pool.capacity:
+            raise ValueError(f"{len(requests)} new rows do not fit a pool of {len(pool)}/{pool.capacity}")
         hidden = torch.stack([torch.as_tensor(r.hidden) for r in requests])
         device, dtype = hidden.device, hidden.dtype
+        pool.allocate(len(self.decoder.layers), (self.heads, self.max_positions, self.head_dim),
+                      (self.heads, hidden.shape[1], self.head_dim), device, dtype)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(len(r.prompt), []).append(i)
         cross_all = self._cross(hidden)
-        pool = _Pool()
         for P, idx in sorted(groups.items()):
             if P < 1:
                 raise ValueError("empty decoder prompt")
-            part = _Pool()
-            part.requests = [requests[i] for i in idx]
-            limits = [self._limit(P) for _ in idx]
+            start, stop = len(pool), len(pool) + len(idx)
+            cache, cross = pool.views(start, stop)
             index = torch.as_tensor(idx, dtype=torch.long, device=device)
-            part.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cross_all] \
-                if len(idx) < len(requests) else cross_all
-            shape = (len(idx), self.heads, self.max_positions, self.head_dim)  # one length: pools concatenate
-            # zeros, not empty: a masked position still multiplies its value by a zero weight, and 0 * NaN
-            # (uninitialised memory) would poison rows that sit at earlier positions than others
-            part.cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                          for _ in self.decoder.layers]
+            for (k, v), (ck, cv), (nk, nv) in zip(cache, cross, cross_all):
+                # zeros, not stale values: a masked position still multiplies its value by a zero weight, and
+                # 0 * NaN (whatever the slot held) would poison rows that sit at earlier positions than others
+                k.zero_()
+                v.zero_()
+                ck.copy_(nk.index_select(0, index))
+                cv.copy_(nv.index_select(0, index))
             ids = torch.as_tensor([list(requests[i].prompt) for i in idx], dtype=torch.long, device=device)
-            logits = self._prefill(ids, part.cache, part.cross)
-            part.first = list(logits[:, 0].float().clone().unbind(0))
-            part.tokens = [[] for _ in idx]
-            part.logprobs = [[] for _ in idx]
-            part.pos = [P] * len(idx)
+            logits = self._prefill(ids, cache, cross)
+            limits = [self._limit(P) for _ in idx]
             none = torch.full((len(idx),), -1, dtype=torch.long, device=device)
-            part.tensors = {
+            pool.append([requests[i] for i in idx], list(logits[:, 0].float().clone().unbind(0)), [P] * len(idx), {
                 "ts": torch.as_tensor([requests[i].timestamps for i in idx], dtype=torch.bool, device=device),
                 "n": torch.zeros(len(idx), dtype=torch.long, device=device),
                 "limit": torch.as_tensor(limits, dtype=torch.long, device=device) - P,  # tokens a row may generate
                 "last": none, "pen": none.clone(), "last_ts": none.clone(),
                 "logits": logits[:, -1].float(),
-            }
-            pool.extend(part)
-        return pool
+            })
 
     def stream(self, requests: Iterable[DecodeRequest] | Iterator[DecodeRequest], capacity: int,
                refill: int | None = None) -> Iterator[DecodeResult]:
@@ -321,13 +345,13 @@ class GreedyWhisperDecoder:
                         break
                 return out
 
-        pool = _Pool()
+        pool = _Pool(capacity)
         while True:
             free = capacity - len(pool)
             if free > 0 and (free >= refill or not len(pool)):
                 new = take(free)  # asked again even after an empty answer: results may create more work
                 if new:
-                    pool.extend(self._admit(list(new)))
+                    self._admit(pool, list(new))
             if not len(pool):
                 return
             t = pool.tensors
@@ -352,7 +376,8 @@ class GreedyWhisperDecoder:
             if not len(pool):
                 continue
             t = pool.tensors
-            t["logits"] = self._step(t["last"], pool.pos, pool.cache, pool.cross).float()
+            cache, cross = pool.views(0, len(pool))
+            t["logits"] = self._step(t["last"], pool.pos, cache, cross).float()
             pool.pos = [p + 1 for p in pool.pos]
 
     def decode(self, encoder_hidden, prompts):
