@@ -324,6 +324,24 @@ def teacher_forced(whisper_dir, audio_path, prompt_ids, token_ids):
         return model(input_features=feats, decoder_input_ids=dec).logits[0]
 
 
+def generated_logprobs(whisper_dir, audio_path, **gen_kwargs):
+    """``model.generate`` on one file, greedy: its tokens and each one's log-probability under the decoding
+    rules (the processed scores), as Whisper's own ``avg_logprob`` counts them."""
+    from transformers import AutoProcessor, WhisperForConditionalGeneration
+
+    from hf_distill.speech.audio import AudioItem, decode
+
+    proc = AutoProcessor.from_pretrained(whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir).eval()
+    audio = decode(AudioItem(id="x", path=audio_path), 16000)
+    feats = proc.feature_extractor([audio], sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        out = model.generate(input_features=feats, return_dict_in_generate=True, output_scores=True, **gen_kwargs)
+    tokens = out.sequences[0, out.sequences.shape[1] - len(out.scores) :].tolist()
+    logprobs = [float(torch.log_softmax(s[0].double(), -1)[t]) for s, t in zip(out.scores, tokens)]
+    return tokens, logprobs
+
+
 def test_whisper_teacher_end_to_end(whisper_dir, tmp_path):
     clips = write_clips(tmp_path / "clips", [1.0, 2.5, 0.7, 4.0, 41.0, 3.2])
     out = tmp_path / "out"
@@ -372,10 +390,12 @@ def test_whisper_teacher_end_to_end(whisper_dir, tmp_path):
     logits = teacher_forced(whisper_dir, row["path"], row["prompt_ids"], row["token_ids"] + [0])
     p = len(row["prompt_ids"])
     steps = logits[p - 1 : p - 1 + len(row["token_ids"])]
-    logp = torch.log_softmax(steps.double(), -1)
-    assert row["avg_logprob"] == pytest.approx(
-        logp.gather(-1, torch.tensor(row["token_ids"])[:, None]).mean().item(), abs=1e-4
-    )
+    # avg_logprob: under the decoding rules (suppressed tokens out of the normaliser), as generate scores them
+    tokens, logprobs = generated_logprobs(whisper_dir, row["path"], language="en", task="transcribe", max_new_tokens=6)
+    assert tokens == row["token_ids"]
+    assert row["avg_logprob"] == pytest.approx(float(np.mean(logprobs)), abs=1e-4)
+    raw = torch.log_softmax(steps.double(), -1).gather(-1, torch.tensor(row["token_ids"])[:, None]).mean().item()
+    assert row["avg_logprob"] >= raw - 1e-6  # the rules only take probability away from other tokens
     nospeech = meta["teacher"]["no_speech_token_id"]
     assert row["no_speech_prob"] == pytest.approx(torch.softmax(logits[0].double(), -1)[nospeech].item(), abs=1e-5)
     idx, probs, tail = unpack_topk(row["topk_indices"], row["topk_probs"], row["topk_tail"])

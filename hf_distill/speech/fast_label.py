@@ -467,7 +467,6 @@ class _PackedShardRunner(_ShardRunner):
                 self.gen_kwargs[key] = t.gen_kwargs[key]
         max_new = config.max_new_tokens
         self.decoder = GreedyWhisperDecoder(t.model, max_new_tokens=max_new)  # timestamps: per request
-        self._prompt_cache: dict[bool, list[int]] = {}
         self.stats = {"windows": 0, "packed_windows": 0, "rejected_windows": 0, "units": 0, "packed_units": 0,
                       "relabelled_units": 0, "direct_units": 0}
 
@@ -602,7 +601,7 @@ class _PackedShardRunner(_ShardRunner):
                 if not rows:
                     continue
                 ts = True if kind == "packed" else ts_direct
-                prompts = self._prompts(hidden[rows], ts)
+                prompts = teacher.prompts(hidden[rows], ts)
                 if kind == "packed":
                     self._packed_prompt = [int(x) for x in prompts[0]]
                 for i, prompt in zip(rows, prompts):
@@ -659,31 +658,6 @@ class _PackedShardRunner(_ShardRunner):
 
     def _encode(self, features):
         return self.teacher.encode_audio(features).last_hidden_state
-
-    def _prompts(self, hidden, timestamps: bool):
-        """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps):
-        asked of it once (one decoding step on one window), or per window when a multilingual teacher
-        has no language set (it detects the language of each window)."""
-        from transformers.modeling_outputs import BaseModelOutput
-
-        if timestamps in self._prompt_cache:
-            return [list(self._prompt_cache[timestamps]) for _ in range(hidden.shape[0])]
-        t = self.teacher
-        per_row = bool(getattr(t.model.generation_config, "is_multilingual", False)) and "language" not in t.gen_kwargs
-        probe = hidden if per_row else hidden[:1]
-        kwargs: dict[str, Any] = {"max_new_tokens": 1, "return_dict_in_generate": True}
-        for key in ("language", "task"):
-            if key in t.gen_kwargs:
-                kwargs[key] = t.gen_kwargs[key]
-        if timestamps:
-            kwargs.update(return_timestamps=True, force_unique_generate_call=True)
-        out = t.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=probe), **kwargs)
-        seqs = out["sequences"] if isinstance(out, dict) else out.sequences
-        prompts = seqs[:, :-1].tolist()
-        if per_row:
-            return prompts
-        self._prompt_cache[timestamps] = prompts[0]
-        return [list(prompts[0]) for _ in range(hidden.shape[0])]
 
     def _direct_result(self, res, prompt: list[int]) -> _UnitResult:
         """A unit decoded alone in its window (``res``: its :class:`DecodeResult`)."""

@@ -43,6 +43,7 @@ class DecodeResult:
     tokens: list[int]  # generated tokens, end-of-text included when generated
     logprobs: list[float]  # log-probability of each under the decoding rules
     first_logits: Any  # raw logits [V] at the prompt's first position (float32)
+    soft: tuple[Any, Any, Any] | None = None  # with soft_labels: (indices [n, k], probs [n, k], tail [n]) per token
 
 
 class _Pool:
@@ -57,6 +58,7 @@ class _Pool:
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []
         self.first: list[Any] = []
+        self.soft: list[list[tuple[Any, Any, Any]]] = []  # per row, per token: top-k of the raw distribution
         self.pos: list[int] = []  # positions filled in the self-attention cache (host copy)
         self.tensors: dict[str, Any] = {}  # ts, n, limit, last, pen, last_ts, logits
         self.buffers: list[tuple[Any, Any, Any, Any]] = []  # per layer: self k, self v, cross k, cross v
@@ -89,6 +91,7 @@ class _Pool:
         self.requests += requests
         self.tokens += [[] for _ in requests]
         self.logprobs += [[] for _ in requests]
+        self.soft += [[] for _ in requests]
         self.first += first
         self.pos += pos
         self.tensors = {k: torch.cat([self.tensors[k], v]) if self.tensors else v for k, v in tensors.items()}
@@ -110,7 +113,7 @@ class _Pool:
                     t[hole].copy_(t[mover])
         pick = lambda seq: [seq[r] for r in order]  # noqa: E731
         self.requests, self.tokens, self.logprobs = pick(self.requests), pick(self.tokens), pick(self.logprobs)
-        self.first, self.pos = pick(self.first), pick(self.pos)
+        self.first, self.pos, self.soft = pick(self.first), pick(self.pos), pick(self.soft)
         index = torch.as_tensor(order, dtype=torch.long, device=self.tensors["n"].device)
         self.tensors = {k: v.index_select(0, index) for k, v in self.tensors.items()}
 
@@ -321,12 +324,14 @@ class GreedyWhisperDecoder:
             })
 
     def stream(self, requests: Iterable[DecodeRequest] | Iterator[DecodeRequest], capacity: int,
-               refill: int | None = None) -> Iterator[DecodeResult]:
+               refill: int | None = None, soft_labels: tuple[int, float] | None = None) -> Iterator[DecodeResult]:
         """Decode ``requests`` (an iterable, or a callable ``take(n)`` returning up to ``n`` requests),
         ``capacity`` rows at a time; rows join whenever at least ``refill`` slots are free (default: a
         quarter of the capacity) or the pool is empty. Results come in finishing order. ``take`` is asked
         again after an empty answer (handling a result may create work); decoding ends when the pool is
-        empty and ``take`` has nothing."""
+        empty and ``take`` has nothing. ``soft_labels=(k, T)``: each result also carries, for every generated
+        token, the top-k of the teacher's raw distribution at temperature ``T`` where it chose that token (no
+        decoding rule applied: the distribution a student learns), from the same pass."""
         import torch
 
         if capacity < 1:
@@ -356,6 +361,12 @@ class GreedyWhisperDecoder:
                 return
             t = pool.tensors
             logits = t["logits"]
+            if soft_labels is not None:
+                from hf_distill.speech.soft_labels import topk_from_logits
+
+                top = topk_from_logits(logits, soft_labels[0], soft_labels[1])
+                for r, row in enumerate(zip(*top)):
+                    pool.soft[r].append(row)
             self._apply_rules(logits, t)
             nxt = logits.argmax(dim=-1)
             lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
@@ -369,7 +380,10 @@ class GreedyWhisperDecoder:
                 pool.tokens[r].append(tok)
                 pool.logprobs[r].append(v)
                 if d:
-                    yield DecodeResult(pool.requests[r].key, pool.tokens[r], pool.logprobs[r], pool.first[r])
+                    soft = None
+                    if soft_labels is not None:
+                        soft = tuple(torch.stack([step[i] for step in pool.soft[r]]) for i in range(3))
+                    yield DecodeResult(pool.requests[r].key, pool.tokens[r], pool.logprobs[r], pool.first[r], soft)
                 else:
                     keep.append(r)
             pool.keep(keep)

@@ -21,7 +21,9 @@ Outputs in ``output_dir``:
 Row columns: ``id``, ``path``, ``duration`` (seconds), ``reference`` (or null), ``text``, ``token_ids``
 (Whisper: the tokens generated after the decoder prompt, end-of-text included; CTC: the collapsed label
 sequence), ``prompt_ids`` (Whisper's decoder prompt, e.g. start-of-transcript, language, task,
-no-timestamps), ``avg_logprob`` (Whisper: mean log-probability of ``token_ids``), ``no_speech_prob``
+no-timestamps), ``avg_logprob`` (Whisper: mean log-probability of ``token_ids``; with greedy decoding
+under the decoding rules, suppressed tokens out of the normaliser, as Whisper's own ``avg_logprob`` that
+the -1.0 threshold was made for; with beam search, of the teacher-forced distribution), ``no_speech_prob``
 (Whisper: probability of the no-speech token at the first decoding step; for a chunked recording the
 lowest over its chunks), ``compression_ratio``
 (UTF-8 bytes / zlib-compressed bytes of ``text``), ``mean_max_posterior`` (CTC: mean over frames of the
@@ -30,8 +32,12 @@ filter (``pass_wer``, ``pass_avg_logprob``, ``pass_no_speech``, ``pass_compressi
 ``pass_mean_max_posterior``; null where a filter does not apply) and ``keep``: with a reference, the WER
 filter decides; without one, every confidence filter that applies must pass. With ``--timestamps``:
 ``segments`` (start, end, text). With ``--top_k K``: ``topk_indices`` / ``topk_probs`` / ``topk_tail``
-(see :mod:`hf_distill.speech.soft_labels`), one entry per token of ``token_ids`` (Whisper: the
-teacher-forced distribution that predicted that token) or per output frame (CTC). Whisper rows longer
+(see :mod:`hf_distill.speech.soft_labels`), one entry per token of ``token_ids`` (Whisper: the teacher's
+raw distribution at the step that produced that token, no decoding rule applied) or per output frame (CTC).
+
+Whisper decoding: greedy (``num_beams=1``, the default) runs on
+:class:`~hf_distill.speech.greedy_decoding.GreedyWhisperDecoder` (the tokens ``generate`` gives; log-probabilities
+and soft labels from the same pass); beam search runs ``generate`` and one teacher-forced pass for them. Whisper rows longer
 than one window are stitched from chunks and carry no soft labels (a Whisper student trains on windows).
 
 Exactness: each shard's items and batches are a pure function of the configuration, so a run killed at
@@ -451,6 +457,14 @@ class WhisperTeacher(_Teacher):
         if config.max_new_tokens is not None:
             self.gen_kwargs["max_new_tokens"] = config.max_new_tokens
         self._torch = torch
+        self._prompt_cache: dict[bool, list[int]] = {}
+        # greedy decoding: the pool decoder (the tokens generate gives, Whisper's log-probabilities under the
+        # decoding rules, soft labels from the same pass); beam search: generate + one teacher-forced pass
+        self.greedy = None
+        if config.num_beams == 1:
+            from hf_distill.speech.greedy_decoding import GreedyWhisperDecoder
+
+            self.greedy = GreedyWhisperDecoder(self.model, max_new_tokens=config.max_new_tokens)
 
     def describe(self):
         d = super().describe()
@@ -489,6 +503,8 @@ class WhisperTeacher(_Teacher):
         from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
 
         model = self.model
+        if self.greedy is not None:
+            return self._run_greedy(features)
         with torch.inference_mode():
             encoder_outputs = self.encode_audio(features)
             gen = model.generate(encoder_outputs=encoder_outputs, **self.gen_kwargs)
@@ -529,6 +545,61 @@ class WhisperTeacher(_Teacher):
                 )
             )
         return results
+
+    def _run_greedy(self, features) -> list[_SegmentResult]:
+        from hf_distill.speech.greedy_decoding import DecodeRequest
+        from hf_distill.speech.soft_labels import pack_topk
+
+        torch = self._torch
+        cfg = self.config
+        ts = bool(cfg.return_timestamps)
+        with torch.inference_mode():
+            hidden = self.encode_audio(features).last_hidden_state
+            prompts = self.prompts(hidden, ts)
+            requests = [DecodeRequest(b, hidden[b], prompts[b], ts) for b in range(hidden.shape[0])]
+            soft_labels = (int(cfg.top_k), float(cfg.soft_label_temperature)) if cfg.top_k else None
+            done = {r.key: r for r in self.greedy.stream(requests, capacity=len(requests), soft_labels=soft_labels)}
+        results = []
+        for b, prompt in enumerate(prompts):
+            r = done[b]
+            no_speech = None
+            if self.no_speech_id is not None and prompt and prompt[0] == self.sot_id:
+                no_speech = float(torch.softmax(r.first_logits, dim=-1)[self.no_speech_id])
+            results.append(
+                _SegmentResult(
+                    token_ids=np.asarray(r.tokens, dtype=np.int32),
+                    prompt_ids=np.asarray(prompt, dtype=np.int32),
+                    logprobs=np.asarray(r.logprobs, dtype=np.float64),
+                    no_speech_prob=no_speech,
+                    soft=pack_topk(*r.soft) if r.soft is not None else None,
+                    segments=self._segments(r.tokens) if ts else None,
+                )
+            )
+        return results
+
+    def prompts(self, hidden, timestamps: bool) -> list[list[int]]:
+        """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps) for
+        each row of ``hidden`` (encoder outputs): asked of it once (one decoding step on one window), or per
+        window when a multilingual teacher has no language set (it detects the language of each window)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if timestamps in self._prompt_cache:
+            return [list(self._prompt_cache[timestamps]) for _ in range(hidden.shape[0])]
+        per_row = bool(getattr(self.model.generation_config, "is_multilingual", False)) and "language" not in self.gen_kwargs
+        probe = hidden if per_row else hidden[:1]
+        kwargs: dict[str, Any] = {"max_new_tokens": 1, "return_dict_in_generate": True}
+        for key in ("language", "task"):
+            if key in self.gen_kwargs:
+                kwargs[key] = self.gen_kwargs[key]
+        if timestamps:
+            kwargs.update(return_timestamps=True, force_unique_generate_call=True)
+        out = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=probe), **kwargs)
+        seqs = out["sequences"] if isinstance(out, dict) else out.sequences
+        prompts = [[int(x) for x in row] for row in seqs[:, :-1].tolist()]
+        if per_row:
+            return prompts
+        self._prompt_cache[timestamps] = prompts[0]
+        return [list(prompts[0]) for _ in range(hidden.shape[0])]
 
     def _segments(self, tokens: list[int]) -> list[dict]:
         try:
