@@ -1,44 +1,18 @@
 """Task-specific building blocks for the recipes (data loading and checks, metrics, reports).
 
+Names load on first use, like the other packages of hf_distill.
+
 * :mod:`hf_distill.tasks.classification`: sequence classification (single texts or text pairs).
 """
 
 from __future__ import annotations
 
-from .classification import (
-    ClassificationData,
-    DataError,
-    bootstrap_ci,
-    classification_metrics,
-    load_bbc_news,
-    load_classification_data,
-    macro_f1,
-    measure_latency,
-    paired_bootstrap_diff,
-    plot_results,
-    predict_logits,
-    results_markdown,
-    stratified_split,
-    tokenize_for_classification,
-    validate_classification_data,
-    write_results,
-)
+from hf_distill._lazy import lazy_exports
 
-__all__ = [
-    "ClassificationData",
-    "DataError",
-    "bootstrap_ci",
-    "classification_metrics",
-    "load_bbc_news",
-    "load_classification_data",
-    "macro_f1",
-    "measure_latency",
-    "paired_bootstrap_diff",
-    "plot_results",
-    "predict_logits",
-    "results_markdown",
-    "stratified_split",
-    "tokenize_for_classification",
-    "validate_classification_data",
-    "write_results",
-]
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "hf_distill.tasks.classification": ("ClassificationData", "DataError", "bootstrap_ci", "classification_metrics",
+                                        "load_bbc_news", "load_classification_data", "macro_f1", "measure_latency",
+                                        "paired_bootstrap_diff", "plot_results", "predict_logits", "results_markdown",
+                                        "stratified_split", "tokenize_for_classification",
+                                        "validate_classification_data", "write_results"),
+}, submodules=("classification",))
