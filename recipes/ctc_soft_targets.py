@@ -36,42 +36,35 @@ import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 from transformers import AutoModelForCTC, AutoProcessor, set_seed  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.speech.recipe_steps import (  # noqa: E402
+    SpeechRecipeArguments,
+    cap_training_rows,
+    label_store,
+    save_student,
+    start_run,
+    stored_soft_label_temperature,
+)
 
 logger = logging.getLogger("ctc_soft_targets")
 
 
 @dataclass
-class CTCSoftTargetArguments:
+class CTCSoftTargetArguments(SpeechRecipeArguments):
+    """The shared speech-recipe flags (audio, labelling, rows, run) and these."""
+
     teacher: str | None = field(default=None, metadata={"help": "CTC teacher folder (or package:<module>)."})
-    audio: str | None = field(default=None, metadata={"help": "Audio to label: folder, manifest or dataset."})
-    pseudo_labels: str | None = field(default=None, metadata={"help": "Use this existing store (made with top_k)."})
     eval_size: float = field(default=0.1, metadata={"help": "Held-out fraction (< 1) or count of the store's rows."})
-    path_column: str = field(default="path")
-    text_column: str | None = field(default=None, metadata={"help": "Reference column (default: text/sentence/...)."})
-    id_column: str | None = field(default=None)
-    audio_column: str = field(default="audio")
-    split: str | None = field(default=None)
-    dataset_config: str | None = field(default=None)
-    label_batch_size: int = field(default=16)
-    label_device: str | None = field(default=None)
-    label_shard_size: int = field(default=256, metadata={"help": "Files per store shard (resuming, processes)."})
     top_k: int = field(default=8, metadata={"help": "Soft targets kept per frame."})
-    wer_threshold: float = field(default=0.1, metadata={"help": "Keep pseudo-labels under this WER vs the reference."})
     min_mean_max_posterior: float = field(default=0.5, metadata={"help": "No reference: keep rows whose mean top "
                                                                         "frame posterior is at least this."})
-    keep_only: bool = field(default=True, metadata={"help": "Train only on rows whose keep flag is set."})
-    max_train_samples: int | None = field(default=None)
     num_layers: int | None = field(default=None, metadata={"help": "Student transformer layers (default: half)."})
     layers: str | None = field(default=None, metadata={"help": "Explicit teacher layers, e.g. '0,5,11'."})
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the top-k + tail KL (x T^2)."})
     ctc_weight: float = field(default=0.0, metadata={"help": "Weight of the CTC loss on the pseudo-transcripts."})
-    eval_batch_size: int = field(default=8)
-    num_threads: int | None = field(default=None)
 
 
 def resolve_teacher(spec: str) -> Path:
@@ -86,16 +79,9 @@ def resolve_teacher(spec: str) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((CTCSoftTargetArguments, DistillationArguments), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    from accelerate import PartialState
-
-    from hf_distill.hub import count_parameters, distillation_metadata, push_folder, write_model_card
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, finalize, load_pseudo_labels, pseudo_label
+    state, out = start_run(args.output_dir, recipe.num_threads)
+    from hf_distill.hub import count_parameters, distillation_metadata
+    from hf_distill.speech.pseudo_label import load_pseudo_labels
     from hf_distill.speech.text_normalizer import wer
     from hf_distill.speech.training import (
         CTCDistillationCollator,
@@ -104,16 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
         held_out_ids,
         select_rows,
         store_items,
-        store_soft_label_temperature,
         topk_kl,
         transcribe_ctc,
     )
     from hf_distill.students import build_ctc_student
     from hf_distill.trainer import DistillationTrainer
 
-    state = PartialState()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     if not recipe.teacher:
         raise ValueError("no teacher: set --teacher (a *ForCTC model folder with its processor)")
@@ -131,28 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not recipe.audio:
             raise ValueError("nothing to train on: give --audio (to label) or --pseudo_labels (a store)")
         store = out / "pseudo_labels"
-        t0 = time.perf_counter()
-        result = pseudo_label(PseudoLabelConfig(
-            input=recipe.audio, model=str(teacher_dir), output_dir=str(store), teacher_type="ctc",
-            path_column=recipe.path_column, text_column=recipe.text_column, id_column=recipe.id_column,
-            audio_column=recipe.audio_column, split=recipe.split, dataset_config=recipe.dataset_config,
-            batch_size=recipe.label_batch_size, top_k=recipe.top_k, soft_label_temperature=temperature,
-            wer_threshold=recipe.wer_threshold, min_mean_max_posterior=recipe.min_mean_max_posterior,
-            device=recipe.label_device, shard_size=recipe.label_shard_size))
-        state.wait_for_everyone()
-        if state.is_main_process and not (store / "summary.json").is_file():
-            finalize(store)
-        state.wait_for_everyone()
-        labelling = {"shards_computed": result["shards_computed"],
-                     "summary": json.loads((store / "summary.json").read_text())}
-        timings["pseudo_labelling"] = time.perf_counter() - t0
-    stored_t = store_soft_label_temperature(store)
-    if stored_t is None:
-        raise ValueError(f"{store} holds no soft labels: label with top_k")
-    if abs(stored_t - temperature) > 1e-6:
-        logger.warning("the store's soft labels are at T=%g, not --temperature %g: distilling at T=%g",
-                       stored_t, temperature, stored_t)
-        temperature = stored_t
+        labelled = label_store(recipe, teacher_dir, store, teacher_type="ctc", top_k=recipe.top_k,
+                               soft_label_temperature=temperature,
+                               min_mean_max_posterior=recipe.min_mean_max_posterior)
+        labelling = {"shards_computed": labelled["shards_computed"], "summary": labelled["summary"]}
+        timings["pseudo_labelling"] = labelled["seconds"]
+    temperature = stored_soft_label_temperature(store, temperature, "label with top_k")
 
     items = store_items(store)
     held_out = held_out_ids(list(items.values()), recipe.eval_size, seed=args.seed, require_reference=False)
@@ -164,17 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     keep, mismatched = ctc_rows_matching_frames(rows, items, frame_lengths, rate)
     rows = rows.select(keep)
     counts["frame_count_mismatch"] = mismatched
-    if recipe.max_train_samples is not None and len(rows) > recipe.max_train_samples:
-        rows = rows.select(range(recipe.max_train_samples))
-    counts["training_rows"] = len(rows)
     eval_rows = all_rows.select([i for i, r in enumerate(all_rows.select_columns(["id", "topk_tail"]))
                                  if r["id"] in held_out and r["topk_tail"] is not None])
     keep, _ = ctc_rows_matching_frames(eval_rows, items, frame_lengths, rate)
     eval_rows = eval_rows.select(keep)
     counts["eval_rows"] = len(eval_rows)
-    logger.info("rows: %s", counts)
-    if len(rows) == 0:
-        raise ValueError(f"no training rows left ({counts}); relax the filters (--keep_only false, thresholds)")
+    rows = cap_training_rows(rows, counts, recipe.max_train_samples)
 
     # ------------------------------------------------------------------ 2. student, before
     set_seed(args.seed)
@@ -202,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
     before = measure(student)
 
     # ------------------------------------------------------------------ 3. distillation
-    push = bool(args.push_to_hub)
     train_args = dataclasses.replace(
         args, output_dir=str(out / "training"),
         distillation=json.dumps([{"loss": "topk_kl", "weight": recipe.kl_weight, "temperature": temperature}]),
@@ -234,9 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
                  if "loss" in h],
     }
     if state.is_main_process:
-        student_dir = out / "student"
-        student.save_pretrained(student_dir)
-        processor.save_pretrained(student_dir)
         card = {}
         if after["kl"] is not None:
             card = {"held-out soft-target KL, before": f"{before['kl']:.4f}",
@@ -247,14 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
             dataset=recipe.audio or str(store), args=train_args, layer_map=results["student"]["teacher_layers"],
             extra={"recipe": "ctc_soft_targets", "kl_weight": recipe.kl_weight, "ctc_weight": recipe.ctc_weight,
                    "top_k": results["distillation"]["top_k"]})
-        write_model_card(student_dir, meta, results=card, pipeline_tag="automatic-speech-recognition")
-        results["student_dir"] = str(student_dir)
-        timings["total (incl. imports)"] = time.perf_counter() - _START
-        results["timings"] = {k: round(v, 1) for k, v in timings.items()}
-        if push:
-            results["pushed_to"] = push_folder(student_dir, args.hub_model_id or out.name, token=args.hub_token,
-                                               private=args.hub_private_repo)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        save_student(out, student, processor, metadata=meta, card_results=card, results=results, timings=timings,
+                     started=_START, args=args)
         logger.info("held-out KL %s -> %s; WER vs teacher transcripts %s -> %s; results in %s", before["kl"],
                     after["kl"], before["wer_vs_pseudo_labels"], after["wer_vs_pseudo_labels"], out / "results.json")
     state.wait_for_everyone()

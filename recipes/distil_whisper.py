@@ -46,25 +46,32 @@ import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 from transformers import WhisperForConditionalGeneration, WhisperProcessor, set_seed  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.speech.recipe_steps import (  # noqa: E402
+    SpeechRecipeArguments,
+    cap_training_rows,
+    label_store,
+    save_student,
+    start_run,
+    stored_soft_label_temperature,
+)
 
 logger = logging.getLogger("distil_whisper")
 
 
 @dataclass
-class DistilWhisperArguments:
+class DistilWhisperArguments(SpeechRecipeArguments):
+    """The shared speech-recipe flags (audio, labelling, rows, run) and these."""
+
     teacher: str | None = field(
         default=None,
         metadata={"help": "Whisper teacher: a transformers folder, a CTranslate2 folder (converted), or "
                           "package:<module> (a package with get_model_path())."},
     )
     # ---- audio and pseudo-labels
-    audio: str | None = field(default=None, metadata={"help": "Audio to pseudo-label: folder, manifest or dataset."})
-    pseudo_labels: str | None = field(default=None, metadata={"help": "Use this existing pseudo-label store."})
     synthesize: int = field(default=0, metadata={"help": "No --audio: speak the first N Harvard sentences (N <= 40) "
                                                          "with --synthesize_engine into output_dir/audio and use them "
                                                          "(with their text as references): an offline demo corpus."})
@@ -73,26 +80,13 @@ class DistilWhisperArguments:
     eval_audio: str | None = field(default=None, metadata={"help": "Held-out audio with reference text."})
     eval_size: float = field(default=0.1, metadata={"help": "Without --eval_audio: fraction (< 1) or count of the "
                                                             "input's referenced items held out for evaluation."})
-    path_column: str = field(default="path")
-    text_column: str | None = field(default=None, metadata={"help": "Reference column (default: text/sentence/...)."})
-    id_column: str | None = field(default=None)
-    audio_column: str = field(default="audio")
-    split: str | None = field(default=None)
-    dataset_config: str | None = field(default=None)
     language: str | None = field(default=None, metadata={"help": "Multilingual teachers: the language to transcribe."})
     task: str | None = field(default=None, metadata={"help": "transcribe or translate (multilingual teachers)."})
     labeller: str = field(default="standard", metadata={"help": "standard (pseudo_label) or packed (fast_label).",
                                                          "choices": ["standard", "packed"]})
-    label_batch_size: int = field(default=16, metadata={"help": "Windows per teacher batch while labelling."})
-    label_device: str | None = field(default=None, metadata={"help": "Device for labelling (default: cuda if any)."})
-    label_shard_size: int = field(default=256, metadata={"help": "Files per store shard (the unit of resuming and "
-                                                                 "of the split between processes)."})
-    wer_threshold: float = field(default=0.1, metadata={"help": "Keep pseudo-labels under this WER vs the reference."})
     logprob_threshold: float = field(default=-1.0, metadata={"help": "No reference: keep avg log-prob >= this."})
     no_speech_threshold: float = field(default=0.6, metadata={"help": "No reference: keep no-speech prob <= this."})
     compression_ratio_threshold: float = field(default=2.4, metadata={"help": "No reference: keep ratio <= this."})
-    keep_only: bool = field(default=True, metadata={"help": "Train only on rows whose keep flag is set."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     # ---- soft labels
     soft_labels: str = field(default="live", metadata={"help": "live teacher or stored top-k soft labels.",
                                                        "choices": ["live", "stored"]})
@@ -107,10 +101,8 @@ class DistilWhisperArguments:
     ce_weight: float = field(default=0.8, metadata={"help": "Cross-entropy on the pseudo-label tokens."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL to the teacher (x T^2), T = --temperature."})
     max_label_length: int = field(default=448, metadata={"help": "Label tokens per example (longer are cut)."})
-    # ---- evaluation and run
-    eval_batch_size: int = field(default=8)
+    # ---- evaluation
     eval_max_new_tokens: int = field(default=128)
-    num_threads: int | None = field(default=None, metadata={"help": "torch threads (CPU)."})
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -172,54 +164,23 @@ def synthesize_corpus(n: int, engine: str, out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- labelling
 def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, temperature: float) -> dict:
     """Pseudo-label ``recipe.audio`` into ``store`` (resuming it); every process takes its shards."""
-    from accelerate import PartialState
-
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, finalize, pseudo_label
-
-    common = dict(
-        input=recipe.audio, model=str(teacher_dir), output_dir=str(store), path_column=recipe.path_column,
-        text_column=recipe.text_column, id_column=recipe.id_column, audio_column=recipe.audio_column,
-        split=recipe.split, dataset_config=recipe.dataset_config, language=recipe.language, task=recipe.task,
-        batch_size=recipe.label_batch_size, wer_threshold=recipe.wer_threshold,
-        logprob_threshold=recipe.logprob_threshold, no_speech_threshold=recipe.no_speech_threshold,
-        compression_ratio_threshold=recipe.compression_ratio_threshold, device=recipe.label_device,
-        teacher_type="whisper", shard_size=recipe.label_shard_size,
-    )
+    options = dict(language=recipe.language, task=recipe.task, logprob_threshold=recipe.logprob_threshold,
+                   no_speech_threshold=recipe.no_speech_threshold,
+                   compression_ratio_threshold=recipe.compression_ratio_threshold)
     if recipe.soft_labels == "stored":
-        common.update(top_k=recipe.top_k, soft_label_temperature=temperature)
-    state = PartialState()
-    t0 = time.perf_counter()
-    if recipe.labeller == "packed":
-        if recipe.soft_labels == "stored":
+        if recipe.labeller == "packed":
             raise ValueError("--labeller packed gives no soft labels; use --labeller standard with "
                              "--soft_labels stored")
-        from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
-
-        result = packed_pseudo_label(PackedLabelConfig(**common))
-    else:
-        result = pseudo_label(PseudoLabelConfig(**common))
-    state.wait_for_everyone()
-    summary_path = store / "summary.json"
-    if state.is_main_process and not summary_path.is_file():
-        finalize(store)
-    state.wait_for_everyone()
-    summary = json.loads(summary_path.read_text())
-    return {"seconds": time.perf_counter() - t0, "shards_computed": result["shards_computed"],
-            "shards_skipped": result["shards_skipped"], "summary": summary}
+        options.update(top_k=recipe.top_k, soft_label_temperature=temperature)
+    return label_store(recipe, teacher_dir, store, teacher_type="whisper", packed=recipe.labeller == "packed",
+                       **options)
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((DistilWhisperArguments, DistillationArguments), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    from accelerate import PartialState
-
-    from hf_distill.hub import count_parameters, distillation_metadata, push_folder, write_model_card
+    state, out = start_run(args.output_dir, recipe.num_threads)
+    from hf_distill.hub import count_parameters, distillation_metadata
     from hf_distill.speech.audio import list_audio
     from hf_distill.speech.pseudo_label import load_pseudo_labels
     from hf_distill.speech.training import (
@@ -230,14 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
         held_out_ids,
         select_rows,
         store_items,
-        store_soft_label_temperature,
         transcribe_whisper,
     )
     from hf_distill.students import build_whisper_student
 
-    state = PartialState()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     if not recipe.teacher:
         raise ValueError("no teacher: set --teacher (a Whisper folder, a CTranslate2 folder or package:<module>)")
@@ -264,13 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         labelling = label_audio(recipe, teacher_dir, store, temperature)
         timings["pseudo_labelling"] = labelling["seconds"]
     if recipe.soft_labels == "stored":
-        stored_t = store_soft_label_temperature(store)
-        if stored_t is None:
-            raise ValueError(f"{store} holds no soft labels; pseudo-label with --soft_labels stored (top_k) first")
-        if abs(stored_t - temperature) > 1e-6:
-            logger.warning("the store's soft labels are at T=%g, not --temperature %g: distilling at T=%g (a top-k "
-                           "cannot be re-tempered)", stored_t, temperature, stored_t)
-            temperature = stored_t
+        temperature = stored_soft_label_temperature(store, temperature,
+                                                    "pseudo-label with --soft_labels stored (top_k) first")
     items = store_items(store)
     if recipe.eval_audio:
         eval_items = [it for it in list_audio(recipe.eval_audio, path_column=recipe.path_column,
@@ -283,12 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_items = [items[i] for i in sorted(held_out)]
     rows, row_counts = select_rows(load_pseudo_labels(store), keep_only=recipe.keep_only, exclude_ids=held_out,
                                    need_soft_labels=recipe.soft_labels == "stored")
-    if recipe.max_train_samples is not None and len(rows) > recipe.max_train_samples:
-        rows = rows.select(range(recipe.max_train_samples))
-        row_counts["training_rows"] = len(rows)
-    logger.info("training rows: %s", row_counts)
-    if len(rows) == 0:
-        raise ValueError(f"no training rows left ({row_counts}); relax the filters (--keep_only false, thresholds)")
+    rows = cap_training_rows(rows, row_counts, recipe.max_train_samples)
 
     # ------------------------------------------------------------------ 3. student
     set_seed(args.seed)
@@ -300,7 +247,6 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ 4. distillation
     live = recipe.soft_labels == "live"
     term = {"loss": "kl" if live else "topk_kl", "weight": recipe.kl_weight, "temperature": temperature}
-    push = bool(args.push_to_hub)
     train_args = dataclasses.replace(
         args, output_dir=str(out / "training"), distillation=json.dumps([term]), task_weight=recipe.ce_weight,
         kd_weight=recipe.kl_weight, temperature=temperature, cos_weight=0.0, mse_weight=0.0, hidden_mse_weight=0.0,
@@ -365,9 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
         timings["evaluation"] = time.perf_counter() - t0
         results["eval"] = evaluation
 
-        student_dir = out / "student"
-        student.save_pretrained(student_dir)
-        processor.save_pretrained(student_dir)
         wer_t = evaluation.get("teacher", {}).get("wer")
         wer_s = evaluation.get("student", {}).get("wer")
         card_results = {}
@@ -382,15 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
             extra={"recipe": "distil_whisper", "soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
                    "kl_weight": recipe.kl_weight, "encoder_frozen": recipe.freeze_encoder,
                    "encoder_shared": encoder_shared, "training_rows": row_counts["training_rows"]})
-        write_model_card(student_dir, meta, results=card_results, pipeline_tag="automatic-speech-recognition")
-        results["student_dir"] = str(student_dir)
-        timings["total (incl. imports)"] = time.perf_counter() - _START
-        results["timings"] = {k: round(v, 1) for k, v in timings.items()}
-        if push:
-            repo_id = args.hub_model_id or out.name
-            results["pushed_to"] = push_folder(student_dir, repo_id, token=args.hub_token,
-                                               private=args.hub_private_repo)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        student_dir = save_student(out, student, processor, metadata=meta, card_results=card_results,
+                                   results=results, timings=timings, started=_START, args=args)
         logger.info("teacher WER %s, student WER %s; student in %s; results in %s", wer_t, wer_s, student_dir,
                     out / "results.json")
     state.wait_for_everyone()
