@@ -122,8 +122,9 @@ def build_tiny_whisper(path: Path) -> Path:
     return path
 
 
-def build_tiny_ctc(path: Path) -> Path:
-    """A random Wav2Vec2ForCTC (hidden 32, 320-sample frames) with a character vocabulary."""
+def build_tiny_ctc(path: Path, layers: int = 1, **config) -> Path:
+    """A random Wav2Vec2ForCTC (hidden 32, 320-sample frames, ``layers`` transformer layers) with a
+    character vocabulary; ``config``: further ``Wav2Vec2Config`` fields."""
     import transformers
     from transformers import (
         Wav2Vec2Config,
@@ -144,7 +145,7 @@ def build_tiny_ctc(path: Path) -> Path:
     cfg = Wav2Vec2Config(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         conv_dim=(8,) * 7,
@@ -153,6 +154,7 @@ def build_tiny_ctc(path: Path) -> Path:
         feat_extract_norm="layer",
         do_stable_layer_norm=True,
         pad_token_id=0,
+        **config,
     )
     torch.manual_seed(0)
     Wav2Vec2ForCTC(cfg).save_pretrained(path)

@@ -36,7 +36,7 @@ from hf_distill.speech.training import (
     held_out_ids,
 )
 from speech_assets import harvard_clips, tiny_en_teacher  # noqa: F401  (session fixtures)
-from test_pseudo_label import build_tiny_whisper, write_clips
+from test_pseudo_label import build_tiny_ctc, build_tiny_whisper, write_clips
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -49,35 +49,12 @@ TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--save_strategy", "no", "-
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def build_tiny_ctc(path: Path, layers: int = 3) -> Path:
-    """A random Wav2Vec2ForCTC (hidden 32, 320-sample frames, character vocabulary) whose layers matter:
-    initialised with a large range so that dropping layers changes its posteriors."""
-    import transformers
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-        Wav2Vec2Processor,
-    )
-
-    transformers.logging.set_verbosity_error()
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    tok = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                  return_attention_mask=True)
-    cfg = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                         intermediate_size=64, conv_dim=(8,) * 7, num_conv_pos_embeddings=16,
-                         num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True,
-                         pad_token_id=0, initializer_range=0.2, hidden_dropout=0.0, attention_dropout=0.0,
-                         activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
-                         mask_time_prob=0.0)
-    torch.manual_seed(0)
-    Wav2Vec2ForCTC(cfg).save_pretrained(path)
-    Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
-    return path
+def build_layer_sensitive_ctc(path: Path, layers: int = 3) -> Path:
+    """A random tiny Wav2Vec2ForCTC whose layers matter: initialised with a large range so that dropping
+    layers changes its posteriors; no dropout, no masking."""
+    return build_tiny_ctc(path, layers, initializer_range=0.2, hidden_dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
+                          mask_time_prob=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +221,7 @@ def test_distil_whisper_live_teacher_with_a_shared_frozen_encoder(whisper_dir, c
 def test_ctc_soft_targets_reduce_the_held_out_kl(clips, tmp_path):
     from transformers import AutoModelForCTC, AutoProcessor
 
-    teacher = build_tiny_ctc(tmp_path / "ctc_teacher", layers=3)
+    teacher = build_layer_sensitive_ctc(tmp_path / "ctc_teacher", layers=3)
     more = write_clips(tmp_path / "more", [1.7, 1.1, 2.8, 0.9], seed=3, bad=False)
     audio = tmp_path / "audio"
     audio.mkdir()
