@@ -30,11 +30,16 @@ def cross_entropy_loss(
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index
     count = valid.sum()
-    # Only labelled rows reach the softmax (15% of the positions for masked LM): same value and
-    # gradient as ignore_index on the full tensor, a fraction of the work.
-    if int(count) < flat_labels.numel():
-        flat_logits, flat_labels = flat_logits[valid], flat_labels[valid]
-    total = F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum", label_smoothing=label_smoothing)
+    if flat_labels.device.type == "cpu":
+        # Only labelled rows reach the softmax (15% of the positions for masked LM), a fraction of the
+        # work; on the CPU reading the count costs nothing.
+        if int(count) < flat_labels.numel():
+            flat_logits, flat_labels = flat_logits[valid], flat_labels[valid]
+    # On an accelerator every row goes in and ignore_index leaves the unlabelled ones out (same value and
+    # gradient): reading the count, or selecting rows with a boolean mask (which reads it too), would make
+    # the host wait for the device on every step.
+    total = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=ignore_index, reduction="sum",
+                            label_smoothing=label_smoothing)
     return normalise(total, count, num_items)
 
 
