@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     record("hf_distill", seconds, hyps, **extra)
     if not args.skip_unpacked:
         seconds, hyps, _ = run_hf_distill(rows, teacher, work / "store_unpacked", args.batch_size, args.device,
-                                          False, manifest)
+                                          False, manifest, args.encoder_dtype)
         record("hf_distill_unpacked", seconds, hyps)
     seconds, hyps = run_pipeline(teacher, args.device, rows, None, 1)
     record("pipeline_per_file", seconds, hyps, decoding="greedy")

@@ -63,6 +63,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,36 +547,54 @@ class WhisperTeacher(_Teacher):
             )
         return results
 
-    def _run_greedy(self, features) -> list[_SegmentResult]:
+    def requests(self, features, keys: Sequence[Any]) -> list:
+        """Encode ``features`` and return one decoding request per row (greedy decoding), keyed by ``keys``."""
         from hf_distill.speech.greedy_decoding import DecodeRequest
+
+        ts = bool(self.config.return_timestamps)
+        with self._torch.inference_mode():
+            hidden = self.encode_audio(features).last_hidden_state
+            prompts = self.prompts(hidden, ts)
+        return [DecodeRequest((key, tuple(prompt)), hidden[b], prompt, ts)
+                for b, (key, prompt) in enumerate(zip(keys, prompts))]
+
+    def stream(self, take, capacity: int):
+        """Greedy decoding of the requests ``take(n)`` hands out, ``capacity`` rows at a time; results as rows
+        finish (see :meth:`GreedyWhisperDecoder.stream`), soft labels included when asked."""
+        cfg = self.config
+        soft_labels = (int(cfg.top_k), float(cfg.soft_label_temperature)) if cfg.top_k else None
+        with self._torch.inference_mode():
+            yield from self.greedy.stream(take, capacity=capacity, soft_labels=soft_labels)
+
+    def segment_result(self, res) -> tuple[Any, _SegmentResult]:
+        """``(key, result)`` of a finished :class:`~hf_distill.speech.greedy_decoding.DecodeResult`."""
         from hf_distill.speech.soft_labels import pack_topk
 
         torch = self._torch
-        cfg = self.config
-        ts = bool(cfg.return_timestamps)
-        with torch.inference_mode():
-            hidden = self.encode_audio(features).last_hidden_state
-            prompts = self.prompts(hidden, ts)
-            requests = [DecodeRequest(b, hidden[b], prompts[b], ts) for b in range(hidden.shape[0])]
-            soft_labels = (int(cfg.top_k), float(cfg.soft_label_temperature)) if cfg.top_k else None
-            done = {r.key: r for r in self.greedy.stream(requests, capacity=len(requests), soft_labels=soft_labels)}
-        results = []
-        for b, prompt in enumerate(prompts):
-            r = done[b]
-            no_speech = None
-            if self.no_speech_id is not None and prompt and prompt[0] == self.sot_id:
-                no_speech = float(torch.softmax(r.first_logits, dim=-1)[self.no_speech_id])
-            results.append(
-                _SegmentResult(
-                    token_ids=np.asarray(r.tokens, dtype=np.int32),
-                    prompt_ids=np.asarray(prompt, dtype=np.int32),
-                    logprobs=np.asarray(r.logprobs, dtype=np.float64),
-                    no_speech_prob=no_speech,
-                    soft=pack_topk(*r.soft) if r.soft is not None else None,
-                    segments=self._segments(r.tokens) if ts else None,
-                )
-            )
-        return results
+        key, prompt = res.key
+        no_speech = None
+        if self.no_speech_id is not None and prompt and prompt[0] == self.sot_id:
+            no_speech = float(torch.softmax(res.first_logits, dim=-1)[self.no_speech_id])
+        return key, _SegmentResult(
+            token_ids=np.asarray(res.tokens, dtype=np.int32),
+            prompt_ids=np.asarray(prompt, dtype=np.int32),
+            logprobs=np.asarray(res.logprobs, dtype=np.float64),
+            no_speech_prob=no_speech,
+            soft=pack_topk(*res.soft) if res.soft is not None else None,
+            segments=self._segments(res.tokens) if self.config.return_timestamps else None,
+        )
+
+    def _run_greedy(self, features) -> list[_SegmentResult]:
+        requests = self.requests(features, list(range(features.shape[0])))
+        pending = list(requests)
+
+        def take(k: int):
+            out = pending[:k]
+            del pending[:k]
+            return out
+
+        done = dict(self.segment_result(r) for r in self.stream(take, capacity=max(1, len(requests))))
+        return [done[b] for b in range(len(requests))]
 
     def prompts(self, hidden, timestamps: bool) -> list[list[int]]:
         """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps) for
@@ -869,26 +888,69 @@ class _ShardRunner:
         stop = threading.Event()
         worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name="pseudo-label-decode")
         worker.start()
-        try:
+        # Progress: an item counts once, when its last segment has a result (or when it failed).
+        left = {pos: 0 for pos in lengths}
+        for seg in segments:
+            left[seg.item] += 1
+        reported: set[int] = set()
+
+        def report(positions) -> None:
+            nonlocal audio_done
+            new = [p for p in positions if p not in reported]
+            reported.update(new)
+            secs = sum(durations[p] for p in new if p not in failures)
+            audio_done += secs
+            if new and self.on_batch is not None:
+                self.on_batch(len(new), secs)
+
+        def batches_in():
+            """The producer's batches, in order: ``(b, kept segments, prepared features)``."""
             while True:
                 msg = q.get()
                 if msg is None:
-                    break
+                    return
                 if isinstance(msg, BaseException):
                     raise msg
-                b, kept, prepared = msg
-                if kept:
-                    if isinstance(teacher, CTCTeacher):
-                        outs = teacher.run(prepared, [s.window for s in kept])
-                    else:
-                        outs = teacher.run(prepared)
-                    for s, r in zip(kept, outs):
-                        results[(s.item, s.chunk)] = r
-                finished = [p for p, last in last_use.items() if last == b]
-                secs = sum(durations[p] for p in finished if p not in failures)
-                audio_done += secs
-                if self.on_batch is not None:
-                    self.on_batch(len(finished), secs)
+                yield msg
+
+        def finished_segment(seg: _Segment, result: _SegmentResult) -> None:
+            results[(seg.item, seg.chunk)] = result
+            left[seg.item] -= 1
+            if left[seg.item] == 0:
+                report([seg.item])
+
+        try:
+            incoming = batches_in()
+            if isinstance(teacher, WhisperTeacher) and teacher.greedy is not None:
+                # one pool of decoder rows for the whole shard: a finished row is replaced at once by the
+                # next window, whatever batch it came in (no batch dwindling to its last rows)
+                waiting: deque = deque()
+
+                def take(k: int):
+                    while len(waiting) < k:
+                        msg = next(incoming, None)
+                        if msg is None:
+                            break
+                        b, kept, prepared = msg
+                        report([p for p in failures if last_use.get(p) == b])
+                        if kept:
+                            waiting.extend(teacher.requests(prepared, kept))
+                    return [waiting.popleft() for _ in range(min(k, len(waiting)))]
+
+                for res in teacher.stream(take, capacity=bs):
+                    seg, result = teacher.segment_result(res)
+                    finished_segment(seg, result)
+            else:
+                for b, kept, prepared in incoming:
+                    if kept:
+                        if isinstance(teacher, CTCTeacher):
+                            outs = teacher.run(prepared, [s.window for s in kept])
+                        else:
+                            outs = teacher.run(prepared)
+                        for seg, r in zip(kept, outs):
+                            finished_segment(seg, r)
+                    report([p for p in failures if last_use.get(p) == b])
+            report([p for p in lengths if p in failures])  # failed in a batch whose message came last
         finally:
             stop.set()
             while worker.is_alive():
