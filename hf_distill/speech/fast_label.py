@@ -58,10 +58,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue
-import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +73,7 @@ from hf_distill.speech.pseudo_label import (
     _SegmentResult,
     _ShardRunner,
     finalize,
+    prefetch,
     run_labelling_job,
 )
 
@@ -381,41 +380,6 @@ class _AudioCache:
         return audio
 
 
-def _prefetch(batches: list, build: Callable[[Any], Any], depth: int = 2):
-    """Yield ``(batch, build(batch))`` with up to ``depth`` next batches built ahead in a background thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                q.put((batch, build(batch)))
-            q.put(None)
-        except BaseException as exc:  # surface in the main thread
-            q.put(exc)
-
-    worker = threading.Thread(target=produce, daemon=True, name="packed-label-audio")
-    worker.start()
-    try:
-        while True:
-            msg = q.get()
-            if msg is None:
-                return
-            if isinstance(msg, BaseException):
-                raise msg
-            yield msg
-    finally:
-        stop.set()
-        while worker.is_alive():
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        worker.join()
-
-
 @dataclass
 class _UnitResult:
     tokens: list[int]  # text tokens (with re-based timestamp tokens when asked and available)
@@ -572,7 +536,7 @@ class _PackedShardRunner(_ShardRunner):
             return (kept, spans, voiced, t / self.sr), teacher.prepare([np.concatenate(parts)])
 
         bs = self.config.batch_size
-        built_jobs = _prefetch(jobs, build, depth=bs)
+        built_jobs = prefetch(jobs, build, depth=bs)
 
         def take(k: int) -> list[DecodeRequest]:
             ready = []  # (kind, meta, features)
@@ -610,30 +574,33 @@ class _PackedShardRunner(_ShardRunner):
                     requests.append(DecodeRequest((kind, ready[i][1], list(prompt)), hidden[i], prompt, ts))
             return requests
 
-        with torch.inference_mode():
-            for res in self.decoder.stream(take, capacity=bs):
-                kind, meta, prompt = res.key
-                if kind == "direct":
-                    results[(meta.item, meta.piece)] = self._direct_result(res, prompt)
-                    done([meta])
-                    continue
-                kept, spans, voiced, content_end = meta
-                segs = parse_timestamped(res.tokens, res.logprobs, timestamp_begin=self.timestamp_begin,
-                                         eos_id=teacher.eos_id, special_begin=self.special_begin,
-                                         time_precision=self.time_precision)
-                split, reason = assign_segments(segs, spans, self.config.pack_tolerance_s, content_end, voiced,
-                                                self.config.pack_max_uncovered_s, self.config.pack_tolerance_s)
-                if split is None:
-                    logger.debug("packed window of %d clips rejected: %s", len(kept), reason)
-                    self.stats["rejected_windows"] += 1
-                    self.stats["relabelled_units"] += len(kept)
-                    self.stats["direct_units"] += len(kept)
-                    rejected.extend(u for u, _ in kept)
-                    continue
-                for (u, offset), unit_segs in zip(kept, split):
-                    results[(u.item, u.piece)] = self._unit_result(unit_segs, offset / self.sr)
-                    self.stats["packed_units"] += 1
-                done([u for u, _ in kept])
+        try:
+            with torch.inference_mode():
+                for res in self.decoder.stream(take, capacity=bs):
+                    kind, meta, prompt = res.key
+                    if kind == "direct":
+                        results[(meta.item, meta.piece)] = self._direct_result(res, prompt)
+                        done([meta])
+                        continue
+                    kept, spans, voiced, content_end = meta
+                    segs = parse_timestamped(res.tokens, res.logprobs, timestamp_begin=self.timestamp_begin,
+                                             eos_id=teacher.eos_id, special_begin=self.special_begin,
+                                             time_precision=self.time_precision)
+                    split, reason = assign_segments(segs, spans, self.config.pack_tolerance_s, content_end, voiced,
+                                                    self.config.pack_max_uncovered_s, self.config.pack_tolerance_s)
+                    if split is None:
+                        logger.debug("packed window of %d clips rejected: %s", len(kept), reason)
+                        self.stats["rejected_windows"] += 1
+                        self.stats["relabelled_units"] += len(kept)
+                        self.stats["direct_units"] += len(kept)
+                        rejected.extend(u for u, _ in kept)
+                        continue
+                    for (u, offset), unit_segs in zip(kept, split):
+                        results[(u.item, u.piece)] = self._unit_result(unit_segs, offset / self.sr)
+                        self.stats["packed_units"] += 1
+                    done([u for u, _ in kept])
+        finally:
+            built_jobs.close()  # stops the audio thread
         self.stats["direct_units"] += len(singles)
         report([p for p in failures if remaining.get(p, 0) > 0])
         for p in failures:

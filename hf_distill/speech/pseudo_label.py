@@ -37,8 +37,9 @@ raw distribution at the step that produced that token, no decoding rule applied)
 
 Whisper decoding: greedy (``num_beams=1``, the default) runs on
 :class:`~hf_distill.speech.greedy_decoding.GreedyWhisperDecoder` (the tokens ``generate`` gives; log-probabilities
-and soft labels from the same pass); beam search runs ``generate`` and one teacher-forced pass for them. Whisper rows longer
-than one window are stitched from chunks and carry no soft labels (a Whisper student trains on windows).
+and soft labels from the same pass); beam search runs ``generate`` and one teacher-forced pass for them.
+Whisper rows longer than one window are stitched from chunks and carry no soft labels (a Whisper student
+trains on windows).
 
 Exactness: each shard's items and batches are a pure function of the configuration, so a run killed at
 any moment (even with SIGKILL) and restarted with the same command finishes with the same rows as an
@@ -64,7 +65,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -604,7 +605,8 @@ class WhisperTeacher(_Teacher):
 
         if timestamps in self._prompt_cache:
             return [list(self._prompt_cache[timestamps]) for _ in range(hidden.shape[0])]
-        per_row = bool(getattr(self.model.generation_config, "is_multilingual", False)) and "language" not in self.gen_kwargs
+        multilingual = bool(getattr(self.model.generation_config, "is_multilingual", False))
+        per_row = multilingual and "language" not in self.gen_kwargs
         probe = hidden if per_row else hidden[:1]
         kwargs: dict[str, Any] = {"max_new_tokens": 1, "return_dict_in_generate": True}
         for key in ("language", "task"):
@@ -787,6 +789,43 @@ def _schema(config: PseudoLabelConfig, teacher_kind: str):
 FILTER_COLUMNS = ("pass_wer", "pass_avg_logprob", "pass_no_speech", "pass_compression_ratio", "pass_mean_max_posterior")
 
 
+def prefetch(batches: list, build: Callable[[Any], Any], depth: int = 2):
+    """Yield ``(batch, build(batch))`` in order, the next ``depth`` built ahead in a background thread (audio
+    decoding and feature extraction overlap the teacher). ``build`` runs in that thread, one batch after
+    another; an exception it raises comes out here. Closing the generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                q.put((batch, build(batch)))
+            q.put(None)
+        except BaseException as exc:  # surface in the main thread
+            q.put(exc)
+
+    worker = threading.Thread(target=produce, daemon=True, name="pseudo-label-audio")
+    worker.start()
+    try:
+        while True:
+            msg = q.get()
+            if msg is None:
+                return
+            if isinstance(msg, BaseException):
+                raise msg
+            yield msg
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
 class _ShardRunner:
     """Labels the items of one shard; a pure function of (config, teacher, items)."""
 
@@ -849,45 +888,35 @@ class _ShardRunner:
         results: dict[tuple[int, int], _SegmentResult] = {}
         audio_done = 0.0
 
-        def produce(out_q: queue.Queue, stop: threading.Event):
-            cache: dict[int, np.ndarray] = {}
-            try:
-                for b, batch in enumerate(batches):
-                    if stop.is_set():
-                        return
-                    kept, audios = [], []
-                    for s in batch:
-                        if s.item in failures:
-                            continue
-                        audio = cache.get(s.item)
-                        if audio is None:
-                            try:
-                                audio, _ = decode_with_rate(items[s.item], teacher.sampling_rate)
-                            except Exception as exc:  # AudioError, or an unexpected decoder/resampler error
-                                reason = (
-                                    exc.reason
-                                    if isinstance(exc, AudioError)
-                                    else f"decode error: {type(exc).__name__}: {exc}"
-                                )
-                                failures[s.item] = AudioFailure(items[s.item].id, items[s.item].path, reason)
-                                continue
-                            want = lengths[s.item]  # planned from the header; decoders may differ by a few samples
-                            audio = audio[:want] if len(audio) >= want else np.pad(audio, (0, want - len(audio)))
-                            cache[s.item] = audio
-                        kept.append(s)
-                        audios.append(audio[s.window.start : s.window.end])
-                    for pos in [p for p, last in last_use.items() if last == b]:
-                        cache.pop(pos, None)
-                    prepared = teacher.prepare(audios) if kept else None
-                    out_q.put((b, kept, prepared))
-                out_q.put(None)
-            except BaseException as exc:  # surface in the main thread
-                out_q.put(exc)
+        audio_cache: dict[int, np.ndarray] = {}
 
-        q: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-        worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name="pseudo-label-decode")
-        worker.start()
+        def build(numbered):
+            """Decode the audio of batch ``b`` (each recording once; freed after its last batch) and prepare
+            the teacher's inputs: ``(kept segments, prepared features or None)``."""
+            b, batch = numbered
+            kept, audios = [], []
+            for s in batch:
+                if s.item in failures:
+                    continue
+                audio = audio_cache.get(s.item)
+                if audio is None:
+                    try:
+                        audio, _ = decode_with_rate(items[s.item], teacher.sampling_rate)
+                    except Exception as exc:  # AudioError, or an unexpected decoder/resampler error
+                        reason = (exc.reason if isinstance(exc, AudioError)
+                                  else f"decode error: {type(exc).__name__}: {exc}")
+                        failures[s.item] = AudioFailure(items[s.item].id, items[s.item].path, reason)
+                        continue
+                    want = lengths[s.item]  # planned from the header; decoders may differ by a few samples
+                    audio = audio[:want] if len(audio) >= want else np.pad(audio, (0, want - len(audio)))
+                    audio_cache[s.item] = audio
+                kept.append(s)
+                audios.append(audio[s.window.start : s.window.end])
+            for pos in [p for p, last in last_use.items() if last == b]:
+                audio_cache.pop(pos, None)
+            return kept, (teacher.prepare(audios) if kept else None)
+
+        built = prefetch(list(enumerate(batches)), build)
         # Progress: an item counts once, when its last segment has a result (or when it failed).
         left = {pos: 0 for pos in lengths}
         for seg in segments:
@@ -903,24 +932,14 @@ class _ShardRunner:
             if new and self.on_batch is not None:
                 self.on_batch(len(new), secs)
 
-        def batches_in():
-            """The producer's batches, in order: ``(b, kept segments, prepared features)``."""
-            while True:
-                msg = q.get()
-                if msg is None:
-                    return
-                if isinstance(msg, BaseException):
-                    raise msg
-                yield msg
-
         def finished_segment(seg: _Segment, result: _SegmentResult) -> None:
             results[(seg.item, seg.chunk)] = result
             left[seg.item] -= 1
             if left[seg.item] == 0:
                 report([seg.item])
 
+        incoming = ((b, kept, prepared) for (b, _), (kept, prepared) in built)
         try:
-            incoming = batches_in()
             if isinstance(teacher, WhisperTeacher) and teacher.greedy is not None:
                 # one pool of decoder rows for the whole shard: a finished row is replaced at once by the
                 # next window, whatever batch it came in (no batch dwindling to its last rows)
@@ -952,13 +971,7 @@ class _ShardRunner:
                     report([p for p in failures if last_use.get(p) == b])
             report([p for p in lengths if p in failures])  # failed in a batch whose message came last
         finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            worker.join()
+            built.close()  # stops the audio thread
 
         rows = []
         for pos, item in enumerate(items):
