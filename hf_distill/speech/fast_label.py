@@ -72,7 +72,6 @@ from hf_distill.speech.pseudo_label import (
     WhisperTeacher,
     _SegmentResult,
     _ShardRunner,
-    finalize,
     prefetch,
     run_labelling_job,
 )
@@ -729,9 +728,8 @@ def config_from(base: PseudoLabelConfig, **packing) -> PackedLabelConfig:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``pseudo-label`` with packing: every flag of ``hf-distill pseudo-label`` plus the packing settings."""
-    import sys
 
-    from hf_distill.speech.pseudo_label import ConfigMismatchError, _parser
+    from hf_distill.speech.pseudo_label import _parser, run_cli_job
 
     parser = _parser()
     parser.prog = "hf-distill pseudo-label-packed"
@@ -742,23 +740,9 @@ def cli_main(argv: list[str] | None = None) -> int:
                  "max_piece_s", "pause_search_s"):
         g.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=float,
                        default=defaults[name].default)
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.finalize:
-        summary = finalize(args.output_dir)
-        print(json.dumps(summary, indent=2, sort_keys=True))
-        return 0
-    if not args.input or not args.model:
-        print("error: INPUT and --model are required (unless --finalize)", file=sys.stderr)
-        return 2
-    names = {f.name for f in dataclasses.fields(PackedLabelConfig)}
-    try:
-        config = PackedLabelConfig(**{k: v for k, v in vars(args).items() if k in names})
-        result = packed_pseudo_label(config)
-    except (ConfigMismatchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    code, result = run_cli_job(parser.parse_args(argv), PackedLabelConfig, packed_pseudo_label)
+    if result is None:
+        return code
     print(json.dumps({k: result[k] for k in ("shards_computed", "shards_skipped", "rows", "failures", "packing")}))
     return 0
 

@@ -1579,8 +1579,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_cli_job(args: argparse.Namespace, config_cls: type[PseudoLabelConfig],
+                job: Callable[[Any], dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+    """What the labelling commands share: logging, ``--finalize``, the required arguments, the config from
+    the flags and the job, bad input reported in one line. Returns ``(exit code, job result or None)``."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.finalize:
@@ -1588,19 +1590,24 @@ def cli_main(argv: list[str] | None = None) -> int:
             summary = finalize(args.output_dir)
         except (RuntimeError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 1, None
         print(json.dumps(summary, indent=2, sort_keys=True))
-        return 0
+        return 0, None
     if not args.input or not args.model:
         print("error: INPUT and --model are required (unless --finalize)", file=sys.stderr)
-        return 2
-    fields = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
-    config = PseudoLabelConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        return 2, None
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        result = pseudo_label(config)
-    except ConfigMismatchError as exc:
+        return 0, job(config_cls(**{k: v for k, v in vars(args).items() if k in fields}))
+    except (ConfigMismatchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2, None
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    code, result = run_cli_job(_parser().parse_args(argv), PseudoLabelConfig, pseudo_label)
+    if result is None:
+        return code
     msg = (
         f"{result['shards_computed']} shards labelled, {result['shards_skipped']} already done; "
         f"{result['rows']} rows, {result['failures']} failures in this run"
@@ -1609,7 +1616,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         s = result["summary"]
         msg += (
             f"; store complete: {s['rows']} rows, {s['kept']} kept, {s['failures']} failures, "
-            f"{s['audio_hours']:.3f} h of audio -> {Path(config.output_dir) / 'summary.json'}"
+            f"{s['audio_hours']:.3f} h of audio -> {Path(result['output_dir']) / 'summary.json'}"
         )
     print(msg)
     return 0
