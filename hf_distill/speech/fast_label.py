@@ -627,18 +627,13 @@ class _PackedShardRunner(_ShardRunner):
 
     def _direct_result(self, res, prompt: list[int]) -> _UnitResult:
         """A unit decoded alone in its window (``res``: its :class:`DecodeResult`)."""
-        import torch
-
         t = self.teacher
         tok, lp = list(res.tokens), list(res.logprobs)
         ended = bool(tok) and tok[-1] == t.eos_id
         if ended:  # end-of-text is added back once per row
             tok, lp = tok[:-1], lp[:-1]
         segments = [dict(x) for x in t._segments(tok)] if self.config.return_timestamps else []
-        ns = None
-        if t.no_speech_id is not None and prompt and prompt[0] == t.sot_id:
-            ns = float(torch.softmax(res.first_logits, dim=-1)[t.no_speech_id])
-        return _UnitResult(tok, lp, segments, ns, packed=False, ended=ended)
+        return _UnitResult(tok, lp, segments, t.no_speech_prob(res.first_logits, prompt), packed=False, ended=ended)
 
     def _unit_result(self, segs: list[Segment], offset_s: float) -> _UnitResult:
         tokens: list[int] = []

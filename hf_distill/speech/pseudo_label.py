@@ -505,8 +505,6 @@ class WhisperTeacher(_Teacher):
         from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
 
         model = self.model
-        if self.greedy is not None:
-            return self._run_greedy(features)
         with torch.inference_mode():
             encoder_outputs = self.encode_audio(features)
             gen = model.generate(encoder_outputs=encoder_outputs, **self.gen_kwargs)
@@ -528,9 +526,7 @@ class WhisperTeacher(_Teacher):
             logp = torch.log_softmax(row_logits, dim=-1)
             tok_t = torch.as_tensor(tokens, dtype=torch.long, device=logp.device)
             token_logprobs = logp.gather(-1, tok_t[:, None])[:, 0] if len(tokens) else logp.new_zeros(0)
-            no_speech = None
-            if self.no_speech_id is not None and seq and seq[0] == self.sot_id:
-                no_speech = float(torch.softmax(logits[b, 0].float(), dim=-1)[self.no_speech_id])
+            no_speech = self.no_speech_prob(logits[b, 0], seq)
             soft = None
             if self.config.top_k:
                 idx, probs, tail = topk_from_logits(row_logits, self.config.top_k, self.config.soft_label_temperature)
@@ -567,15 +563,19 @@ class WhisperTeacher(_Teacher):
         with self._torch.inference_mode():
             yield from self.greedy.stream(take, capacity=capacity, soft_labels=soft_labels)
 
+    def no_speech_prob(self, first_logits, prompt: Sequence[int]) -> float | None:
+        """Probability of the no-speech token at the first decoding position (raw ``first_logits`` [V]), as
+        Whisper computes it; None without such a token or when the prompt does not open the transcript."""
+        if self.no_speech_id is None or not len(prompt) or int(prompt[0]) != self.sot_id:
+            return None
+        return float(self._torch.softmax(first_logits.float(), dim=-1)[self.no_speech_id])
+
     def segment_result(self, res) -> tuple[Any, _SegmentResult]:
         """``(key, result)`` of a finished :class:`~hf_distill.speech.greedy_decoding.DecodeResult`."""
         from hf_distill.speech.soft_labels import pack_topk
 
-        torch = self._torch
         key, prompt = res.key
-        no_speech = None
-        if self.no_speech_id is not None and prompt and prompt[0] == self.sot_id:
-            no_speech = float(torch.softmax(res.first_logits, dim=-1)[self.no_speech_id])
+        no_speech = self.no_speech_prob(res.first_logits, prompt)
         return key, _SegmentResult(
             token_ids=np.asarray(res.tokens, dtype=np.int32),
             prompt_ids=np.asarray(prompt, dtype=np.int32),
@@ -584,18 +584,6 @@ class WhisperTeacher(_Teacher):
             soft=pack_topk(*res.soft) if res.soft is not None else None,
             segments=self._segments(res.tokens) if self.config.return_timestamps else None,
         )
-
-    def _run_greedy(self, features) -> list[_SegmentResult]:
-        requests = self.requests(features, list(range(features.shape[0])))
-        pending = list(requests)
-
-        def take(k: int):
-            out = pending[:k]
-            del pending[:k]
-            return out
-
-        done = dict(self.segment_result(r) for r in self.stream(take, capacity=max(1, len(requests))))
-        return [done[b] for b in range(len(requests))]
 
     def prompts(self, hidden, timestamps: bool) -> list[list[int]]:
         """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps) for
