@@ -234,19 +234,21 @@ class GreedyWhisperDecoder:
 
     # ------------------------------------------------------------------------------------------ rules
 
-    def _apply_rules(self, scores, t: dict[str, Any]) -> None:
+    def _apply_rules(self, scores, t: dict[str, Any], any_first: bool, any_timestamps: bool) -> None:
         """In place on ``scores`` [B, V], each row by its own state (``t``: the pool's tensors). Masks are
-        applied to the slices they concern (text part, timestamp part), not built over the whole vocabulary."""
+        applied to the slices they concern (text part, timestamp part), not built over the whole vocabulary.
+        ``any_first`` / ``any_timestamps``: whether some row is at its first token / decodes timestamps
+        (known on the host: asking the tensors would wait for the device every step)."""
         import torch
 
         neg = float("-inf")
         n, ts = t["n"], t["ts"]
         first = n == 0
-        if self.begin_suppress and bool(first.any()):
+        if self.begin_suppress and any_first:
             scores[:, self.begin_suppress] = scores[:, self.begin_suppress].masked_fill(first[:, None], neg)
         if self.suppress:
             scores[:, self.suppress] = neg
-        if self.tb is None or not bool(ts.any()):
+        if self.tb is None or not any_timestamps:
             return
         tb = self.tb
         text, stamps = scores[:, :tb], scores[:, tb:]  # views
@@ -372,16 +374,20 @@ class GreedyWhisperDecoder:
                 top = topk_from_logits(logits, soft_labels[0], soft_labels[1])
                 for r, row in enumerate(zip(*top)):
                     pool.soft[r].append(row)
-            self._apply_rules(logits, t)
+            self._apply_rules(logits, t, any_first=any(not tokens for tokens in pool.tokens),
+                              any_timestamps=any(r.timestamps for r in pool.requests))
             nxt = logits.argmax(dim=-1)
             lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
             t["n"] = t["n"] + 1
             t["pen"], t["last"] = t["last"], nxt
             if self.tb is not None:
                 t["last_ts"] = torch.where(t["ts"] & (nxt >= self.tb), nxt, t["last_ts"])
-            done = ((nxt == self.eos) | (t["n"] >= t["limit"])).tolist()
+            done = (nxt == self.eos) | (t["n"] >= t["limit"])
+            # one device-to-host transfer per step: chosen tokens, their log-probabilities, finished rows
+            host = torch.stack([nxt.double(), lp.double(), done.double()]).tolist()
             keep = []
-            for r, (tok, v, d) in enumerate(zip(nxt.tolist(), lp.tolist(), done)):
+            for r, (tok, v, d) in enumerate(zip(*host)):
+                tok, d = int(tok), bool(d)
                 pool.tokens[r].append(tok)
                 pool.logprobs[r].append(v)
                 if d:
