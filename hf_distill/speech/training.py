@@ -160,7 +160,26 @@ def _logprobs(probs: np.ndarray) -> np.ndarray:
 # Whisper
 
 
-class WhisperPseudoLabelDataset(torch.utils.data.Dataset):
+class _StoreRowsDataset(torch.utils.data.Dataset):
+    """Rows of a pseudo-label store whose audio is read (at the feature extractor's rate) when an example is
+    built: ``rows`` a ``datasets.Dataset`` of store rows (or a list of row dicts), ``items`` ``id -> AudioItem``
+    to read audio from (default: the row's ``path`` as a file), ``soft_labels`` to attach the stored top-k."""
+
+    def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None, soft_labels: bool):
+        self.rows = rows
+        self.feature_extractor = feature_extractor
+        self.items = items
+        self.soft_labels = soft_labels
+        self.sampling_rate = int(feature_extractor.sampling_rate)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def audio(self, row: Mapping) -> np.ndarray:
+        return decode(_item_for(row, self.items), self.sampling_rate)
+
+
+class WhisperPseudoLabelDataset(_StoreRowsDataset):
     """Store rows -> Whisper training examples (see the module docstring).
 
     Args:
@@ -173,19 +192,12 @@ class WhisperPseudoLabelDataset(torch.utils.data.Dataset):
 
     def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
                  soft_labels: bool = False, max_label_length: int = 448):
-        self.rows = rows
-        self.feature_extractor = feature_extractor
-        self.items = items
-        self.soft_labels = soft_labels
+        super().__init__(rows, feature_extractor, items=items, soft_labels=soft_labels)
         self.max_label_length = max_label_length
-        self.sampling_rate = int(feature_extractor.sampling_rate)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def features(self, row: Mapping) -> np.ndarray:
-        audio = decode(_item_for(row, self.items), self.sampling_rate)
-        return self.feature_extractor(audio, sampling_rate=self.sampling_rate, return_tensors="np").input_features[0]
+        return self.feature_extractor(self.audio(row), sampling_rate=self.sampling_rate,
+                                      return_tensors="np").input_features[0]
 
     def example(self, row: Mapping) -> dict[str, Any]:
         """Everything but the audio features: decoder inputs, labels and soft labels of one row."""
@@ -386,25 +398,18 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int) -> 
 # CTC
 
 
-class CTCPseudoLabelDataset(torch.utils.data.Dataset):
+class CTCPseudoLabelDataset(_StoreRowsDataset):
     """Store rows of a CTC teacher -> ``input_values``, ``labels`` (collapsed pseudo-transcript) and
     the stored per-frame top-k soft labels."""
 
     def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
                  soft_labels: bool = True):
-        self.rows = rows
-        self.feature_extractor = feature_extractor
-        self.items = items
-        self.soft_labels = soft_labels
-        self.sampling_rate = int(feature_extractor.sampling_rate)
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        super().__init__(rows, feature_extractor, items=items, soft_labels=soft_labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[int(i)]
-        audio = decode(_item_for(row, self.items), self.sampling_rate)
-        values = self.feature_extractor(audio, sampling_rate=self.sampling_rate, return_tensors="np").input_values[0]
+        values = self.feature_extractor(self.audio(row), sampling_rate=self.sampling_rate,
+                                        return_tensors="np").input_values[0]
         out: dict[str, Any] = {"input_values": values.astype(np.float32), "labels": [int(x) for x in row["token_ids"]]}
         if self.soft_labels:
             idx, probs, tail = _soft_arrays(row)
