@@ -83,6 +83,17 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Several teachers: 'average' their probabilities into one target, or 'separate' terms.",
                   "choices": ["average", "separate"]},
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "A non-finite teacher output or loss term: 'stop' the run at that step with a message "
+                          "(default), or 'skip' the batch (counted and logged as nonfinite_skipped).",
+                  "choices": ["stop", "skip"]},
+    )
+    start_fresh: bool = field(
+        default=False,
+        metadata={"help": "Ignore the checkpoints in output_dir and train from scratch (needed when the "
+                          "distillation settings changed since they were written)."},
+    )
     restrict_kd_to_mask: bool = field(
         default=False, metadata={"help": "Masked LM: compute the KL only at masked positions (default: every real token)."}
     )

@@ -1,14 +1,22 @@
 """The ``hf-distill`` command line: one subcommand per long-running job.
 
 Each subcommand lives next to the code it drives, as a ``cli_main(argv) -> int`` function, and is
-imported only when called (so ``hf-distill --help`` stays fast).
+imported only when called (so ``hf-distill --help`` stays fast). Bad input (``ValueError``,
+``FileNotFoundError``, :class:`CommandError`, ...) ends a subcommand with exit code 2 and one line
+that says what to change; set ``HF_DISTILL_TRACEBACK=1`` to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+
+class CommandError(Exception):
+    """Bad input to a subcommand: printed as one line (``hf-distill CMD: error: ...``), exit code 2."""
+
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "init-student": ("hf_distill.students:cli_main", "build a smaller student from a teacher's layers"),
@@ -35,7 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[argv[0]]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(argv[1:]) or 0)
+    try:
+        return int(func(argv[1:]) or 0)
+    except CommandError as exc:
+        print(f"hf-distill {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # Bad input found by the library: one line that says what to change, no traceback.
+        # HF_DISTILL_TRACEBACK=1 shows the traceback too.
+        if os.environ.get("HF_DISTILL_TRACEBACK"):
+            raise
+        print(f"hf-distill {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-distill {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from . import losses
 from .arguments import DistillationArguments
+from .checkpoints import DistillationCheckpointMixin
 from .objectives import ModelTensors, StepTensors, build_objective
 from .qkv import QKVRecorder
 from .teachers import (
@@ -41,7 +42,6 @@ from .teachers import (
     unwrap,
 )
 
-OBJECTIVE_STATE = "distillation_objective.pt"
 # Columns that carry teacher outputs computed ahead of time; the Trainer must not drop them.
 CACHED_TEACHER_COLUMNS = ("teacher_logits",)
 
@@ -61,7 +61,7 @@ class _SyncObjectiveGradients(TrainerCallback):
                     p.grad /= trainer.accelerator.num_processes
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(DistillationCheckpointMixin, Trainer):
     """Distil ``teacher`` into ``model`` (the student). All other arguments are ``Trainer``'s.
 
     Args:
@@ -183,27 +183,13 @@ class DistillationTrainer(Trainer):
                         cached.append(name)
             self._signature_columns += [c for c in dict.fromkeys(cached) if c not in self._signature_columns]
 
-    # ------------------------------------------------------------------ optimiser and checkpoints
+    # ------------------------------------------------------------------ optimiser
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         if params and not any(p is q for g in optimizer.param_groups for q in g["params"] for p in params[:1]):
             optimizer.add_param_group({"params": params, "weight_decay": 0.0})
         return optimizer
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if any(True for _ in self.objective.parameters()) and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            torch.save(self.objective.state_dict(), folder / OBJECTIVE_STATE)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        path = Path(resume_from_checkpoint) / OBJECTIVE_STATE
-        if path.exists():
-            self.objective.load_state_dict(torch.load(path, map_location=self.args.device))
 
     def _masks(self, inputs: dict, labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         """Boolean masks over positions for each family of terms (None: every row counts)."""
