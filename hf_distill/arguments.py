@@ -11,36 +11,16 @@ that override the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .modeling import parse_layer_map
+
+__all__ = ["DistillationArguments", "TEACHER_DTYPES", "parse_layer_map"]
+
 TEACHER_DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
-def parse_layer_map(spec: str | dict | None) -> list[tuple[int, int]]:
-    """Parse ``"s:t,s:t"`` (or a ``{s: t}`` mapping) into ``[(student_index, teacher_index), ...]``.
-
-    Indices refer to ``output_hidden_states`` (0 = embeddings, -1 = last layer).
-    """
-    if spec is None or spec == "":
-        return []
-    if isinstance(spec, dict):
-        return [(int(s), int(t)) for s, t in spec.items()]
-    pairs = []
-    for item in str(spec).split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            s, t = item.split(":")
-            pairs.append((int(s), int(t)))
-        except ValueError:
-            raise ValueError(
-                f"cannot read layer pair {item!r} in {spec!r}; write student:teacher pairs of hidden-state "
-                "indices separated by commas, e.g. '-1:-1' or '2:4,4:8,6:12' (0 = embeddings, -1 = last)"
-            ) from None
-    return pairs
 
 
 @dataclass
@@ -49,6 +29,11 @@ class DistillationArguments(TrainingArguments):
 
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher model: a Hub id or a local directory (or pass `teacher=` in code)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a teacher loaded from a path / Hub id to run its own modelling code (off: only "
+                          "code shipped with transformers runs)."},
     )
     teacher_dtype: str = field(
         default="float32",
@@ -99,6 +84,17 @@ class DistillationArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Refuse NaN and inf in every float setting before anything else looks at them: a NaN weight or
+        # learning rate trains a NaN student that would otherwise be saved with exit code 0.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"{f.name} is NaN; give a number")
+        for name in ("learning_rate", "temperature", "kd_weight", "task_weight", "cos_weight", "mse_weight",
+                     "hidden_mse_weight", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
+            value = getattr(self, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isinf(value):
+                raise ValueError(f"{name} is {value}; give a finite number")
         super().__post_init__()
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
@@ -107,16 +103,33 @@ class DistillationArguments(TrainingArguments):
         for name in ("kd_weight", "task_weight", "cos_weight", "mse_weight", "hidden_mse_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.layer_pairs = parse_layer_map(self.hidden_layer_map)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        self.layer_pairs = parse_layer_map(self.hidden_layer_map, what="hidden_layer_map")
         if self.multi_teacher not in ("average", "separate"):
             raise ValueError(f"multi_teacher must be 'average' or 'separate', got {self.multi_teacher!r}")
-        self.teacher_weight_list = None
-        if self.teacher_weights:
-            weights = [float(w) for w in str(self.teacher_weights).split(",") if w.strip()]
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights!r}")
-            self.teacher_weight_list = [w / sum(weights) for w in weights]
+        self.teacher_weight_list = self._parse_teacher_weights(self.teacher_weights)
         if self.distillation is not None:
             from .objectives import parse_distillation_spec
 
             parse_distillation_spec(self.distillation)  # fail on a malformed list now, not at the first step
+
+    @staticmethod
+    def _parse_teacher_weights(spec) -> list[float] | None:
+        """``"1,3"`` (or ``[1, 3]``) -> normalised weights ``[0.25, 0.75]``; None when not given."""
+        if spec is None or spec == "":
+            return None
+        items = spec if isinstance(spec, (list, tuple)) else [w for w in str(spec).split(",") if w.strip()]
+        weights = []
+        for item in items:
+            try:
+                weight = float(item)
+            except (TypeError, ValueError):
+                raise ValueError(f"teacher_weights must be comma-separated numbers such as '1,3', got {spec!r} "
+                                 f"({item!r} is not a number)") from None
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"teacher_weights must be finite and >= 0, got {item!r} in {spec!r}")
+            weights.append(weight)
+        if not weights or sum(weights) <= 0:
+            raise ValueError(f"teacher_weights must have a positive sum, got {spec!r}")
+        return [w / sum(weights) for w in weights]

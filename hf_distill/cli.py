@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"hf-distill {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
         # Bad input found by the library: one line that says what to change, no traceback.
         # HF_DISTILL_TRACEBACK=1 shows the traceback too.
         if os.environ.get("HF_DISTILL_TRACEBACK"):

@@ -10,18 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .teachers import unwrap
+from .modeling import layer_list
 
 QUERY_NAMES = ("query", "q_lin", "q_proj", "q")
 KEY_NAMES = ("key", "k_lin", "k_proj", "k")
 VALUE_NAMES = ("value", "v_lin", "v_proj", "v")
-
-
-def _layer_list(model: nn.Module) -> nn.ModuleList:
-    from .students import find_layer_list
-
-    base = unwrap(model)
-    return base.get_submodule(find_layer_list(base))
 
 
 def find_qkv(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -47,10 +40,10 @@ class QKVRecorder:
 
     def __init__(self, model: nn.Module, layers):
         self.model = model
-        layer_list = _layer_list(model)
-        n = len(layer_list)
+        layers_module = layer_list(model)
+        n = len(layers_module)
         self.layers = sorted({i % n for i in layers})
-        self.modules = {i: find_qkv(layer_list[i]) for i in self.layers}
+        self.modules = {i: find_qkv(layers_module[i]) for i in self.layers}
         self._handles: list = []
         self._store: dict[int, list[torch.Tensor | None]] = {}
 
@@ -76,7 +69,7 @@ class QKVRecorder:
     def take(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         store, self._store = self._store, {}
         out = {}
-        n = len(_layer_list(self.model))
+        n = len(layer_list(self.model))
         for i, (q, k, v) in store.items():
             if q is None or k is None or v is None:
                 raise RuntimeError(f"layer {i}: query/key/value projections did not run in the forward pass")

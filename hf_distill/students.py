@@ -44,6 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modeling import count_parameters, find_layer_list, parse_layer_list
+from .modeling import num_layers as count_layers
+from .teachers import load_teacher
+
 __all__ = [
     "select_layers",
     "build_student",
@@ -96,10 +100,7 @@ _DISTILBERT_HEADS = {
     "DistilBertForQuestionAnswering": {"qa_outputs": "qa_outputs"},
 }
 
-_TASK_CLASSES = {
-    "mlm": "AutoModelForMaskedLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-}
+_TASK_CLASSES = {"mlm": "masked_lm", "sequence-classification": "sequence_classification"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def _resolve_layers(total: int, num_layers: int | None, layers: list[int] | None
             num_layers = max(1, total // 2)
         return select_layers(total, num_layers)
     if isinstance(layers, str):
-        layers = _parse_layer_list(layers)
+        layers = parse_layer_list(layers)
     layers = [_check_int(f"each entry of {what}", i) for i in layers]
     if not layers:
         raise ValueError(f"{what} is empty: give at least one teacher layer index (0 to {total - 1})")
@@ -170,39 +171,16 @@ def _resolve_layers(total: int, num_layers: int | None, layers: list[int] | None
     return list(layers)
 
 
-def _parse_layer_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise ValueError(f"cannot read layer list {text!r}: write comma-separated indices such as 0,2,4,7,9,11") from None
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _num_params(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _load_teacher(path: str | os.PathLike, task: str = "auto"):
     """Load a teacher checkpoint, keeping the class it was saved with (``task="auto"``)."""
-    import transformers
-    from transformers import AutoConfig
-
-    path = str(path)
-    if task != "auto":
-        if task not in _TASK_CLASSES:
-            raise ValueError(f"unknown task {task!r}: choose one of auto, {', '.join(_TASK_CLASSES)}")
-        return getattr(transformers, _TASK_CLASSES[task]).from_pretrained(path)
-    config = AutoConfig.from_pretrained(path)
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls.from_pretrained(path)
-    return transformers.AutoModelForMaskedLM.from_pretrained(path)
+    if task not in ("auto", *_TASK_CLASSES):
+        raise ValueError(f"unknown task {task!r}: choose one of auto, {', '.join(_TASK_CLASSES)}")
+    return load_teacher(path, task=_TASK_CLASSES.get(task, "auto"), dtype="auto")
 
 
 def _as_model(teacher, task: str = "auto"):
@@ -256,55 +234,6 @@ def _copy_state(teacher, student, layer_maps: dict[str, list[int]]) -> None:
         student.load_state_dict(target, strict=True)
 
 
-def _layer_count(config) -> int:
-    count = getattr(config, "num_hidden_layers", None)
-    if not isinstance(count, int):
-        raise ValueError(f"unsupported architecture {type(config).__name__}: its config has no num_hidden_layers")
-    return count
-
-
-def find_layer_list(model: nn.Module, num_layers: int | None = None) -> str:
-    """Dotted name of the ``nn.ModuleList`` holding a model's transformer layers.
-
-    Tries the usual places first (``<base>.encoder.layer``, ``<base>.encoder.layers``,
-    ``<base>.transformer.layer``, ``<base>.layers``, ``<base>.h``), then any ModuleList with one
-    entry per layer whose name ends in ``layer``/``layers``/``h``/``block``.
-    """
-    if num_layers is None:
-        num_layers = _layer_count(model.config)
-    base = getattr(model, "base_model_prefix", "")
-    names = ("encoder.layer", "encoder.layers", "transformer.layer", "transformer.h", "layers", "layer", "h")
-    prefixes = [f"{base}." if base and hasattr(model, base) else "", ""]
-    for prefix in dict.fromkeys(prefixes):
-        for name in names:
-            try:
-                module = model.get_submodule(prefix + name)
-            except AttributeError:
-                continue
-            if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-                return prefix + name
-    found = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) == num_layers
-        and name.rsplit(".", 1)[-1] in {"layer", "layers", "h", "block", "blocks"}
-    ]
-    if len(found) == 1:
-        return found[0]
-    encoder = [name for name in found if "encoder" in name]
-    if len(encoder) == 1:
-        return encoder[0]
-    if not found:
-        raise ValueError(
-            f"unsupported architecture {type(model).__name__}: found no nn.ModuleList with its {num_layers} layers "
-            "(models that share one layer, such as ALBERT, cannot be shrunk by copying layers)"
-        )
-    raise ValueError(
-        f"unsupported architecture {type(model).__name__}: several layer lists {found}; cannot tell which to shrink"
-    )
-
-
 def _subset_per_layer_config(config, total: int, layers: list[int]) -> None:
     """Shrink per-layer config lists (such as ``layer_types``) to the chosen layers."""
     for attr in ("layer_types",):
@@ -325,7 +254,7 @@ def _build_same(teacher, layers: list[int] | None, num_layers: int | None) -> tu
             f"unsupported architecture {type(teacher).__name__}: encoder-decoder models need their own recipe; "
             "use build_whisper_student for Whisper"
         )
-    total = _layer_count(config)
+    total = count_layers(config)
     layer_path = find_layer_list(teacher, total)
     chosen = _resolve_layers(total, num_layers, layers)
     student_config = copy.deepcopy(config)
@@ -517,8 +446,8 @@ def _save(student, teacher, info: dict, output_dir, tokenizer, teacher_source: s
 
 
 def _finish(student, teacher, teacher_name: str, info: dict, output_dir, tokenizer, speech: bool = False):
-    teacher_params = _num_params(teacher)
-    student_params = _num_params(student)
+    teacher_params = count_parameters(teacher)
+    student_params = count_parameters(student)
     info = {
         "teacher": teacher_name,
         "teacher_class": type(teacher).__name__,
@@ -791,7 +720,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        layers = _parse_layer_list(args.layers) if args.layers is not None else None
+        layers = parse_layer_list(args.layers) if args.layers is not None else None
         teacher = _load_teacher(args.teacher, args.task)
         _, info = _build_student_with_info(
             teacher,

@@ -6,7 +6,7 @@ A teacher is never trained, never wrapped for data parallelism and never saved w
 from __future__ import annotations
 
 import argparse
-import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +22,18 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .modeling import forward_parameters, output_size, task_kind, unwrap
+
+__all__ = [
+    "cache_teacher_logits",
+    "check_model_path",
+    "check_same_vocabulary",
+    "find_teacher_tokenizer",
+    "load_teacher",
+    "place_teacher",
+    "teacher_mixture_weights",
+]
+
 TASK_AUTO_CLASSES = {
     "masked_lm": AutoModelForMaskedLM,
     "causal_lm": AutoModelForCausalLM,
@@ -32,93 +44,110 @@ TASK_AUTO_CLASSES = {
     "base": AutoModel,
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
-def unwrap(model):
-    """The underlying transformers model of a PEFT / DDP / compiled wrapper."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``namespace/name``; anything else (absolute, ./, ~, deeper) is a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+            or name.endswith("/"))
+
+
+def check_model_path(name_or_path: str | Path, what: str = "teacher") -> str:
+    """Fail early, with a message, on a model path that cannot be a model: a missing local folder, a file,
+    or a folder without ``config.json``. Hub ids (``org/name``) pass through."""
+    name = os.fspath(name_or_path)
+    if not name.strip():
+        raise ValueError(f"the {what} path is empty; give a model directory or a Hub id such as org/name")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{what} {name!r} is a file, not a model directory (a folder with config.json "
+                                     "and weights, as written by save_pretrained)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{what} directory {name!r} has no config.json: it is not a saved transformers "
+                                    "model (save one with model.save_pretrained(dir))")
+        return str(path)
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(f"{what} directory {name!r} does not exist; check the path (Hub ids look like "
+                                "org/name)")
+    return name
+
+
+def load_teacher(name_or_path: str | Path, *, task: str = "auto", dtype: str = "float32",
+                 trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+    """Load a teacher from a directory or Hub id with the auto class of ``task``.
+
+    ``task`` is the student's kind of head (``masked_lm``, ``sequence_classification``, ...), or
+    ``auto`` for the class the checkpoint was saved with. Weights load from safetensors where the
+    checkpoint has them; ``trust_remote_code`` stays off unless asked. A teacher whose output head
+    (or any other weight) would be newly initialised because the checkpoint lacks it is an error:
+    a random head gives random soft targets.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    name = check_model_path(name_or_path)
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"teacher dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    if task != "auto" and task not in TASK_AUTO_CLASSES:
+        raise ValueError(f"unknown teacher task {task!r}; choose auto or one of {', '.join(TASK_AUTO_CLASSES)}")
+    load_kwargs = {"dtype": DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code, **kwargs}
+    try:
+        if task == "auto":
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            classes = [getattr(transformers, a, None) for a in getattr(config, "architectures", None) or []]
+            auto_cls = next((c for c in classes if c is not None), AutoModel)
         else:
-            return model
+            auto_cls = TASK_AUTO_CLASSES[task]
+        model, info = auto_cls.from_pretrained(name, output_loading_info=True, **load_kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot load the teacher {name!r}: {str(exc).splitlines()[0]} (give a local "
+                                "directory with config.json and weights, or a Hub id that is in the local cache "
+                                "when offline)") from exc
+    new = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
+                                                        for k in info.get("mismatched_keys") or ()})
+    if new:
+        raise ValueError(
+            f"the teacher {name!r} has no trained weights for {len(new)} tensor(s) of {type(model).__name__} "
+            f"(e.g. {new[:4]}): they would be randomly initialised, and a teacher with a random head gives random "
+            f"soft targets. Give a checkpoint saved with this head (task {task!r}), or fine-tune the teacher first")
+    return model
 
 
-def task_kind(model) -> str:
-    """Which kind of head a model has: masked_lm, causal_lm, seq2seq_lm, sequence/token_classification, base."""
-    name = type(unwrap(model)).__name__
-    config = unwrap(model).config
-    if name.endswith("ForMaskedLM"):
-        return "masked_lm"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "causal_lm"
-    if getattr(config, "is_encoder_decoder", False) and name.endswith("ForConditionalGeneration"):
-        return "seq2seq_lm"
-    if name.endswith("ForSequenceClassification"):
-        return "sequence_classification"
-    if name.endswith("ForTokenClassification"):
-        return "token_classification"
-    if name.endswith("ForCTC"):
-        return "ctc"
-    return "base"
+def find_teacher_tokenizer(teacher):
+    """The tokenizer saved with a teacher (a path, or a model loaded from a local folder or the Hub cache), or None."""
+    from transformers import AutoTokenizer
+
+    source = teacher if isinstance(teacher, (str, os.PathLike)) else getattr(unwrap(teacher), "name_or_path", None)
+    if not source:
+        return None
+    source = os.fspath(source)
+    if os.path.isdir(source) and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a teacher without tokenizer files is normal; the check is then skipped
+        return None
 
 
-def output_size(model) -> int | None:
-    """Size of the output space (vocabulary or label set) a model's logits range over."""
-    kind = task_kind(model)
-    config = unwrap(model).config
-    if kind in ("sequence_classification", "token_classification"):
-        return config.num_labels
-    emb = unwrap(model).get_output_embeddings() if hasattr(unwrap(model), "get_output_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        return emb.weight.shape[0]
-    return getattr(config, "vocab_size", None)
-
-
-def hidden_size(model) -> int | None:
-    config = unwrap(model).config
-    for attr in ("hidden_size", "d_model", "dim", "n_embd"):
-        if getattr(config, attr, None):
-            return getattr(config, attr)
-    return None
-
-
-def num_hidden_states(model) -> int | None:
-    """Number of tensors in ``output_hidden_states`` (layers + embeddings)."""
-    config = unwrap(model).config
-    for attr in ("num_hidden_layers", "n_layers", "n_layer", "decoder_layers"):
-        if getattr(config, attr, None):
-            return getattr(config, attr) + 1
-    return None
-
-
-def forward_parameters(model) -> set[str] | None:
-    """Named parameters of ``model.forward`` (None when it takes arbitrary keyword arguments only)."""
-    params = inspect.signature(unwrap(model).forward).parameters
-    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return names or None
-
-
-def load_teacher(name_or_path: str | Path, *, task: str = "base", dtype: str = "float32", **kwargs) -> PreTrainedModel:
-    """Load a teacher with the auto class of ``task`` (the student's kind of head)."""
-    auto_cls = TASK_AUTO_CLASSES.get(task, AutoModel)
-    load_kwargs = dict(kwargs)
-    if dtype != "auto":
-        load_kwargs["dtype"] = _DTYPES[dtype]
-    else:
-        load_kwargs["dtype"] = "auto"
-    return auto_cls.from_pretrained(str(name_or_path), **load_kwargs)
+def teacher_mixture_weights(weights: list[float] | None, count: int) -> list[float]:
+    """Normalised weights of ``count`` teachers (equal when none are given)."""
+    if not weights:
+        return [1.0 / max(count, 1)] * max(count, 1)
+    if count and len(weights) != count:
+        raise ValueError(f"teacher_weights has {len(weights)} entries but there are {count} teachers; give one "
+                         "weight per teacher")
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def place_teacher(teacher: PreTrainedModel, device: torch.device | str, dtype: str = "float32") -> PreTrainedModel:
     """Move a teacher to ``device`` in ``dtype``, in eval mode, with every parameter frozen."""
     teacher = teacher.to(device)
     if dtype != "auto":
-        teacher = teacher.to(_DTYPES[dtype])
+        teacher = teacher.to(DTYPES[dtype])
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -126,7 +155,9 @@ def place_teacher(teacher: PreTrainedModel, device: torch.device | str, dtype: s
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
     """Raise ValueError naming the differences when two tokenizers map tokens to different ids."""
-    if student_tokenizer is None or teacher_tokenizer is None:
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)  # processors hold one
+    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    if not hasattr(student_tokenizer, "get_vocab") or not hasattr(teacher_tokenizer, "get_vocab"):
         return
     sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if sv == tv:
@@ -186,19 +217,55 @@ def cache_teacher_logits(
 
 def cli_main(argv: list[str]) -> int:
     """``hf-distill cache-teacher``: store a classification teacher's logits next to a tokenized dataset."""
+    import shutil
+
     from datasets import load_from_disk
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     parser = argparse.ArgumentParser(prog="hf-distill cache-teacher", description=cli_main.__doc__)
-    parser.add_argument("--teacher", required=True, help="teacher directory or Hub id")
+    parser.add_argument("--teacher", required=True, help="teacher directory or Hub id (a sequence classifier)")
     parser.add_argument("--dataset", required=True, help="tokenized dataset saved with save_to_disk")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow the teacher's own modelling code")
     args = parser.parse_args(argv)
-    teacher = load_teacher(args.teacher, task="sequence_classification")
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    dataset = load_from_disk(args.dataset)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    dataset_dir = Path(args.dataset)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a folder; give a dataset saved with "
+                                "Dataset.save_to_disk")
+    output = Path(args.output_dir)
+    if output.resolve() == dataset_dir.resolve():
+        raise ValueError("--output_dir must differ from --dataset (the dataset is read while the output is written)")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output_dir {args.output_dir!r} exists and is not empty; choose a new folder")
+    try:
+        dataset = load_from_disk(str(dataset_dir))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a saved dataset ({exc}); write it with "
+                                "Dataset.save_to_disk") from None
+    if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):
+        raise ValueError(f"--dataset {args.dataset!r} is a DatasetDict with splits {list(dataset.keys())}; give one "
+                         "split's folder")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"--dataset {args.dataset!r} has no input_ids column (columns: {dataset.column_names}); "
+                         "tokenize it with the teacher's tokenizer first")
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {args.dataset!r} has no rows")
+    teacher = load_teacher(args.teacher, task="auto", trust_remote_code=args.trust_remote_code)
+    if task_kind(teacher) != "sequence_classification":
+        raise ValueError(f"cache-teacher stores one logit vector per example, for sequence-classification teachers; "
+                         f"{args.teacher!r} is a {type(teacher).__name__} ({task_kind(teacher)})")
+    tokenizer = find_teacher_tokenizer(args.teacher)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher, trust_remote_code=args.trust_remote_code)
     cached = cache_teacher_logits(teacher, dataset, DataCollatorWithPadding(tokenizer), batch_size=args.batch_size)
-    cached.save_to_disk(args.output_dir)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cached.save_to_disk(str(partial))  # visible under its name only once complete
+    if output.exists():
+        output.rmdir()
+    partial.rename(output)
     print(f"stored teacher logits for {len(cached)} examples in {args.output_dir}")
     return 0

@@ -11,54 +11,57 @@ batch), runs the student, and combines the terms of :mod:`hf_distill.losses`:
 
 Hidden states, attention maps and Q/K/V projections are collected only when a term needs them.
 
-Normalisation is owned here, not by the model: each term is a sum over valid positions divided by
-the number of valid positions in the whole optimiser step (every gradient-accumulation micro-batch
-on every process). Batch 16, batch 8 x accumulation 2 and 2 processes x batch 8 therefore give
-the same loss and the same gradients.
+Normalisation is not left to the model: the objective says which positions count for each term
+and how many items a micro-batch has; the trainer sums those counts over the whole optimiser step
+(every gradient-accumulation micro-batch on every process) and every term divides by them. Batch
+16, batch 8 x accumulation 2 and 2 processes x batch 8 therefore give the same loss and the same
+gradients (batch-relation terms: see :class:`hf_distill.objectives.SampleRelationTerm`).
+
+Non-finite numbers never reach the weights: a NaN / inf loss term or gradient norm stops the run
+with a message naming the step, the terms and the tensors (``on_nonfinite="skip"`` skips such
+batches instead, counted as ``nonfinite_skipped``), and a student with a non-finite weight is
+never saved (:mod:`hf_distill.numerics`).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import Trainer, TrainerCallback
 
-from transformers import TrainerCallback
-
-from . import losses
 from .arguments import DistillationArguments
 from .checkpoints import DistillationCheckpointMixin
+from .modeling import forward_parameters, output_size, task_kind, unwrap
+from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
 from .qkv import QKVRecorder
 from .teachers import (
     check_same_vocabulary,
-    forward_parameters,
+    find_teacher_tokenizer,
     load_teacher,
-    output_size,
     place_teacher,
-    task_kind,
-    unwrap,
+    teacher_mixture_weights,
 )
+
+logger = logging.getLogger(__name__)
 
 # Columns that carry teacher outputs computed ahead of time; the Trainer must not drop them.
 CACHED_TEACHER_COLUMNS = ("teacher_logits",)
 
 
-class _SyncObjectiveGradients(TrainerCallback):
-    """Average the objective's own gradients (projections) over processes, as DDP does for the student."""
+class _ObjectiveGradients(TrainerCallback):
+    """The objective's own parameters (projections) are not the model's: clear their gradients after each
+    optimiser step, as the Trainer does for the student's."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer.accelerator.num_processes > 1:
-            for p in trainer.objective.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= trainer.accelerator.num_processes
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.objective.parameters():
+            p.grad = None
 
 
 class DistillationTrainer(DistillationCheckpointMixin, Trainer):
@@ -66,12 +69,14 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
 
     Args:
         model: the student.
-        teacher: a model or a path / Hub id, or a list of them (multi-teacher); defaults to
+        teacher: a model or a path / Hub id (loaded with the student's kind of head, in
+            ``args.teacher_dtype``), or a list of them (multi-teacher); defaults to
             ``args.teacher_name_or_path`` (comma-separated for several). May be None when every
-            batch carries cached ``teacher_logits`` (response terms only).
+            batch carries cached ``teacher_logits`` or stored top-k soft labels.
         args: :class:`DistillationArguments`.
-        teacher_processing_class: the teacher's tokenizer; when given with ``processing_class``
-            the two vocabularies must be identical, token for token.
+        teacher_processing_class: the teacher's tokenizer. When omitted it is loaded from the
+            teacher's folder (or Hub cache) if it has one; with ``processing_class`` the two
+            vocabularies must then be identical, token for token.
     """
 
     # compute_loss normalises by the global item count of the optimiser step itself.
@@ -90,20 +95,23 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         if model is None:
             raise ValueError("DistillationTrainer needs a student model (model=...)")
         self.task = task_kind(model)
-        teachers = self._resolve_teachers(teacher, args)
-        for t in teachers:
-            self._validate_pair(model, t, args, kwargs.get("processing_class"), teacher_processing_class)
-        weights = args.teacher_weight_list or [1.0 / max(len(teachers), 1)] * max(len(teachers), 1)
-        if teachers and len(weights) != len(teachers):
-            raise ValueError(f"teacher_weights has {len(weights)} entries but there are {len(teachers)} teachers")
-        self.teacher_weights = weights
+        sources = self._teacher_sources(teacher, args)
+        teachers = [self._load_teacher(t, args) for t in sources]
+        student_tok = kwargs.get("processing_class")
+        for source, t in zip(sources, teachers):
+            teacher_tok = teacher_processing_class
+            if teacher_tok is None and student_tok is not None:
+                teacher_tok = find_teacher_tokenizer(source)
+            self._validate_pair(model, t, student_tok, teacher_tok)
+        self.teacher_weights = teacher_mixture_weights(args.teacher_weight_list, len(teachers))
         # The objective validates layer maps, widths and head counts now, before any step.
-        self.objective = build_objective(args, model, teachers, multi_teacher=args.multi_teacher)
-        needs = self.objective.needs
-        if not teachers and needs - {"logits"}:
-            raise ValueError(f"the configured terms need a live teacher's {sorted(needs - {'logits'})}, but no "
-                             "teacher was given; pass teacher=... or drop those terms to train on cached logits")
-        if "attentions" in needs:
+        self.objective = build_objective(args, model, teachers, multi_teacher=args.multi_teacher,
+                                         teacher_weights=self.teacher_weights)
+        teacher_needs = self.objective.teacher_needs
+        if not teachers and teacher_needs - {"logits"}:
+            raise ValueError(f"the configured terms need a live teacher's {sorted(teacher_needs - {'logits'})}, but "
+                             "no teacher was given; pass teacher=... or drop those terms to train on cached logits")
+        if "attentions" in self.objective.needs:
             for m in [model, *teachers]:
                 unwrap(m).set_attn_implementation("eager")  # fused kernels return no attention maps
         super().__init__(model=model, args=args, **kwargs)
@@ -123,27 +131,36 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         self._step_counts: dict[str, torch.Tensor] | None = None
         self._train_terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._optimizer_steps_since_log = 0  # one get_batch_samples call per optimiser step
+        self._micro_batch = 0  # index of the micro-batch within the optimiser step, for messages
+        self.nonfinite_skipped = 0
         self._eval_terms: dict[str, float] = defaultdict(float)
         self._eval_weight = 0
-        if any(True for _ in self.objective.parameters()):
-            self.add_callback(_SyncObjectiveGradients(self))
+        self.add_callback(_ObjectiveGradients(self))
 
     @property
     def teacher(self):
         """The (first) teacher."""
         return self.teachers[0] if self.teachers else None
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ teachers and validation
     @staticmethod
-    def _resolve_teachers(teacher, args) -> list:
+    def _teacher_sources(teacher, args) -> list:
         if teacher is None and args.teacher_name_or_path:
             teacher = [t.strip() for t in str(args.teacher_name_or_path).split(",") if t.strip()]
         if teacher is None:
             return []
-        items = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-        return items
+        return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
 
-    def _validate_pair(self, student, teacher, args, student_tok, teacher_tok) -> None:
+    def _load_teacher(self, teacher, args):
+        """A teacher given as a path or Hub id is loaded with the student's kind of head."""
+        if isinstance(teacher, torch.nn.Module):
+            return teacher
+        if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
+            task = self.task if self.task != "base" else "auto"
+            return load_teacher(teacher, task=task, dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code)
+        raise TypeError(f"teacher must be a model, a path or a Hub id (or a list of them), got {type(teacher).__name__}")
+
+    def _validate_pair(self, student, teacher, student_tok, teacher_tok) -> None:
         s_kind, t_kind = task_kind(student), task_kind(teacher)
         if s_kind != t_kind and "base" not in (s_kind, t_kind):
             raise ValueError(
@@ -170,9 +187,6 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                 )
         check_same_vocabulary(student_tok, teacher_tok)
 
-    def _resolve_teachers_loaded(self):  # pragma: no cover - kept for subclass compatibility
-        return self.teachers
-
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
@@ -183,7 +197,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                         cached.append(name)
             self._signature_columns += [c for c in dict.fromkeys(cached) if c not in self._signature_columns]
 
-    # ------------------------------------------------------------------ optimiser
+    # ------------------------------------------------------------------ optimiser, gradients, saving
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -191,65 +205,62 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             optimizer.add_param_group({"params": params, "weight_decay": 0.0})
         return optimizer
 
-    def _masks(self, inputs: dict, labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-        """Boolean masks over positions for each family of terms (None: every row counts)."""
-        attention = inputs.get("attention_mask")
-        if attention is None and "input_ids" in inputs:
-            attention = torch.ones_like(inputs["input_ids"])
-        if self.task in ("sequence_classification",):
-            return {"kd": None, "hidden": attention.bool() if attention is not None else None}
-        if self.task == "ctc":
-            frames = self._frame_mask(inputs)
-            return {"kd": frames, "hidden": frames}
-        if self.task == "causal_lm":
-            if labels is not None:
-                kd = labels[..., 1:] != losses.IGNORE_INDEX
-            else:
-                kd = attention[..., 1:].bool()
-            return {"kd": kd, "hidden": attention.bool() if attention is not None else None}
-        if self.task == "seq2seq_lm":
-            kd = labels != losses.IGNORE_INDEX if labels is not None else inputs.get("decoder_attention_mask")
-            return {"kd": kd, "hidden": attention.bool() if attention is not None else None}
-        if self.args.restrict_kd_to_mask and labels is not None:
-            kd = labels != losses.IGNORE_INDEX
-        else:
-            kd = attention.bool() if attention is not None else None
-        return {"kd": kd, "hidden": attention.bool() if attention is not None else None}
+    def _sync_objective_gradients(self) -> None:
+        """Average the objective's own gradients (projections) over processes, as DDP does for the student's."""
+        if self.accelerator.num_processes > 1:
+            for p in self.objective.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.accelerator.num_processes
 
-    def _frame_mask(self, inputs: dict) -> torch.Tensor:
-        """CTC models: which output frames come from real (unpadded) audio, shape (batch, frames)."""
-        model = unwrap(self.model)
-        values = inputs.get("input_values", inputs.get("input_features"))
-        total = int(model._get_feat_extract_output_lengths(torch.tensor(values.shape[-1])))
-        attention = inputs.get("attention_mask")
-        lengths = (model._get_feat_extract_output_lengths(attention.sum(-1)) if attention is not None
-                   else torch.full((values.shape[0],), total, device=values.device))
-        return torch.arange(total, device=values.device)[None, :] < lengths.to(values.device)[:, None]
+    def _clip_grad_norm(self, model):
+        """Clip the student's and the objective's (projections') gradients together to ``max_grad_norm``."""
+        self._sync_objective_gradients()
+        self._objective_synced = True
+        if not any(True for _ in self.objective.parameters()):
+            return super()._clip_grad_norm(model)
+        params = itertools.chain(model.parameters(), self.objective.parameters())
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
-    def _item_counts(self, inputs: dict) -> dict[str, torch.Tensor]:
-        labels = inputs.get("labels")
-        masks = self._masks(inputs, labels)
-        batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
-        counts = {"samples": torch.tensor(batch)}
-        for key, mask in masks.items():
-            counts[key] = mask.sum() if mask is not None else torch.tensor(batch)
-        if labels is not None and self.task == "ctc":
-            counts["task"] = torch.tensor(batch)  # CTC: one sequence loss per sample
-        elif labels is not None:
-            task_labels = labels[..., 1:] if self.task == "causal_lm" else labels
-            counts["task"] = (task_labels != losses.IGNORE_INDEX).sum()
-        else:
-            counts["task"] = torch.tensor(0)
-        return {k: v.to(self.args.device, torch.float32) for k, v in counts.items()}
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, checked: a non-finite one stops the run (or skips the update)."""
+        if not getattr(self, "_objective_synced", False):
+            self._sync_objective_gradients()
+        self._objective_synced = False
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not all_finite([torch.as_tensor(grad_norm, dtype=torch.float32)]):
+            step = self.state.global_step + 1
+            if self.args.on_nonfinite == "skip":
+                logger.warning("step %d: gradient norm is %s; skipping this update", step, float(grad_norm))
+                self.nonfinite_skipped += 1
+                for p in itertools.chain(model.parameters(), self.objective.parameters()):
+                    p.grad = None  # optimisers leave parameters without a gradient untouched
+                return torch.zeros(())
+            raise NonFiniteError(
+                f"step {step}: the gradient norm is {float(grad_norm)} although every loss term was finite: the "
+                "backward pass overflowed. The run stops before the update reaches the weights; lower the "
+                "learning rate, set max_grad_norm, or use bfloat16 instead of float16 (on_nonfinite='skip' skips "
+                "such updates instead)")
+        return grad_norm
 
+    def _save(self, output_dir=None, state_dict=None):
+        """Save the student, never with a NaN or inf weight in it."""
+        bad = nonfinite_parameters(unwrap(self.model))
+        if bad:
+            raise NonFiniteError(f"refusing to save the student to {output_dir or self.args.output_dir}: its weights "
+                                 f"hold NaN or inf (e.g. {bad}); the run diverged")
+        return super()._save(output_dir, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ counts
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
             self._optimizer_steps_since_log += 1
+        self._micro_batch = 0
         totals: dict[str, torch.Tensor] = {}
         for batch in batch_samples:
-            for key, value in self._item_counts(batch).items():
-                totals[key] = totals.get(key, 0) + value
+            for key, value in self.objective.item_counts(batch).items():
+                totals[key] = totals.get(key, 0) + value.to(device)
         if totals and self.accelerator.num_processes > 1:
             keys = sorted(totals)
             stacked = self.accelerator.reduce(torch.stack([totals[k] for k in keys]).to(device), reduction="sum")
@@ -267,11 +278,6 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             flags["output_attentions"] = True
         return flags
 
-    @staticmethod
-    def _tensors(out, qkv=None) -> ModelTensors:
-        return ModelTensors(logits=getattr(out, "logits", None), hidden_states=getattr(out, "hidden_states", None),
-                            attentions=getattr(out, "attentions", None), qkv=qkv or {})
-
     def _teacher_forward(self, index: int, inputs: dict) -> ModelTensors:
         accepted = self._teacher_inputs[index]
         teacher_inputs = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
@@ -280,8 +286,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             if recorder is not None:
                 with recorder:
                     out = self.teachers[index](**teacher_inputs, **self._flags())
-                return self._tensors(out, recorder.take())
-            return self._tensors(self.teachers[index](**teacher_inputs, **self._flags()))
+                return ModelTensors.from_output(out, recorder.take())
+            return ModelTensors.from_output(self.teachers[index](**teacher_inputs, **self._flags()))
 
     def _decoder_inputs_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing for encoder-decoders: labels shifted right behind the decoder start token."""
@@ -291,7 +297,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         shifted = labels.new_full(labels.shape, pad)
         shifted[:, 1:] = labels[:, :-1]
         shifted[:, 0] = start
-        return shifted.masked_fill(shifted == losses.IGNORE_INDEX, pad)
+        return shifted.masked_fill(shifted == -100, pad)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -304,31 +310,37 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         if self._student_qkv is not None:
             with self._student_qkv:
                 student_out = model(**model_inputs, **self._flags())
-            student = self._tensors(student_out, self._student_qkv.take())
+            student = ModelTensors.from_output(student_out, self._student_qkv.take())
         else:
             student_out = model(**model_inputs, **self._flags())
-            student = self._tensors(student_out)
+            student = ModelTensors.from_output(student_out)
 
-        if cached_logits is not None and not (self.teachers and self.objective.needs - {"logits"}):
+        teacher_needs = self.objective.teacher_needs
+        if cached_logits is not None and not (self.teachers and teacher_needs - {"logits"}):
             teachers = [ModelTensors(logits=cached_logits)]
-        elif self.teachers:  # a live teacher (also when terms need its hidden states next to cached logits)
+        elif self.teachers and teacher_needs:  # a live teacher (also for its hidden states next to cached logits)
             teachers = [self._teacher_forward(i, model_inputs) for i in range(len(self.teachers))]
+        elif teacher_needs:
+            raise ValueError("no teacher was given and the batch carries no 'teacher_logits' column; the terms "
+                             f"{[t.log_name for t in self.objective.active_terms if t.uses_teacher]} read a teacher")
         else:
             teachers = []
-            if any(t.loss_name != "task" and t.loss_name != "topk_kl" and t.weight > 0 for t in self.objective.terms):
-                raise ValueError("no teacher was given and the batch carries no 'teacher_logits' column")
 
         # Global counts in training (exact under accumulation / several processes), local in evaluation.
         use_global = model.training and self._step_counts is not None
-        counts = self._step_counts if use_global else self._item_counts({**inputs, "labels": labels}
-                                                                         if labels is not None else inputs)
+        counts = self._step_counts if use_global else self.objective.item_counts(
+            {**inputs, "labels": labels} if labels is not None else inputs)
         scale = self.accelerator.num_processes if use_global else 1  # DDP averages gradients over processes
-        masks = self._masks(inputs, labels)
+        masks = self.objective.masks(inputs, labels)
         if self.task == "ctc":
             extra["frame_lengths"] = masks["kd"].sum(-1)
         step = StepTensors(student=student, teachers=teachers, teacher_weights=self.teacher_weights, labels=labels,
                            masks=masks, counts=counts, task=self.task, batch=extra)
         loss, terms = self.objective(step)
+        if model.training:
+            self._micro_batch += 1
+            if not all_finite([loss]):
+                loss = self._nonfinite_loss(model, terms, step, inputs)
         loss = loss * scale
         self._record_terms(terms, scale, model.training, inputs)
         if model.training and self._undo_ga_division:
@@ -336,6 +348,24 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         if return_outputs:
             return loss, {"loss": loss, "logits": student_out.logits}
         return loss
+
+    def _nonfinite_loss(self, model, terms, step, inputs) -> torch.Tensor:
+        """Stop the run with a message naming the step, the terms and the batch (or skip the batch)."""
+        where = (f"step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}), micro-batch "
+                 f"{self._micro_batch}")
+        detail = describe_nonfinite(terms, step.student, step.teachers, {**inputs, **step.batch})
+        student_weights = nonfinite_parameters(unwrap(model))
+        if self.args.on_nonfinite == "skip" and not student_weights:
+            self.nonfinite_skipped += 1
+            logger.warning("%s: non-finite loss, batch skipped (%d so far); %s", where, self.nonfinite_skipped, detail)
+            for name in terms:
+                terms[name] = torch.zeros((), device=self.args.device)
+            # Zero gradients for every parameter, so DDP's reducer still sees each one once.
+            return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
+        if student_weights:
+            detail += f"; the student's weights are already non-finite (e.g. {student_weights[:3]})"
+        raise NonFiniteError(f"non-finite loss at {where}: {detail}. The run stops here so that nothing is trained "
+                             "on it and no NaN student is saved; set on_nonfinite='skip' to skip such batches instead")
 
     # ------------------------------------------------------------------ logging
     def _record_terms(self, terms, scale, training, inputs):
@@ -358,6 +388,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                 logs[name] = round(float(value) / steps, 6)
             self._train_terms.clear()
             self._optimizer_steps_since_log = 0
+            if self.nonfinite_skipped:
+                logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

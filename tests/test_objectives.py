@@ -67,7 +67,8 @@ def test_configured_objective_trains_and_logs_every_term(tokenizer, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(proj_before, trainer.objective.parameters()))
     # ... are kept in the checkpoint for resuming, and never in the student's weights.
     ckpt = tmp_path / "out" / "checkpoint-30"
-    assert (ckpt / "distillation_objective.pt").exists()
+    from hf_distill.checkpoints import OBJECTIVE_STATE
+    assert (ckpt / OBJECTIVE_STATE).exists()
     from safetensors.torch import load_file
     assert set(load_file(str(ckpt / "model.safetensors"))) <= set(student.state_dict())
 

@@ -1,0 +1,228 @@
+"""Model introspection in one place: wrappers, heads, sizes, layers and layer lists.
+
+Every other module asks these questions through here: the trainer (which head, which inputs),
+the objective (layer counts, widths), the Q/K/V recorder (where the layers are) and the student
+builders (which layers to copy).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "count_parameters",
+    "find_layer_list",
+    "forward_parameters",
+    "hidden_size",
+    "layer_list",
+    "num_attention_heads",
+    "num_layers",
+    "output_size",
+    "parse_layer_list",
+    "parse_layer_map",
+    "task_kind",
+    "unwrap",
+]
+
+
+def unwrap(model):
+    """The underlying transformers model of a PEFT / DDP / compiled wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def task_kind(model) -> str:
+    """Which kind of head a model has: masked_lm, causal_lm, seq2seq_lm, sequence/token_classification, ctc, base."""
+    name = type(unwrap(model)).__name__
+    config = unwrap(model).config
+    if name.endswith("ForMaskedLM"):
+        return "masked_lm"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    if getattr(config, "is_encoder_decoder", False) and name.endswith("ForConditionalGeneration"):
+        return "seq2seq_lm"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name.endswith("ForTokenClassification"):
+        return "token_classification"
+    if name.endswith("ForCTC"):
+        return "ctc"
+    return "base"
+
+
+def output_size(model) -> int | None:
+    """Size of the output space (vocabulary or label set) a model's logits range over."""
+    kind = task_kind(model)
+    config = unwrap(model).config
+    if kind in ("sequence_classification", "token_classification"):
+        return config.num_labels
+    base = unwrap(model)
+    emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return emb.weight.shape[0]
+    return getattr(config, "vocab_size", None)
+
+
+def hidden_size(model) -> int | None:
+    """Width of a model's hidden states."""
+    config = unwrap(model).config
+    for attr in ("hidden_size", "d_model", "dim", "n_embd"):
+        if getattr(config, attr, None):
+            return getattr(config, attr)
+    return None
+
+
+def num_attention_heads(model, side: str = "decoder") -> int | None:
+    """Attention heads per layer (``side`` picks encoder or decoder heads of an encoder-decoder)."""
+    config = unwrap(model).config
+    attrs = ("num_attention_heads", "n_heads", "n_head")
+    if getattr(config, "is_encoder_decoder", False):
+        attrs = (f"{side}_attention_heads",) + attrs
+    for attr in attrs:
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return None
+
+
+def num_layers(model_or_config, side: str | None = None) -> int:
+    """Number of transformer layers (``side``: ``encoder`` or ``decoder`` of an encoder-decoder; default decoder)."""
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    if getattr(config, "is_encoder_decoder", False):
+        attr = f"{side or 'decoder'}_layers"
+        if isinstance(getattr(config, attr, None), int):
+            return int(getattr(config, attr))
+    for attr in ("num_hidden_layers", "n_layers", "n_layer", "num_layers", "encoder_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise ValueError(f"cannot tell how many layers {type(config).__name__} has (no num_hidden_layers in its config)")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_parameters(model) -> set[str] | None:
+    """Named parameters of ``model.forward`` (None when it takes arbitrary keyword arguments only)."""
+    params = inspect.signature(unwrap(model).forward).parameters
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names or None
+
+
+_LAYER_LIST_NAMES = ("encoder.layer", "encoder.layers", "transformer.layer", "transformer.h", "layers", "layer", "h")
+
+
+def find_layer_list(model: nn.Module, count: int | None = None) -> str:
+    """Dotted name of the ``nn.ModuleList`` holding a model's transformer layers.
+
+    Tries the usual places first (``<base>.encoder.layer``, ``<base>.encoder.layers``,
+    ``<base>.transformer.layer``, ``<base>.layers``, ``<base>.h``), then any ModuleList with one
+    entry per layer whose name ends in ``layer``/``layers``/``h``/``block``.
+    """
+    if count is None:
+        count = num_layers(model)
+    base = getattr(model, "base_model_prefix", "")
+    prefixes = [f"{base}." if base and hasattr(model, base) else "", ""]
+    for prefix in dict.fromkeys(prefixes):
+        for name in _LAYER_LIST_NAMES:
+            try:
+                module = model.get_submodule(prefix + name)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return prefix + name
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == count
+        and name.rsplit(".", 1)[-1] in {"layer", "layers", "h", "block", "blocks"}
+    ]
+    if len(found) == 1:
+        return found[0]
+    encoder = [name for name in found if "encoder" in name]
+    if len(encoder) == 1:
+        return encoder[0]
+    if not found:
+        raise ValueError(
+            f"unsupported architecture {type(model).__name__}: found no nn.ModuleList with its {count} layers "
+            "(models that share one layer, such as ALBERT, cannot be shrunk by copying layers)"
+        )
+    raise ValueError(
+        f"unsupported architecture {type(model).__name__}: several layer lists {found}; cannot tell which to shrink"
+    )
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of a (possibly wrapped) model's transformer layers."""
+    base = unwrap(model)
+    return base.get_submodule(find_layer_list(base))
+
+
+def parse_layer_list(spec: Any, what: str = "layers") -> list[int]:
+    """``"0,2,4"`` or ``[0, 2, 4]`` -> ``[0, 2, 4]``; anything else is a ValueError that shows the form."""
+    if isinstance(spec, str):
+        parts = [p for p in spec.replace(" ", "").split(",") if p != ""]
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"cannot read {what} {spec!r}: write comma-separated integer indices such as "
+                             "0,2,4,7,9,11") from None
+    if isinstance(spec, (list, tuple)):
+        out = []
+        for item in spec:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(f"{what} must be integer layer indices, got {item!r} in {list(spec)!r}")
+            out.append(int(item))
+        return out
+    raise ValueError(f"{what} must be a list of integer layer indices such as [0, 2, 4], got {spec!r}")
+
+
+def parse_layer_map(spec: str | dict | list | None, what: str = "layers") -> list[tuple[int, int]]:
+    """``"s:t,s:t"``, ``{s: t}`` or ``[[s, t], ...]`` -> ``[(student_index, teacher_index), ...]``.
+
+    Indices refer to ``output_hidden_states`` (0 = embeddings, -1 = last layer) or to layers,
+    depending on the term that reads the map.
+    """
+    if spec is None or spec == "":
+        return []
+    example = "'-1:-1' or '2:4,4:8,6:12' (or a mapping {2: 4, 4: 8})"
+
+    def index(value) -> int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+
+    items: list = []
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        for item in str(spec).split(","):
+            item = item.strip()
+            if item:
+                items.append(tuple(item.split(":")))
+    pairs = []
+    for item in items:
+        try:
+            s, t = item
+            pairs.append((index(s), index(t)))
+        except (ValueError, TypeError):
+            raise ValueError(f"cannot read layer pair {item!r} in {what} {spec!r}; write student:teacher pairs of "
+                             f"integer indices, e.g. {example}") from None
+    return pairs
