@@ -102,6 +102,12 @@ def load_teacher(name_or_path: str | Path, *, task: str = "auto", dtype: str = "
         else:
             auto_cls = TASK_AUTO_CLASSES[task]
         model, info = auto_cls.from_pretrained(name, output_loading_info=True, **load_kwargs)
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        raise ValueError(f"the teacher {name!r} has weights of other shapes than {task!r} asks for (e.g. another "
+                         "number of labels); their replacements would be randomly initialised. Load it with its own "
+                         "configuration, or fine-tune it for this head first") from None
     except OSError as exc:
         raise FileNotFoundError(f"cannot load the teacher {name!r}: {str(exc).splitlines()[0]} (give a local "
                                 "directory with config.json and weights, or a Hub id that is in the local cache "
