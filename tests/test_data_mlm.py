@@ -308,3 +308,15 @@ def test_content_seeded_masks_depend_only_on_the_batch(tok, features):
     assert not torch.equal(first["labels"], other_seed["labels"])
     other_batch = c(feats[1:] + feats[:1])
     assert not torch.equal(other_batch["labels"], first["labels"][list(range(1, len(feats))) + [0]])
+
+
+@pytest.mark.parametrize("option", ["mlm_probability", "mask_ratio", "random_ratio"])
+def test_nan_masking_ratios_are_refused(tok, option):
+    # NaN fails every comparison: it used to pass as a ratio and silently mask nothing
+    with pytest.raises(ValueError, match=option):
+        DistilMLMCollator(tok, **{option: float("nan")})
+
+
+def test_nan_smoothing_is_refused(tok):
+    with pytest.raises(ValueError, match="smoothing must be a finite number >= 0, got nan"):
+        token_sampling_weights(tok, [1] * len(tok), smoothing=float("nan"))

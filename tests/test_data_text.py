@@ -254,3 +254,78 @@ def test_split_train_eval(tok):
     for bad in (0, 60, 1.0, 0.0):
         with pytest.raises(ValueError):
             split_train_eval(ds, bad, seed=0)
+
+
+# ------------------------------------------------------------------ wrong inputs: early, named errors
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl", "empty.csv", "empty.txt.gz"])
+def test_zero_byte_file_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"'{path}' is empty \(0 bytes\)"):
+        load_text_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=rf"'{path}' is empty \(0 bytes\)"):
+        load_text_dataset([str(path)], cache_dir=str(tmp_path / "cache"))
+
+
+def test_only_empty_documents_counts_the_rows(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "  ", "\n"]))
+    with pytest.raises(ValueError, match=r"no non-empty document in column 'text': all 3 rows are empty or "
+                                         r"whitespace; .*--text_column"):
+        load_text_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(ValueError, match=rf"cannot read '{path}' as json: .*fix the file"):
+        load_text_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+
+
+def test_folder_without_data_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"folder .*empty' holds no files: no text data file"):
+        load_text_dataset(str(empty))
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    (pdfs / "paper.pdf").write_bytes(b"%PDF-1.4")
+    with pytest.raises(FileNotFoundError, match=r"holds only paper.pdf: no text data file \(.csv, .json"):
+        load_text_dataset(str(pdfs))
+
+
+@pytest.mark.parametrize("name", ["corpus/trian.txt", "corpus/trian", "corpus/sub/train", "./missing", "missing.jsonl"])
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch, name):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "train.txt").write_text("the cat sat\n")
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a missing local path went to the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(FileNotFoundError, match=rf"text data '{name}' does not exist \(read as a local path\); "
+                                                r".* holds .*; set --train_files"):
+        load_text_dataset(name)
+
+
+def test_missing_path_lists_the_closest_names_first(tmp_path, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+    for n in ("a.txt", "b.txt", "train.txt"):
+        (tmp_path / "corpus" / n).write_text("x\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"corpus holds train.txt, a.txt, b.txt;"):
+        load_text_dataset("corpus/trian.txt")
+
+
+def test_too_few_blocks_for_the_eval_split(tok):
+    one_block = tokenize_and_pack(datasets.Dataset.from_dict({"text": [" ".join(DOCS[:3])]}), tok, block_size=8)
+    one = one_block.select(range(1))
+    with pytest.raises(ValueError, match=r"the dataset has 1 row: too few to hold out an evaluation set .*"
+                                         r"smaller --block_size"):
+        split_train_eval(one, 0.1)
+    three = one_block.select(range(3))
+    with pytest.raises(ValueError, match=r"eval_size=3 rows must be between 1 and 2 .*; lower --eval_size"):
+        split_train_eval(three, 3)
+    with pytest.raises(ValueError, match=r"a fractional eval_size must be in \(0, 1\), got nan"):
+        split_train_eval(three, float("nan"))

@@ -138,8 +138,8 @@ def token_sampling_weights(
             )
         if torch.any(counts < 0) or not torch.all(torch.isfinite(counts)):
             raise ValueError("token_counts must be finite and non-negative")
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        if not (math.isfinite(smoothing) and smoothing >= 0):
+            raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing}")
         weights = counts.clamp(min=1.0).pow(-float(smoothing))
     for i in _special_ids(tokenizer):
         if 0 <= i < weights.numel():
@@ -185,7 +185,8 @@ class DistilMLMCollator:
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
-        if self.mask_ratio < 0 or self.random_ratio < 0 or self.mask_ratio + self.random_ratio > 1.0 + 1e-12:
+        # written so that NaN fails every comparison and is refused
+        if not (self.mask_ratio >= 0 and self.random_ratio >= 0 and self.mask_ratio + self.random_ratio <= 1.0 + 1e-12):
             raise ValueError(
                 f"mask_ratio ({self.mask_ratio}) and random_ratio ({self.random_ratio}) must be >= 0 and sum to at most 1"
             )

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["load_text_dataset", "tokenize_and_pack", "split_train_eval", "TEXT_FORMATS"]
+__all__ = ["check_local_path", "load_text_dataset", "tokenize_and_pack", "split_train_eval", "TEXT_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,43 @@ def _format_of(path: str) -> tuple[str | None, str]:
     return TEXT_FORMATS.get(suffix), suffix
 
 
+def check_local_path(name: str, *, what: str = "dataset", flag: str | None = None) -> None:
+    """Raise ``FileNotFoundError`` when ``name`` can only mean a local path and nothing exists there.
+
+    A name is read as a local path when it starts with ``.``, ``/`` or ``~``, ends in a data-file
+    suffix, has more than one ``/`` (a Hub id is ``name`` or ``namespace/name``), or starts with a
+    folder that exists here (``data/trian`` next to ``data/``). The message lists what the nearest
+    existing folder holds, closest names first, so a typo is easy to see.
+    """
+    name = os.fspath(name)
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return
+    first = name.replace("\\", "/").split("/", 1)[0]
+    reasons = (
+        name.startswith((".", "/", "~"))
+        or _format_of(name)[0] is not None
+        or name.count("/") > 1
+        or ("/" in name and first not in ("", ".", "..") and os.path.isdir(first))
+    )
+    if not reasons:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    hint = ""
+    if os.path.isdir(parent):
+        import difflib
+
+        entries = sorted(e for e in os.listdir(parent) if not e.startswith("."))
+        base = os.path.basename(path.rstrip("/"))
+        close = difflib.get_close_matches(base, entries, n=3, cutoff=0.5)
+        shown = close + [e for e in entries if e not in close][: max(0, 5 - len(close))]
+        hint = f"; {parent} holds {', '.join(shown) + (', ...' if len(entries) > len(shown) else '') if entries else 'nothing'}"
+    fix = f"; set {flag} to an existing file or folder, or to a Hub id (name or namespace/name)" if flag else ""
+    raise FileNotFoundError(f"{what} {name!r} does not exist (read as a local path){hint}{fix}")
+
+
 def _check_local_split(split: str, source: Any) -> None:
     base = str(split).split("[", 1)[0].strip()
     if base != "train":
@@ -68,6 +105,8 @@ def _load_files(files: Sequence[str], *, split: str, streaming: bool, cache_dir:
 
     builders = {}
     for f in files:
+        if os.path.getsize(f) == 0:
+            raise ValueError(f"{f!r} is empty (0 bytes); give a file with text, or leave it out of the list")
         builder, suffix = _format_of(f)
         if builder is None:
             raise ValueError(
@@ -90,6 +129,10 @@ def _load_files(files: Sequence[str], *, split: str, streaming: bool, cache_dir:
         if "corresponds to no data" in str(err):  # datasets' wording for a file without rows
             raise ValueError(f"{source!r} is empty: it has no rows") from err
         raise
+    except Exception as err:  # datasets wraps a parser's error (bad JSON, ragged CSV) in its own types
+        cause = err.__cause__ or err.__context__ or err
+        raise ValueError(f"cannot read {source!r} as {builder}: {type(cause).__name__}: {cause}; fix the file "
+                         "or convert it to one of the supported formats") from err
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -182,6 +225,8 @@ def load_text_dataset(
         elif os.path.isdir(source) and _is_saved_dataset(source):
             ds = _load_saved(source, split=split, streaming=streaming)
         elif os.path.isdir(source):
+            if data_files is None:
+                _check_folder_has_data(source)
             ds = datasets.load_dataset(
                 source, config_name, split=split, streaming=streaming, data_files=data_files, cache_dir=cache_dir
             )
@@ -192,9 +237,8 @@ def load_text_dataset(
             if not files:
                 raise FileNotFoundError(f"no file matches {source!r}")
             ds = _load_files(files, split=split, streaming=streaming, cache_dir=cache_dir, source=source)
-        elif _format_of(source)[0] is not None or source.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"{source!r} looks like a local path but does not exist")
         else:
+            check_local_path(source, what="text data", flag="--train_files / --dataset_name")
             try:
                 ds = datasets.load_dataset(
                     source, config_name, split=split, streaming=streaming, data_files=data_files, cache_dir=cache_dir
@@ -208,13 +252,37 @@ def load_text_dataset(
         raise ValueError(f"{source!r} gave several splits {sorted(ds)}; choose one with split=...")
 
     _check_text_column(ds, text_column, source)
+    rows = None if isinstance(ds, datasets.IterableDataset) else len(ds)
     ds = _drop_empty(ds, text_column)
     if isinstance(ds, datasets.IterableDataset):
         if next(iter(ds.take(1)), None) is None:
-            raise ValueError(f"{source!r} has no non-empty document in column {text_column!r}")
+            raise ValueError(f"{source!r} has no non-empty document in column {text_column!r}; give text, or "
+                             "choose the column that holds it with --text_column (text_column=...)")
     elif len(ds) == 0:
-        raise ValueError(f"{source!r} has no non-empty document in column {text_column!r}")
+        raise ValueError(f"{source!r} has no non-empty document in column {text_column!r}: all {rows} rows are "
+                         "empty or whitespace; give text, or choose the column that holds it with --text_column "
+                         "(text_column=...)")
     return ds
+
+
+def _check_folder_has_data(folder: str) -> None:
+    """A plain folder must hold at least one file in a supported format (``datasets`` would guess a
+    builder from stray files such as PDFs)."""
+    found, data = [], False
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            if n.startswith("."):
+                continue
+            found.append(os.path.relpath(os.path.join(root, n), folder))
+            data = data or _format_of(n)[0] is not None or n.endswith(".arrow")
+        if data:
+            return
+    what = f"only {', '.join(sorted(found)[:5])}{', ...' if len(found) > 5 else ''}" if found else "no files"
+    raise FileNotFoundError(
+        f"folder {folder!r} holds {what}: no text data file ({', '.join(sorted(TEXT_FORMATS))}, optionally "
+        "compressed) and no dataset saved with save_to_disk; point to the folder or files with the text"
+    )
 
 
 def _check_text_column(ds, text_column: str, source: Any) -> None:
@@ -450,10 +518,15 @@ def split_train_eval(dataset: datasets.Dataset, eval_size: int | float, seed: in
         raise TypeError(f"eval_size must be an int (rows) or a float fraction, got {eval_size!r}")
     if isinstance(eval_size, float) and not 0.0 < eval_size < 1.0:
         raise ValueError(f"a fractional eval_size must be in (0, 1), got {eval_size}")
+    more = "lower --eval_size, or give more data (for packed text: more text or a smaller --block_size)"
+    if n < 2:
+        raise ValueError(f"the dataset has {n} row{'s' if n != 1 else ''}: too few to hold out an evaluation set "
+                         f"and keep a training set; give more data (for packed text: more text or a smaller "
+                         "--block_size)")
     if isinstance(eval_size, int) and not 0 < eval_size < n:
-        raise ValueError(f"eval_size={eval_size} rows must be between 1 and {n - 1} for a dataset of {n} rows")
+        raise ValueError(f"eval_size={eval_size} rows must be between 1 and {n - 1} for a dataset of {n} rows; {more}")
     rows = eval_size if isinstance(eval_size, int) else int(np.ceil(eval_size * n))
     if rows >= n:
-        raise ValueError(f"eval_size={eval_size} leaves no training rows in a dataset of {n} rows")
+        raise ValueError(f"eval_size={eval_size} leaves no training rows in a dataset of {n} rows; {more}")
     parts = dataset.train_test_split(test_size=rows, shuffle=True, seed=seed)
     return parts["train"], parts["test"]
