@@ -724,3 +724,76 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
         assert row["segments"] and all(s["start"] < s["end"] for s in row["segments"])
         assert " ".join(s["text"] for s in row["segments"]) == row["text"]
         assert len(row["topk_tail"]) == len(row["token_ids"]) and row["wer"] is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# long recordings: read a window at a time
+
+
+def pausing_signal(seconds: float, sr: int = 16000, seed: int = 7) -> np.ndarray:
+    """A tone that pauses for a second every four, over a little noise (the packed labeller cuts at pauses)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 300 * t) * (np.sin(2 * np.pi * 0.25 * t) > -0.7) + 0.02 * rng.standard_normal(len(t))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["pseudo-label", "pseudo-label-packed"])
+def test_a_long_recording_is_labelled_a_window_at_a_time(whisper_dir, tmp_path, monkeypatch, packed):
+    """A 100-s recording: its reader never holds more than a window and a block (memory does not grow with
+    the file), and the rows are those of reading the file in one block."""
+    import hf_distill.speech.fast_label as fast_label
+    import hf_distill.speech.pseudo_label as standard
+    from hf_distill.speech.audio_stream import WindowReader
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    x = pausing_signal(100.0)
+    sf.write(folder / "long.flac", x, 16000)
+    sf.write(folder / "short.wav", x[: 2 * 16000], 16000)
+    readers = []
+
+    def label(block: int, out: Path) -> dict:
+        class RecordingReader(WindowReader):
+            def __init__(self, item, sampling_rate, length, block_frames=block):
+                super().__init__(item, sampling_rate, length, block_frames=block)
+                readers.append((item.id, self))
+
+        monkeypatch.setattr(standard, "WindowReader", RecordingReader)
+        monkeypatch.setattr(fast_label, "WindowReader", RecordingReader)
+        common = dict(input=str(folder), model=str(whisper_dir), output_dir=str(out), max_new_tokens=4, batch_size=2,
+                      progress=False)
+        if packed:
+            fast_label.packed_pseudo_label(fast_label.PackedLabelConfig(**common))
+        else:
+            pseudo_label(PseudoLabelConfig(**common))
+        return {r["id"]: r for r in read_rows(out)}
+
+    in_blocks = label(4096, tmp_path / "blocks")
+    long_readers = [r for rid, r in readers if rid == "long.flac"]
+    assert len(long_readers) == 1  # one pass over the file, from start to end
+    assert 16000 * 20 < long_readers[0].max_held <= 30 * 16000 + 2 * 4096
+    whole = label(10**9, tmp_path / "whole")  # the same file in one block
+    assert max(r.max_held for rid, r in readers if rid == "long.flac") > 99 * 16000
+    assert set(in_blocks) == set(whole) == {"long.flac", "short.wav"}
+    assert in_blocks["long.flac"]["n_chunks"] >= 4
+    for rid, row in in_blocks.items():
+        assert (row["text"], row["token_ids"], row["n_chunks"]) == (
+            whole[rid]["text"], whole[rid]["token_ids"], whole[rid]["n_chunks"])
+
+
+def test_a_recording_that_fails_in_a_later_window_is_one_failure_and_the_rest_is_labelled(ctc_dir, tmp_path):
+    """The audio thread finds the NaN in the third window; it hands the failure over with its batch."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    x = pausing_signal(70.0)
+    x[50 * 16000] = np.nan
+    sf.write(folder / "bad_late.wav", x, 16000, subtype="FLOAT")
+    sf.write(folder / "good.wav", x[:32000], 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    result = pseudo_label(PseudoLabelConfig(input=str(folder), model=str(ctc_dir), output_dir=str(out), batch_size=1,
+                                            progress=False))
+    assert (result["rows"], result["failures"]) == (1, 1)
+    assert [r["id"] for r in read_rows(out)] == ["good.wav"]
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["reason"]) for f in failures] == [("bad_late.wav", "audio contains NaN or infinite samples")]

@@ -225,3 +225,96 @@ def test_chunk_plans_tile_the_recording():
     assert len(plan_chunks(480_000, 480_000, 96_000)) == 1
     with pytest.raises(ValueError):
         plan_chunks(1000, 100, 100)
+
+
+# --------------------------------------------------------------------------------------------------
+# long recordings read in blocks
+
+
+def write_in_blocks(path, data, sr, **kw):
+    """Write a file block by block (libsndfile's Vorbis encoder crashes on one large write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = 1 if data.ndim == 1 else data.shape[1]
+    with sf.SoundFile(path, "w", sr, channels, **kw) as f:
+        for i in range(0, len(data), 8192):
+            f.write(data[i : i + 8192])
+    return path
+
+
+def speech_like(seconds: float, sr: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    x = tone(seconds, sr, 220.0, 0.3)[:n] * (0.6 + 0.4 * np.sin(2 * np.pi * 0.7 * np.arange(n) / sr))
+    x = (x + 0.03 * rng.standard_normal(n)).astype(np.float32)
+    return x if channels == 1 else np.stack([x, 0.5 * x], axis=1)
+
+
+@pytest.mark.parametrize("sr,channels,fmt,subtype", [
+    (16000, 1, "WAV", "PCM_16"),   # the teacher's rate: no resampling
+    (44100, 2, "FLAC", "PCM_24"),  # downmix and resampling
+    (8000, 1, "WAV", "FLOAT"),     # upsampling
+    (48000, 1, "OGG", "VORBIS"),   # lossy, decoded in pieces
+])
+def test_a_long_file_read_in_blocks_gives_the_samples_of_reading_it_whole(tmp_path, sr, channels, fmt, subtype):
+    from hf_distill.speech.audio import decode_with_rate
+    from hf_distill.speech.audio_stream import WindowReader, frame_energies, frame_energy, iter_blocks
+
+    path = write_in_blocks(tmp_path / f"long.{fmt.lower()}", speech_like(23.3, sr, channels), sr, format=fmt,
+                           subtype=subtype)
+    item = AudioItem(id=path.name, path=str(path))
+    info = probe(item)
+    length = resampled_length(info.frames, info.sampling_rate, 16000)
+    whole, _ = decode_with_rate(item, 16000)
+    whole = whole[:length] if len(whole) >= length else np.pad(whole, (0, length - len(whole)))
+    block = 5003  # frames of the file per read: many blocks, none aligned with the windows
+    blocks = list(iter_blocks(item, 16000, length, block_frames=block))
+    assert len(blocks) > 20 and sum(len(b) for b in blocks) == length
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)  # the same samples, not just close
+    # windows of 4 s overlapping by 1 s, in order: each the slice of the whole recording
+    window = 4 * 16000
+    reader = WindowReader(item, 16000, length, block_frames=block)
+    chunks = plan_chunks(length, window, 16000)
+    assert len(chunks) >= 7
+    for c in chunks:
+        np.testing.assert_array_equal(reader.read(c.start, c.end), whole[c.start : c.end])
+    # it never held more than a window and about one block (at the teacher's rate; soxr hands out up to a
+    # block and its latency at once), whatever the length
+    resampled_block = resampled_length(block, sr, 16000)
+    assert window < reader.max_held <= window + 2 * resampled_block, reader.max_held
+    assert reader.max_held < length / 4
+    with pytest.raises(ValueError, match="in order of their start"):
+        reader.read(0, 100)
+    reader.close()
+    # the frame energies that cutting at pauses needs: the same values from blocks as from the whole
+    np.testing.assert_array_equal(frame_energies(item, 16000, length, 320, block_frames=block),
+                                  frame_energy(whole, 320))
+
+
+def test_a_length_beyond_the_decoded_audio_is_zero_padded_and_nan_fails_in_its_block(tmp_path):
+    from hf_distill.speech.audio_stream import WindowReader, iter_blocks
+
+    x = speech_like(3.0, 16000)
+    path = write(tmp_path / "short.wav", x, 16000, subtype="FLOAT")
+    item = AudioItem(id="short.wav", path=str(path))
+    got = np.concatenate(list(iter_blocks(item, 16000, len(x) + 100, block_frames=4096)))
+    np.testing.assert_array_equal(got, np.concatenate([x, np.zeros(100, np.float32)]))
+    np.testing.assert_array_equal(np.concatenate(list(iter_blocks(item, 16000, 1000))), x[:1000])
+    x[40000] = np.nan
+    write(tmp_path / "nan.wav", x, 16000, subtype="FLOAT")
+    reader = WindowReader(AudioItem(id="nan.wav", path=str(tmp_path / "nan.wav")), 16000, len(x), block_frames=4096)
+    np.testing.assert_array_equal(reader.read(0, 16000), x[:16000])  # the blocks before the bad one read
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        reader.read(16000, 48000)
+
+
+def test_mp3_is_read_in_one_block(tmp_path):
+    """libsndfile decodes a wrong signal when an MP3 file is read in pieces, so MP3 is read whole."""
+    from hf_distill.speech.audio_stream import WindowReader
+
+    path = write_in_blocks(tmp_path / "a.mp3", speech_like(12.0, 16000), 16000, format="MP3")
+    item = AudioItem(id="a.mp3", path=str(path))
+    length = probe(item).frames
+    whole = decode(item, 16000)[:length]
+    reader = WindowReader(item, 16000, length, block_frames=4096)
+    np.testing.assert_allclose(reader.read(16000, 80000), whole[16000:80000], atol=1e-6)
+    assert reader.max_held == length - 16000  # everything from the window's start on: one block

@@ -156,9 +156,9 @@ class AudioItem:
 # decoding
 
 
-def _sf_error(exc: Exception) -> str:
+def soundfile_error_reason(exc: Exception) -> str:
+    """soundfile's message for an exception, without the path it prefixes (the failure record has it)."""
     message = str(exc)
-    # soundfile prefixes "Error opening <path>: " - the path is already in the failure record.
     if ": " in message and message.startswith("Error opening"):
         message = message.split(": ", 1)[1]
     return message.strip() or type(exc).__name__
@@ -172,7 +172,7 @@ def probe(item: AudioItem) -> AudioInfo:
     try:
         info = sf.info(src)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise AudioError(f"not a readable audio file: {_sf_error(exc)}") from None
+        raise AudioError(f"not a readable audio file: {soundfile_error_reason(exc)}") from None
     if info.samplerate <= 0:
         raise AudioError(f"invalid sampling rate {info.samplerate}")
     if info.frames <= 0:
@@ -229,7 +229,7 @@ def decode_with_rate(item: AudioItem, sampling_rate: int | None = None) -> tuple
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioError(f"not a readable audio file: {_sf_error(exc)}") from None
+        raise AudioError(f"not a readable audio file: {soundfile_error_reason(exc)}") from None
     if data.shape[0] == 0:
         raise AudioError("zero-length audio (0 frames)")
     mono = to_mono(data)

@@ -5,9 +5,11 @@ encoder time as a 30-second one, and on a CPU the encoder dominates the cost of 
 the clips are **packed**: several clips go into one window, one after the other with
 ``pack_gap_s`` of silence between them and ``pack_tail_s`` of silence kept free at the end; the
 window is transcribed once with timestamps; and the timestamped segments are handed back to the
-clip whose audio they cover. Long recordings are first cut at pauses into pieces that fit a window
-(no overlapping chunks, nothing to stitch). Clips and pieces up to ``pack_max_unit_s`` are packed;
-longer ones get a window of their own and are transcribed directly, without timestamps.
+clip whose audio they cover. Clips up to ``pack_max_unit_s`` are packed; longer ones get a window of
+their own and are transcribed directly, without timestamps. Recordings longer than a window are cut at
+pauses into pieces that fit one (no overlapping chunks, nothing to stitch), each transcribed directly,
+in order: such a recording is read from start to end in blocks, never whole, so memory does not grow
+with its length (:mod:`hf_distill.speech.audio_stream`).
 
 Robustness (a packed window is only trusted when its split is unambiguous):
 
@@ -58,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +70,7 @@ import numpy as np
 
 from hf_distill.speech.greedy_decoding import DecodeRequest, GreedyWhisperDecoder
 from hf_distill.speech.audio import AudioError, AudioFailure, AudioItem, decode_with_rate
+from hf_distill.speech.audio_stream import WindowReader, frame_energies, frame_energy
 from hf_distill.speech.pseudo_label import (
     PseudoLabelConfig,
     WhisperTeacher,
@@ -85,6 +89,7 @@ __all__ = [
     "assign_segments",
     "pack_units",
     "packed_pseudo_label",
+    "pause_cuts",
     "parse_timestamped",
     "speech_extent",
     "split_at_pauses",
@@ -156,14 +161,6 @@ class Segment:
     logprobs: list[float]
 
 
-def _frame_energy(audio: np.ndarray, frame: int) -> np.ndarray:
-    n = len(audio) // frame
-    if n == 0:
-        return np.zeros(0)
-    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
-    return np.sqrt((x * x).mean(axis=1))
-
-
 def split_at_pauses(
     audio: np.ndarray, sampling_rate: int, max_samples: int, search_samples: int, smooth_s: float = 0.3
 ) -> list[tuple[int, int]]:
@@ -172,13 +169,19 @@ def split_at_pauses(
     For each piece, the cut goes at the quietest stretch of ``smooth_s`` (mean RMS of 20 ms frames)
     within the last ``search_samples`` before the limit; the pieces tile the recording exactly.
     """
-    n = len(audio)
+    frame = max(1, sampling_rate // 50)
+    return pause_cuts(frame_energy(audio, frame), len(audio), sampling_rate, max_samples, search_samples, smooth_s)
+
+
+def pause_cuts(energy: np.ndarray, n: int, sampling_rate: int, max_samples: int, search_samples: int,
+               smooth_s: float = 0.3) -> list[tuple[int, int]]:
+    """:func:`split_at_pauses` of an ``n``-sample recording from the RMS of its 20 ms frames (``energy``, as
+    :func:`~hf_distill.speech.audio_stream.frame_energies` reads it from a file block by block)."""
     if max_samples < 1:
         raise ValueError("max_samples must be >= 1")
     if n <= max_samples:
         return [(0, n)]
     frame = max(1, sampling_rate // 50)
-    energy = _frame_energy(audio, frame)
     width = max(1, int(round(smooth_s * sampling_rate / frame)))
     if len(energy) >= width:
         smooth = np.convolve(energy, np.ones(width) / width, mode="valid")  # smooth[i]: frames i .. i+width-1
@@ -210,7 +213,7 @@ def speech_extent(audio: np.ndarray, sampling_rate: int, floor_db: float = -40.0
     """``[first, last)`` samples of the 20 ms frames louder than ``floor_db`` relative to the loudest
     frame; the whole clip when it is silent throughout."""
     frame = max(1, sampling_rate // 50)
-    energy = _frame_energy(audio, frame)
+    energy = frame_energy(audio, frame)
     if len(energy) == 0 or energy.max() <= 0:
         return 0, len(audio)
     loud = np.nonzero(energy >= energy.max() * 10 ** (floor_db / 20))[0]
@@ -287,7 +290,7 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 def voiced_frames(audio: np.ndarray, sampling_rate: int, floor_db: float = -35.0) -> np.ndarray:
     """Centre times (seconds) of the 20 ms frames louder than ``floor_db`` relative to the loudest."""
     frame = max(1, sampling_rate // 50)
-    energy = _frame_energy(audio, frame)
+    energy = frame_energy(audio, frame)
     if len(energy) == 0 or energy.max() <= 0:
         return np.zeros(0)
     loud = np.nonzero(energy >= energy.max() * 10 ** (floor_db / 20))[0]
@@ -356,14 +359,20 @@ def assign_segments(
 
 
 class _AudioCache:
-    """Decoded items (at the teacher's rate), least recently used dropped past ``budget`` samples."""
+    """Decoded short items (at the teacher's rate), least recently used dropped past ``budget`` samples.
+    The audio thread and the decoding loop (units of rejected windows) both read it: one lock guards it."""
 
     def __init__(self, items: list[AudioItem], lengths: dict[int, int], sampling_rate: int, budget: int):
         self.items, self.lengths, self.rate, self.budget = items, lengths, sampling_rate, budget
         self.data: OrderedDict[int, np.ndarray] = OrderedDict()
         self.size = 0
+        self.lock = threading.Lock()
 
     def get(self, pos: int) -> np.ndarray:
+        with self.lock:
+            return self._get(pos)
+
+    def _get(self, pos: int) -> np.ndarray:
         audio = self.data.get(pos)
         if audio is not None:
             self.data.move_to_end(pos)
@@ -442,31 +451,40 @@ class _PackedShardRunner(_ShardRunner):
         failures, durations, lengths = self._probe(items)
         cache = _AudioCache(items, lengths, self.sr, int(self.cache_budget_s * self.sr))
 
-        def fail(pos: int, exc: Exception) -> None:
+        def failure(pos: int, exc: Exception) -> AudioFailure:
             reason = exc.reason if isinstance(exc, AudioError) else f"decode error: {type(exc).__name__}: {exc}"
-            failures[pos] = AudioFailure(items[pos].id, items[pos].path, reason)
+            return AudioFailure(items[pos].id, items[pos].path, reason)
 
-        # ---- plan: cut long recordings at pauses, pack every unit into windows
+        # ---- plan: cut long recordings at pauses (from the energy of their frames, read in blocks: a long
+        # recording is never in memory whole), pack the units of short ones into windows
+        frame = max(1, self.sr // 50)
         units: list[Unit] = []
+        long_items: dict[int, int] = {}  # position -> number of pieces
         for pos in sorted(lengths):
             n = lengths[pos]
             if n <= self.max_piece:
                 units.append(Unit(pos, 0, 0, n))
                 continue
             try:
-                audio = cache.get(pos)
+                energy = frame_energies(items[pos], self.sr, n, frame)
             except Exception as exc:
-                fail(pos, exc)
+                failures[pos] = failure(pos, exc)
                 continue
-            for k, (a, b) in enumerate(split_at_pauses(audio, self.sr, self.max_piece, self.search)):
-                units.append(Unit(pos, k, a, b))
+            pieces = pause_cuts(energy, n, self.sr, self.max_piece, self.search)
+            long_items[pos] = len(pieces)
+            units.extend(Unit(pos, k, a, b) for k, (a, b) in enumerate(pieces))
         # Units longer than pack_max_unit_s get a window of their own (labelled directly): they would leave
-        # little room, and long multi-sentence clips are where timestamps drift across clip boundaries.
-        small = [u for u in units if u.length <= self.max_unit]
+        # little room, and long multi-sentence clips are where timestamps drift across clip boundaries. The
+        # pieces of a long recording get one each too, in order, so that the recording is read once from
+        # start to end, a window at a time.
+        clips = [u for u in units if u.item not in long_items]
+        small = [u for u in clips if u.length <= self.max_unit]
         windows = [[small[i] for i in w] for w in pack_units([u.length for u in small], self.capacity, self.gap)]
-        windows += [[u] for u in units if u.length > self.max_unit]
+        windows += [[u] for u in clips if u.length > self.max_unit]
         packed = [w for w in windows if len(w) > 1]
         singles = [w[0] for w in windows if len(w) == 1]
+        pieces_alone = [u for u in units if u.item in long_items]
+        windows += [[u] for u in pieces_alone]
         self.stats["windows"] += len(windows)
         self.stats["packed_windows"] += len(packed)
         self.stats["units"] += len(units)
@@ -491,31 +509,49 @@ class _PackedShardRunner(_ShardRunner):
 
         report([p for p in lengths if p not in planned])  # failed while being cut at pauses
 
-        def unit_audio(u: Unit) -> np.ndarray | None:
-            if u.item in failures:
+        # Long recordings' readers: only the audio thread builds their pieces (rejected windows hold clips only).
+        readers: dict[int, WindowReader] = {}
+
+        def unit_audio(u: Unit, known: dict[int, AudioFailure], found: dict[int, AudioFailure]) -> np.ndarray | None:
+            """The samples of ``u``, or None when its item failed: ``known`` holds the failures the calling
+            thread knows of, ``found`` gets the new ones."""
+            if u.item in known or u.item in found:
                 return None
             try:
-                return cache.get(u.item)[u.start : u.end]
+                if u.item not in long_items:
+                    return cache.get(u.item)[u.start : u.end]
+                reader = readers.get(u.item)
+                if reader is None:
+                    reader = readers[u.item] = WindowReader(items[u.item], self.sr, lengths[u.item])
+                audio = reader.read(u.start, u.end)
+                if u.piece == long_items[u.item] - 1:
+                    readers.pop(u.item).close()
+                return audio
             except Exception as exc:
-                fail(u.item, exc)
+                found[u.item] = failure(u.item, exc)
+                reader = readers.pop(u.item, None)
+                if reader is not None:
+                    reader.close()
                 return None
 
         # ---- decoding: the packed windows (with timestamps), then the units alone in their windows (long
-        # ones, and the units of rejected windows as rejections come in), all through one pool of decoder rows
-        # that new windows join as soon as rows finish (GreedyWhisperDecoder.stream)
+        # clips, the pieces of long recordings in order, and the units of rejected windows as rejections come
+        # in), all through one pool of decoder rows that new windows join as soon as rows finish
+        # (GreedyWhisperDecoder.stream)
         ts_direct = bool(self.config.return_timestamps)
         jobs = [("packed", w) for w in packed]
         jobs += [("direct", u) for u in sorted(singles, key=lambda u: (-u.length, u.item, u.piece))]
+        jobs += [("direct", u) for u in pieces_alone]
         rejected: deque[Unit] = deque()
 
-        def build(job):
+        def build(job, known: dict[int, AudioFailure], found: dict[int, AudioFailure]):
             kind, payload = job
             if kind == "direct":
-                audio = unit_audio(payload)
+                audio = unit_audio(payload, known, found)
                 return None if audio is None else (payload, teacher.prepare([audio]))
             parts, spans, voiced, kept, t = [], [], [], [], 0
             for u in payload:
-                audio = unit_audio(u)
+                audio = unit_audio(u, known, found)
                 if audio is None:
                     continue
                 peak = float(np.abs(audio).max()) if len(audio) else 0.0
@@ -534,21 +570,34 @@ class _PackedShardRunner(_ShardRunner):
                 return None
             return (kept, spans, voiced, t / self.sr), teacher.prepare([np.concatenate(parts)])
 
+        # The audio thread keeps its own record of failed items and hands the new ones over with each job:
+        # ``failures`` is this thread's alone.
+        thread_failed = dict(failures)
+
+        def build_in_thread(job):
+            found: dict[int, AudioFailure] = {}
+            got = build(job, thread_failed, found)
+            thread_failed.update(found)
+            return got, found
+
         bs = self.config.batch_size
-        built_jobs = prefetch(jobs, build, depth=bs)
+        built_jobs = prefetch(jobs, build_in_thread, depth=bs)
 
         def take(k: int) -> list[DecodeRequest]:
             ready = []  # (kind, meta, features)
             while len(ready) < k:
                 if rejected:
                     u = rejected.popleft()
-                    got = build(("direct", u))
+                    found: dict[int, AudioFailure] = {}
+                    got = build(("direct", u), failures, found)
+                    failures.update(found)
                     kind = "direct"
                 else:
                     nxt = next(built_jobs, None)
                     if nxt is None:
                         break
-                    (kind, payload), got = nxt
+                    (kind, payload), (got, found) = nxt
+                    failures.update(found)
                     if got is None:  # nothing of it decoded: its units failed (reported below)
                         done(payload if kind == "packed" else [payload])
                         continue
@@ -600,7 +649,9 @@ class _PackedShardRunner(_ShardRunner):
                     done([u for u, _ in kept])
         finally:
             built_jobs.close()  # stops the audio thread
-        self.stats["direct_units"] += len(singles)
+            for reader in readers.values():
+                reader.close()
+        self.stats["direct_units"] += len(singles) + len(pieces_alone)
         report([p for p in failures if remaining.get(p, 0) > 0])
         for p in failures:
             remaining[p] = 0

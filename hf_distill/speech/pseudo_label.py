@@ -7,6 +7,9 @@ Pipeline, for one process::
         duration -> batches across files -> teacher -> stitch chunks -> signals, filters, soft labels
         -> ``shard-NNNNN.parquet`` written to a temporary name, then renamed
 
+A recording is read once, from start to end, in blocks (:class:`~hf_distill.speech.audio_stream.WindowReader`):
+only the windows being labelled are in memory, however long the file.
+
 Outputs in ``output_dir``:
 
 - ``manifest.json``: the configuration, its hash, the teacher and the number of items and shards. A run
@@ -77,13 +80,13 @@ from hf_distill.speech.audio import (
     AudioFailure,
     AudioItem,
     Chunk,
-    decode_with_rate,
     list_audio,
     plan_chunks,
     probe,
     resampled_length,
     write_failures,
 )
+from hf_distill.speech.audio_stream import WindowReader
 
 logger = logging.getLogger(__name__)
 
@@ -865,7 +868,7 @@ class _ShardRunner:
         for pos, n in lengths.items():
             windows = teacher.plan(n)
             segments.extend(_Segment(pos, c, w, len(windows)) for c, w in enumerate(windows))
-        # Longest first; a long recording's windows stay together (its audio is decoded once, then freed).
+        # Longest first; a long recording's windows stay together and in order (it is read once, start to end).
         segments.sort(key=lambda s: (-min(lengths[s.item], teacher.window), s.item, s.chunk))
         bs = cfg.batch_size
         batches = [segments[i : i + bs] for i in range(0, len(segments), bs)]
@@ -876,33 +879,39 @@ class _ShardRunner:
         results: dict[tuple[int, int], _SegmentResult] = {}
         audio_done = 0.0
 
-        audio_cache: dict[int, np.ndarray] = {}
+        # The audio thread owns its readers and its record of failed items; it hands new failures to this
+        # thread with each batch (nothing it writes is read here while it runs).
+        skip = set(failures)
+        readers: dict[int, WindowReader] = {}
 
         def build(numbered):
-            """Decode the audio of batch ``b`` (each recording once; freed after its last batch) and prepare
-            the teacher's inputs: ``(kept segments, prepared features or None)``."""
+            """Read the windows of batch ``b`` (a recording is read once, from start to end, in blocks: only
+            its current windows are in memory) and prepare the teacher's inputs:
+            ``(kept segments, prepared features or None, {position: failure} found in this batch)``."""
             b, batch = numbered
-            kept, audios = [], []
+            kept, audios, failed = [], [], {}
             for s in batch:
-                if s.item in failures:
+                if s.item in skip:
                     continue
-                audio = audio_cache.get(s.item)
-                if audio is None:
-                    try:
-                        audio, _ = decode_with_rate(items[s.item], teacher.sampling_rate)
-                    except Exception as exc:  # AudioError, or an unexpected decoder/resampler error
-                        reason = (exc.reason if isinstance(exc, AudioError)
-                                  else f"decode error: {type(exc).__name__}: {exc}")
-                        failures[s.item] = AudioFailure(items[s.item].id, items[s.item].path, reason)
-                        continue
-                    want = lengths[s.item]  # planned from the header; decoders may differ by a few samples
-                    audio = audio[:want] if len(audio) >= want else np.pad(audio, (0, want - len(audio)))
-                    audio_cache[s.item] = audio
-                kept.append(s)
-                audios.append(audio[s.window.start : s.window.end])
-            for pos in [p for p, last in last_use.items() if last == b]:
-                audio_cache.pop(pos, None)
-            return kept, (teacher.prepare(audios) if kept else None)
+                try:
+                    reader = readers.get(s.item)
+                    if reader is None:
+                        reader = readers[s.item] = WindowReader(items[s.item], teacher.sampling_rate, lengths[s.item])
+                    audio = reader.read(s.window.start, s.window.end)
+                except Exception as exc:  # AudioError, or an unexpected decoder/resampler error
+                    reason = (exc.reason if isinstance(exc, AudioError)
+                              else f"decode error: {type(exc).__name__}: {exc}")
+                    failed[s.item] = AudioFailure(items[s.item].id, items[s.item].path, reason)
+                    skip.add(s.item)
+                    audio = None
+                if audio is None or s.chunk == s.n_chunks - 1:
+                    closing = readers.pop(s.item, None)
+                    if closing is not None:
+                        closing.close()
+                if audio is not None:
+                    kept.append(s)
+                    audios.append(audio)
+            return kept, (teacher.prepare(audios) if kept else None), failed
 
         built = prefetch(list(enumerate(batches)), build)
         # Progress: an item counts once, when its last segment has a result (or when it failed).
@@ -926,7 +935,12 @@ class _ShardRunner:
             if left[seg.item] == 0:
                 report([seg.item])
 
-        incoming = ((b, kept, prepared) for (b, _), (kept, prepared) in built)
+        def incoming_batches():
+            for (b, _), (kept, prepared, failed) in built:
+                failures.update(failed)
+                yield b, kept, prepared
+
+        incoming = incoming_batches()
         try:
             if isinstance(teacher, WhisperTeacher) and teacher.greedy is not None:
                 # one pool of decoder rows for the whole shard: a finished row is replaced at once by the
@@ -960,6 +974,8 @@ class _ShardRunner:
             report([p for p in lengths if p in failures])  # failed in a batch whose message came last
         finally:
             built.close()  # stops the audio thread
+            for reader in readers.values():
+                reader.close()
 
         rows = []
         for pos, item in enumerate(items):
