@@ -337,6 +337,12 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         step = StepTensors(student=student, teachers=teachers, teacher_weights=self.teacher_weights, labels=labels,
                            masks=masks, counts=counts, task=self.task, batch=extra)
         loss, terms = self.objective(step)
+        if model.training and self.accelerator.num_processes > 1 and torch.is_tensor(student_out.logits) \
+                and student_out.logits.requires_grad:
+            # DDP reduces gradients bucket by bucket, when every parameter of a bucket has its gradient. Terms that
+            # read Q/K/V or hidden states leave the layers above them without one, and the bucket they share with
+            # used parameters would never be averaged; a zero-weighted path through the outputs gives each a zero.
+            loss = loss + student_out.logits.float().sum() * 0.0
         if model.training:
             self._micro_batch += 1
             if not all_finite([loss]):
