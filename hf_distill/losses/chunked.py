@@ -267,6 +267,8 @@ def chunked_generalized_jsd_loss(
     rows, denominator = _prepare(
         student_logits.shape[:-1], mask, num_items, chunk_size, temperature, beta, student_logits.device, dtype
     )
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffer (needs_input_grad ignores no_grad)
+        student_logits = student_logits.detach()
     return _ChunkedDivergence.apply(
         student_logits, teacher_logits.detach(), rows, denominator, chunk_size, float(temperature), float(beta)
     )
@@ -408,6 +410,9 @@ def fused_linear_kl_loss(
     rows, denominator = _prepare(
         student_hidden.shape[:-1], mask, num_items, chunk_size, temperature, beta_value, student_hidden.device, dtype
     )
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffers for the hidden states and the projection
+        student_hidden, student_lm_head_weight = student_hidden.detach(), student_lm_head_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
     return _FusedLinearDivergence.apply(
         student_hidden,
         student_lm_head_weight,
