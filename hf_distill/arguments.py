@@ -132,4 +132,6 @@ class DistillationArguments(TrainingArguments):
             weights.append(weight)
         if not weights or sum(weights) <= 0:
             raise ValueError(f"teacher_weights must have a positive sum, got {spec!r}")
-        return [w / sum(weights) for w in weights]
+        from .teachers import teacher_mixture_weights
+
+        return teacher_mixture_weights(weights, len(weights))

@@ -100,14 +100,6 @@ class StepTensors:
                  for t, w in zip(self.teachers, self.teacher_weights)]
         return temperature * torch.logsumexp(torch.stack(logps), dim=0)
 
-    @property
-    def local_samples(self) -> int:
-        """Sequences in this micro-batch."""
-        for value in (self.labels, self.student.logits):
-            if torch.is_tensor(value):
-                return int(value.shape[0])
-        return int(self.counts["samples"])
-
 
 def shifted(step: StepTensors, tensor: torch.Tensor) -> torch.Tensor:
     """Causal LMs predict the next token: drop the last position to align with shifted labels."""
