@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .modeling import forward_parameters, output_size, task_kind, unwrap
+from .modeling import forward_parameters, task_kind, unwrap
 
 __all__ = [
     "cache_teacher_logits",
