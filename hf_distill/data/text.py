@@ -10,6 +10,11 @@
   incomplete block is dropped (packing is global, not per ``map`` batch). Both steps are
   ``datasets.map`` calls, so results are cached and reused on the next run.
 * :func:`split_train_eval` holds out an evaluation set.
+
+Wrong inputs end before any model is loaded, with the file or name and what to change: a missing
+local path (never sent to the Hub, see :func:`hf_distill.data.paths.check_local_path`), a 0-byte or
+unreadable file, a folder without data files, a missing or non-text column, a corpus with no
+non-empty document, too little text for one block, too few rows for the evaluation split.
 """
 
 from __future__ import annotations
@@ -22,74 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_distill.data.paths import TEXT_FORMATS, check_folder_has_data, check_local_path, format_of
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["check_local_path", "load_text_dataset", "tokenize_and_pack", "split_train_eval", "TEXT_FORMATS"]
+__all__ = ["load_text_dataset", "tokenize_and_pack", "split_train_eval", "TEXT_FORMATS", "check_local_path"]
 
 logger = logging.getLogger(__name__)
-
-#: file suffix -> ``datasets`` packaged builder
-TEXT_FORMATS = {
-    ".txt": "text",
-    ".text": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-}
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
-
-
-def _format_of(path: str) -> tuple[str | None, str]:
-    """(builder, suffix) for a file name, looking through one compression suffix."""
-    name = os.path.basename(path).lower()
-    for comp in _COMPRESSION:
-        if name.endswith(comp):
-            name = name[: -len(comp)]
-            break
-    suffix = os.path.splitext(name)[1]
-    return TEXT_FORMATS.get(suffix), suffix
-
-
-def check_local_path(name: str, *, what: str = "dataset", flag: str | None = None) -> None:
-    """Raise ``FileNotFoundError`` when ``name`` can only mean a local path and nothing exists there.
-
-    A name is read as a local path when it starts with ``.``, ``/`` or ``~``, ends in a data-file
-    suffix, has more than one ``/`` (a Hub id is ``name`` or ``namespace/name``), or starts with a
-    folder that exists here (``data/trian`` next to ``data/``). The message lists what the nearest
-    existing folder holds, closest names first, so a typo is easy to see.
-    """
-    name = os.fspath(name)
-    path = os.path.expanduser(name)
-    if os.path.exists(path):
-        return
-    first = name.replace("\\", "/").split("/", 1)[0]
-    reasons = (
-        name.startswith((".", "/", "~"))
-        or _format_of(name)[0] is not None
-        or name.count("/") > 1
-        or ("/" in name and first not in ("", ".", "..") and os.path.isdir(first))
-    )
-    if not reasons:
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.isdir(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    hint = ""
-    if os.path.isdir(parent):
-        import difflib
-
-        entries = sorted(e for e in os.listdir(parent) if not e.startswith("."))
-        base = os.path.basename(path.rstrip("/"))
-        close = difflib.get_close_matches(base, entries, n=3, cutoff=0.5)
-        shown = close + [e for e in entries if e not in close][: max(0, 5 - len(close))]
-        hint = f"; {parent} holds {', '.join(shown) + (', ...' if len(entries) > len(shown) else '') if entries else 'nothing'}"
-    fix = f"; set {flag} to an existing file or folder, or to a Hub id (name or namespace/name)" if flag else ""
-    raise FileNotFoundError(f"{what} {name!r} does not exist (read as a local path){hint}{fix}")
-
 
 def _check_local_split(split: str, source: Any) -> None:
     base = str(split).split("[", 1)[0].strip()
@@ -107,7 +53,7 @@ def _load_files(files: Sequence[str], *, split: str, streaming: bool, cache_dir:
     for f in files:
         if os.path.getsize(f) == 0:
             raise ValueError(f"{f!r} is empty (0 bytes); give a file with text, or leave it out of the list")
-        builder, suffix = _format_of(f)
+        builder, suffix = format_of(f)
         if builder is None:
             raise ValueError(
                 f"cannot tell the format of {f!r} (suffix {suffix!r}); supported: {sorted(TEXT_FORMATS)} "
@@ -119,7 +65,7 @@ def _load_files(files: Sequence[str], *, split: str, streaming: bool, cache_dir:
     (builder, paths), = builders.items()
     _check_local_split(split, source)
     kwargs: dict[str, Any] = {}
-    if builder == "csv" and all(_format_of(p)[1] == ".tsv" for p in paths):
+    if builder == "csv" and all(format_of(p)[1] == ".tsv" for p in paths):
         kwargs["sep"] = "\t"
     try:
         return datasets.load_dataset(
@@ -226,11 +172,11 @@ def load_text_dataset(
             ds = _load_saved(source, split=split, streaming=streaming)
         elif os.path.isdir(source):
             if data_files is None:
-                _check_folder_has_data(source)
+                check_folder_has_data(source)
             ds = datasets.load_dataset(
                 source, config_name, split=split, streaming=streaming, data_files=data_files, cache_dir=cache_dir
             )
-        elif any(ch in source for ch in "*?[") and _format_of(source)[0] is not None:
+        elif any(ch in source for ch in "*?[") and format_of(source)[0] is not None:
             import glob
 
             files = sorted(glob.glob(source, recursive=True))
@@ -263,26 +209,6 @@ def load_text_dataset(
                          "empty or whitespace; give text, or choose the column that holds it with --text_column "
                          "(text_column=...)")
     return ds
-
-
-def _check_folder_has_data(folder: str) -> None:
-    """A plain folder must hold at least one file in a supported format (``datasets`` would guess a
-    builder from stray files such as PDFs)."""
-    found, data = [], False
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for n in names:
-            if n.startswith("."):
-                continue
-            found.append(os.path.relpath(os.path.join(root, n), folder))
-            data = data or _format_of(n)[0] is not None or n.endswith(".arrow")
-        if data:
-            return
-    what = f"only {', '.join(sorted(found)[:5])}{', ...' if len(found) > 5 else ''}" if found else "no files"
-    raise FileNotFoundError(
-        f"folder {folder!r} holds {what}: no text data file ({', '.join(sorted(TEXT_FORMATS))}, optionally "
-        "compressed) and no dataset saved with save_to_disk; point to the folder or files with the text"
-    )
 
 
 def _check_text_column(ds, text_column: str, source: Any) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hf_distill.data.text import check_local_path
+from hf_distill.data.paths import check_local_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
