@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .data.paths import check_local_path
 from .modeling import forward_parameters, task_kind, unwrap
 
 __all__ = [
@@ -48,12 +49,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``namespace/name``; anything else (absolute, ./, ~, deeper) is a local path."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
-            or name.endswith("/"))
-
-
 def check_model_path(name_or_path: str | Path, what: str = "teacher") -> str:
     """Fail early, with a message, on a model path that cannot be a model: a missing local folder, a file,
     or a folder without ``config.json``. Hub ids (``org/name``) pass through."""
@@ -69,9 +64,7 @@ def check_model_path(name_or_path: str | Path, what: str = "teacher") -> str:
             raise FileNotFoundError(f"{what} directory {name!r} has no config.json: it is not a saved transformers "
                                     "model (save one with model.save_pretrained(dir))")
         return str(path)
-    if _looks_like_local_path(name):
-        raise FileNotFoundError(f"{what} directory {name!r} does not exist; check the path (Hub ids look like "
-                                "org/name)")
+    check_local_path(name, what=what)  # a name that can only be a local path, and nothing there
     return name
 
 
