@@ -35,6 +35,15 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Allow a teacher loaded from a path / Hub id to run its own modelling code (off: only "
                           "code shipped with transformers runs)."},
     )
+    teacher_source: str = field(
+        default="auto",
+        metadata={"help": "Where the teacher's signal comes from: frozen (a live teacher model), stored (teacher "
+                          "outputs in the dataset), ema (a moving average of the student), snapshot (the student at "
+                          "the end of the previous epoch); auto: frozen with a teacher, else stored.",
+                  "choices": ["auto", "frozen", "stored", "ema", "snapshot"]},
+    )
+    ema_decay: float = field(default=0.999, metadata={"help": "teacher_source=ema: ema <- decay * ema + (1 - decay) "
+                                                              "* student after each optimiser step."})
     teacher_dtype: str = field(
         default="float32",
         metadata={"help": "Precision of the frozen teacher: float32, bfloat16, float16 or auto (as saved).",
@@ -103,6 +112,10 @@ class DistillationArguments(TrainingArguments):
         for name in ("kd_weight", "task_weight", "cos_weight", "mse_weight", "hidden_mse_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.teacher_source not in ("auto", "frozen", "stored", "ema", "snapshot"):
+            raise ValueError(f"teacher_source must be auto, frozen, stored, ema or snapshot, got {self.teacher_source!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         self.layer_pairs = parse_layer_map(self.hidden_layer_map, what="hidden_layer_map")

@@ -38,13 +38,8 @@ from .modeling import forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
 from .qkv import QKVRecorder
-from .teachers import (
-    check_same_vocabulary,
-    find_teacher_tokenizer,
-    load_teacher,
-    place_teacher,
-    teacher_mixture_weights,
-)
+from .sources import EmaTeacher, FrozenTeacher, SnapshotTeacher, StoredTeacher, TeacherSource
+from .teachers import check_same_vocabulary, find_teacher_tokenizer, load_teacher, teacher_mixture_weights
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +47,10 @@ logger = logging.getLogger(__name__)
 CACHED_TEACHER_COLUMNS = ("teacher_logits",)
 
 
-class _ObjectiveGradients(TrainerCallback):
-    """The objective's own parameters (projections) are not the model's: clear their gradients after each
-    optimiser step, as the Trainer does for the student's."""
+class _DistillationSteps(TrainerCallback):
+    """After each optimiser step: clear the objective's own gradients (projections are not the model's, so
+    the Trainer does not) and let the teacher source update (an EMA); at each epoch end, let it refresh
+    (a snapshot)."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
@@ -62,6 +58,10 @@ class _ObjectiveGradients(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         for p in self.trainer.objective.parameters():
             p.grad = None
+        self.trainer.teacher_source.on_optimizer_step(self.trainer)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.teacher_source.on_epoch_end(self.trainer)
 
 
 class DistillationTrainer(DistillationCheckpointMixin, Trainer):
@@ -77,13 +77,16 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         teacher_processing_class: the teacher's tokenizer. When omitted it is loaded from the
             teacher's folder (or Hub cache) if it has one; with ``processing_class`` the two
             vocabularies must then be identical, token for token.
+        teacher_source: where the teacher tensors come from (:mod:`hf_distill.sources`): a
+            :class:`~hf_distill.sources.TeacherSource`, or a kind (``frozen``, ``stored``, ``ema``,
+            ``snapshot``); defaults to ``args.teacher_source``.
     """
 
     # compute_loss normalises by the global item count of the optimiser step itself.
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args: DistillationArguments | None = None, teacher=None,
-                 teacher_processing_class=None, **kwargs):
+                 teacher_processing_class=None, teacher_source: TeacherSource | str | None = None, **kwargs):
         if args is None:
             args = DistillationArguments(output_dir="distillation_output")
         if not isinstance(args, DistillationArguments):
@@ -104,15 +107,13 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                 teacher_tok = find_teacher_tokenizer(source)
             self._validate_pair(model, t, student_tok, teacher_tok)
         self.teacher_weights = teacher_mixture_weights(args.teacher_weight_list, len(teachers))
+        source = self._build_source(teacher_source, teachers, model, args)
         # The objective validates layer maps, widths and head counts now, before any step.
-        self.objective = build_objective(args, model, teachers, multi_teacher=args.multi_teacher,
+        self.objective = build_objective(args, model, source.models, multi_teacher=args.multi_teacher,
                                          teacher_weights=self.teacher_weights)
-        teacher_needs = self.objective.teacher_needs
-        if not teachers and teacher_needs - {"logits"}:
-            raise ValueError(f"the configured terms need a live teacher's {sorted(teacher_needs - {'logits'})}, but "
-                             "no teacher was given; pass teacher=... or drop those terms to train on cached logits")
+        source.check(self.objective)
         if "attentions" in self.objective.needs:
-            for m in [model, *teachers]:
+            for m in [model, *source.models]:
                 unwrap(m).set_attn_implementation("eager")  # fused kernels return no attention maps
         super().__init__(model=model, args=args, **kwargs)
         # transformers releases without `loss_is_scaled_for_ga` divide every training loss by the number
@@ -120,14 +121,12 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         self._undo_ga_division = not hasattr(Trainer, "loss_is_scaled_for_ga")
         if self._undo_ga_division:
             self.model_accepts_loss_kwargs = False  # makes that division unconditional, hence exactly undone
-        device = self.accelerator.device
-        self.teachers = [place_teacher(t, device, args.teacher_dtype) for t in teachers]
-        self.objective.to(device)
-        s_layers, t_layers = self.objective.qkv_layers()
+        self.objective.to(self.accelerator.device)
+        self.teacher_source = source
+        source.bind(self)
+        s_layers, _ = self.objective.qkv_layers()
         self._student_qkv = QKVRecorder(model, s_layers) if s_layers else None
-        self._teacher_qkv = [QKVRecorder(t, t_layers) for t in self.teachers] if t_layers else None
         self._student_inputs = forward_parameters(model)
-        self._teacher_inputs = [forward_parameters(t) for t in self.teachers]
         self._step_counts: dict[str, torch.Tensor] | None = None
         self._train_terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._optimizer_steps_since_log = 0  # one get_batch_samples call per optimiser step
@@ -135,12 +134,41 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         self.nonfinite_skipped = 0
         self._eval_terms: dict[str, float] = defaultdict(float)
         self._eval_weight = 0
-        self.add_callback(_ObjectiveGradients(self))
+        self.add_callback(_DistillationSteps(self))
+
+    @property
+    def teachers(self) -> list:
+        """The teacher models the source runs (empty for stored outputs)."""
+        return self.teacher_source.models
 
     @property
     def teacher(self):
         """The (first) teacher."""
         return self.teachers[0] if self.teachers else None
+
+    @staticmethod
+    def _build_source(teacher_source, teachers: list, student, args) -> TeacherSource:
+        if isinstance(teacher_source, TeacherSource):
+            if teachers:
+                raise ValueError("give either teacher= or a teacher_source instance, not both")
+            return teacher_source
+        kind = teacher_source or args.teacher_source
+        if kind == "auto":
+            kind = "frozen" if teachers else "stored"
+        if kind in ("stored", "ema", "snapshot") and teachers:
+            raise ValueError(f"teacher_source={kind!r} takes no teacher model, but one was given; drop teacher= / "
+                             "--teacher_name_or_path, or use teacher_source='frozen'")
+        if kind == "frozen":
+            if not teachers:
+                raise ValueError("teacher_source='frozen' needs a teacher: pass teacher=... or --teacher_name_or_path")
+            return FrozenTeacher(teachers, dtype=args.teacher_dtype)
+        if kind == "stored":
+            return StoredTeacher()
+        if kind == "ema":
+            return EmaTeacher(student, decay=args.ema_decay)
+        if kind == "snapshot":
+            return SnapshotTeacher(student)
+        raise ValueError(f"unknown teacher_source {kind!r}; choose auto, frozen, stored, ema or snapshot")
 
     # ------------------------------------------------------------------ teachers and validation
     @staticmethod
@@ -269,7 +297,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------ the loss
-    def _flags(self) -> dict:
+    def output_flags(self) -> dict:
+        """What the models must return for the configured terms (``output_hidden_states``, ...)."""
         needs = self.objective.needs
         flags = {}
         if "hidden_states" in needs:
@@ -278,16 +307,9 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             flags["output_attentions"] = True
         return flags
 
-    def _teacher_forward(self, index: int, inputs: dict) -> ModelTensors:
-        accepted = self._teacher_inputs[index]
-        teacher_inputs = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
-        recorder = self._teacher_qkv[index] if self._teacher_qkv else None
-        with torch.no_grad(), self.accelerator.autocast():
-            if recorder is not None:
-                with recorder:
-                    out = self.teachers[index](**teacher_inputs, **self._flags())
-                return ModelTensors.from_output(out, recorder.take())
-            return ModelTensors.from_output(self.teachers[index](**teacher_inputs, **self._flags()))
+    def teacher_forward(self, index: int, inputs: dict) -> ModelTensors:
+        """Run live teacher ``index`` on the student's inputs (subclasses may feed it otherwise)."""
+        return self.teacher_source.forward_one(self, index, inputs)
 
     def _decoder_inputs_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing for encoder-decoders: labels shifted right behind the decoder start token."""
@@ -302,29 +324,19 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
-        cached_logits = inputs.pop("teacher_logits", None)
-        extra = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
+        extra = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}  # stored teacher outputs
         model_inputs = {k: v for k, v in inputs.items() if self._student_inputs is None or k in self._student_inputs}
         if self.task == "seq2seq_lm" and labels is not None and "decoder_input_ids" not in model_inputs:
             model_inputs["decoder_input_ids"] = self._decoder_inputs_from_labels(labels)
         if self._student_qkv is not None:
             with self._student_qkv:
-                student_out = model(**model_inputs, **self._flags())
+                student_out = model(**model_inputs, **self.output_flags())
             student = ModelTensors.from_output(student_out, self._student_qkv.take())
         else:
-            student_out = model(**model_inputs, **self._flags())
+            student_out = model(**model_inputs, **self.output_flags())
             student = ModelTensors.from_output(student_out)
 
-        teacher_needs = self.objective.teacher_needs
-        if cached_logits is not None and not (self.teachers and teacher_needs - {"logits"}):
-            teachers = [ModelTensors(logits=cached_logits)]
-        elif self.teachers and teacher_needs:  # a live teacher (also for its hidden states next to cached logits)
-            teachers = [self._teacher_forward(i, model_inputs) for i in range(len(self.teachers))]
-        elif teacher_needs:
-            raise ValueError("no teacher was given and the batch carries no 'teacher_logits' column; the terms "
-                             f"{[t.log_name for t in self.objective.active_terms if t.uses_teacher]} read a teacher")
-        else:
-            teachers = []
+        teachers = self.teacher_source.teacher_tensors(self, model_inputs, extra, student=student)
 
         # Global counts in training (exact under accumulation / several processes), local in evaluation.
         use_global = model.training and self._step_counts is not None

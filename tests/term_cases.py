@@ -33,13 +33,13 @@ CASES: dict[str, list[dict]] = {
 }
 
 
-def with_stored_topk(dataset, teacher):
-    """The teacher's top-k log-probabilities and tail mass per position, as batch columns."""
+def with_stored_topk(dataset, teacher, k: int = TOP_K, temperature: float = 1.0):
+    """The teacher's top-k log-probabilities at ``temperature`` and tail mass per position, as batch columns."""
     batch = default_data_collator([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp = torch.log_softmax(logits.float(), -1)
-    top, idx = logp.topk(TOP_K, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    top, idx = logp.topk(k, dim=-1)
     tail = (1 - top.exp().sum(-1)).clamp(min=0)
     return (dataset.add_column("teacher_topk_logprobs", top.tolist())
             .add_column("teacher_topk_indices", idx.tolist()).add_column("teacher_tail_mass", tail.tolist()))

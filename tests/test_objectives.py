@@ -77,11 +77,11 @@ def test_only_needed_tensors_are_collected(tokenizer, tmp_path):
     teacher, student = models(tokenizer, s_hidden=32)
     plain = DistillationTrainer(model=student, teacher=teacher,
                                 args=args_for(tmp_path, distillation=[{"loss": "kl"}]))
-    assert plain._flags() == {} and plain._student_qkv is None
+    assert plain.output_flags() == {} and plain._student_qkv is None
     student4 = tiny_bert_mlm(len(tokenizer), layers=2, seed=2, heads=4)
     full = DistillationTrainer(model=student4, teacher=teacher, args=args_for(
         tmp_path, distillation=[{"loss": "attention_kl"}, {"loss": "hidden_cos"}]))
-    assert full._flags() == {"output_hidden_states": True, "output_attentions": True}
+    assert full.output_flags() == {"output_hidden_states": True, "output_attentions": True}
 
 
 def test_attention_terms_follow_the_reference(tokenizer, tmp_path):

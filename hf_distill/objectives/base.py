@@ -38,7 +38,9 @@ class ModelTensors:
     """What one model produced for the batch (None where no term asked for it).
 
     For encoder-decoders, ``hidden_states`` / ``attentions`` are the decoder's and
-    ``encoder_hidden_states`` / ``encoder_attentions`` the encoder's.
+    ``encoder_hidden_states`` / ``encoder_attentions`` the encoder's. A teacher whose outputs were
+    stored sparsely gives ``topk_logprobs`` / ``topk_indices`` (its top-k log-probabilities at the
+    distillation temperature) and ``tail_mass`` (the probability outside them) instead of logits.
     """
 
     logits: torch.Tensor | None = None
@@ -47,6 +49,9 @@ class ModelTensors:
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    topk_logprobs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    tail_mass: torch.Tensor | None = None
 
     @classmethod
     def from_output(cls, out, qkv=None) -> "ModelTensors":
@@ -59,11 +64,24 @@ class ModelTensors:
                    qkv=qkv or {}, encoder_hidden_states=get("encoder_hidden_states"),
                    encoder_attentions=get("encoder_attentions"))
 
+    @classmethod
+    def from_stored(cls, batch: dict) -> "ModelTensors | None":
+        """The teacher outputs a batch carries as columns (``teacher_logits``, or ``teacher_topk_logprobs`` +
+        ``teacher_topk_indices`` + optional ``teacher_tail_mass``), or None when it carries none."""
+        logits, topk = batch.get("teacher_logits"), batch.get("teacher_topk_logprobs")
+        if logits is None and topk is None:
+            return None
+        if topk is not None and batch.get("teacher_topk_indices") is None:
+            raise ValueError("the batch has teacher_topk_logprobs but no teacher_topk_indices column; store both")
+        return cls(logits=logits, topk_logprobs=topk, topk_indices=batch.get("teacher_topk_indices"),
+                   tail_mass=batch.get("teacher_tail_mass"))
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by a readable name (``logits``, ``hidden_states[2]``, ...), for diagnostics."""
         out: dict[str, torch.Tensor] = {}
-        if self.logits is not None:
-            out["logits"] = self.logits
+        for name in ("logits", "topk_logprobs", "tail_mass"):
+            if torch.is_tensor(getattr(self, name)):
+                out[name] = getattr(self, name)
         for name in ("hidden_states", "attentions", "encoder_hidden_states", "encoder_attentions"):
             for i, t in enumerate(getattr(self, name) or ()):
                 if torch.is_tensor(t):

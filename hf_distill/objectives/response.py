@@ -8,7 +8,7 @@ from .. import losses
 from ..losses.chunked import chunked_generalized_jsd_loss
 from ..losses.task import ctc_loss
 from ..modeling import task_kind, unwrap
-from .base import TASK_LOG_NAMES, StepTensors, Term, finite_number, register_term, shifted
+from .base import TASK_LOG_NAMES, ModelTensors, StepTensors, Term, finite_number, register_term, shifted
 
 
 class ResponseTerm(Term):
@@ -22,6 +22,9 @@ class ResponseTerm(Term):
                                          f"term {self.loss_name!r}: temperature", minimum=0.0, strict=True)
 
     def pair(self, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        if step.teacher(self.teacher_index).logits is None:
+            raise ValueError(f"term {self.loss_name!r} needs the teacher's full logits, but its outputs were stored as "
+                             "top-k only; use `kl` (computed on the top-k and the tail mass) or store full logits")
         teacher = step.combined_teacher_logits(self.temperature, self.teacher_index)
         return shifted(step, step.student.logits), shifted(step, teacher.to(step.student.logits.device))
 
@@ -47,11 +50,24 @@ def divergence(step: StepTensors, s: torch.Tensor, t: torch.Tensor, *, beta: flo
                                         num_items=step.counts["kd"], chunk_size=chunk_rows(s.shape[-1], s.device))
 
 
+def sparse_kl(step: StepTensors, teacher, temperature: float) -> torch.Tensor:
+    """KL against a teacher stored as top-k log-probabilities (+ tail mass) at ``temperature``."""
+    return losses.topk_kl_loss(shifted(step, step.student.logits), teacher.topk_logprobs, teacher.topk_indices.long(),
+                               teacher_tail_mass=teacher.tail_mass, temperature=temperature,
+                               mask=step.masks["kd"], num_items=step.counts["kd"])
+
+
 @register_term("kl")
 class KLTerm(ResponseTerm):
-    """Soft-target KL(p_T || p_S) at temperature T, x T^2 (DistilBERT, Hinton et al.)."""
+    """Soft-target KL(p_T || p_S) at temperature T, x T^2 (DistilBERT, Hinton et al.); on a teacher stored as
+    top-k + tail mass, the KL over the top-k and the tail (exact when k is the vocabulary)."""
 
     def forward(self, step):
+        teacher = step.teacher(self.teacher_index)
+        if teacher.logits is None and teacher.topk_logprobs is not None:
+            if len(step.teachers) > 1 and self.teacher_index is None:
+                raise ValueError("several teachers stored as top-k cannot be averaged; use multi_teacher: separate")
+            return sparse_kl(step, teacher, self.temperature)
         s, t = self.pair(step)
         return divergence(step, s, t, beta=0.0, temperature=self.temperature)
 
@@ -111,12 +127,10 @@ class TopKKLTerm(Term):
                                          minimum=0.0, strict=True)
 
     def forward(self, step):
-        b = step.batch
-        if "teacher_topk_logprobs" not in b or "teacher_topk_indices" not in b:
+        teacher = ModelTensors.from_stored(step.batch)
+        if teacher is None or teacher.topk_logprobs is None:
             raise ValueError("topk_kl needs batch columns teacher_topk_logprobs and teacher_topk_indices")
-        return losses.topk_kl_loss(shifted(step, step.student.logits), b["teacher_topk_logprobs"],
-                                   b["teacher_topk_indices"].long(), teacher_tail_mass=b.get("teacher_tail_mass"),
-                                   temperature=self.temperature, mask=step.masks["kd"], num_items=step.counts["kd"])
+        return sparse_kl(step, teacher, self.temperature)
 
 
 @register_term("task")

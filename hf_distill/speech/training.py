@@ -318,9 +318,9 @@ class WhisperDistillationTrainer(DistillationTrainer):
         finally:
             self._captured = None
 
-    def _teacher_forward(self, index, inputs):
+    def teacher_forward(self, index, inputs):
         if not (self.encoder_shared and index == 0 and self._captured is not None):
-            return super()._teacher_forward(index, inputs)
+            return super().teacher_forward(index, inputs)
         from transformers.modeling_outputs import BaseModelOutput
 
         from hf_distill.objectives import ModelTensors
