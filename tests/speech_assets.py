@@ -27,6 +27,8 @@ Functions (each caches its result for the whole pytest session):
 - ``whisper_base_teacher_dir(tmp_path_factory) -> Path``: that model converted (72.6M params).
 - ``load_whisper(model_dir) -> (model, processor)``: loaded once per directory, eval mode.
 - ``transcribe(model_dir, paths, batch_size=8, **generate_kwargs) -> list[str]``: greedy transcripts.
+- ``one_line_error(capsys, argv) -> str``: run ``hf-distill ARGV``, check it exits with 2 printing one error
+  line and no traceback; returns that line.
 
 Fixtures (session scope): ``tiny_en_teacher`` (Path), ``harvard_festival_clips`` (the 20 committed clips).
 """
@@ -49,6 +51,7 @@ __all__ = [
     "harvard_festival_clips",
     "harvard_sentences",
     "load_whisper",
+    "one_line_error",
     "read_audio",
     "synthesize",
     "tiny_en_ct2_dir",
@@ -190,6 +193,19 @@ def transcribe(model_dir, paths, batch_size: int = 8, **generate_kwargs) -> list
             ids = model.generate(features.to(model.dtype), **generate_kwargs)
             texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
     return texts
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run ``hf-distill ARGV``; it must exit with 2 and print one error line (no traceback): that line."""
+    from hf_distill.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("INFO ", "WARNING "))]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"hf-distill {argv[0]}: error: "), lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from speech_assets import one_line_error
+
 from hf_distill.losses import topk_kl_loss
 from hf_distill.speech.pseudo_label import (
     FAILPOINT_ENV,
@@ -638,8 +640,8 @@ def test_restart_with_another_configuration_or_input_is_refused(resume_setup, ca
     argv, reference, _ = resume_setup
     with pytest.raises(ConfigMismatchError, match=r"top_k: 3 -> 5"):
         pseudo_label(PseudoLabelConfig(**{**_config_from_argv(argv), "output_dir": str(reference), "top_k": 5}))
-    assert cli_main([*argv, "--output-dir", str(reference), "--batch-size", "4"]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    line = one_line_error(capsys, ["pseudo-label", *argv, "--output-dir", str(reference), "--batch-size", "4"])
+    assert "different configuration (batch_size: 2 -> 4)" in line
     # same options, but the input folder gained a file
     clips = Path(argv[0])
     extra = clips / "zz_new.wav"
@@ -665,7 +667,7 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     sys.path.insert(0, str(Path(__file__).parent))
     from speech_assets import harvard_clips, tiny_en_teacher_dir
 
-    from hf_distill.speech.pseudo_label import _load_normalizer, word_error_rate
+    from hf_distill.speech.pseudo_label import load_normalizer, word_error_rate
 
     teacher = tiny_en_teacher_dir(tmp_path_factory)
     clips = harvard_clips(20)
@@ -685,7 +687,7 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     )
     assert result["rows"] == 21 and result["failures"] == 0
     rows = {r["id"]: r for r in read_rows(out)}
-    norm = _load_normalizer("english")
+    norm = load_normalizer("english")
     truth = " ".join(text for _, text in clips)
     piece_texts = " ".join(rows[f"piece{i:02d}.wav"]["text"] for i in range(20))
     long_row = rows["joined.wav"]
@@ -797,3 +799,77 @@ def test_a_recording_that_fails_in_a_later_window_is_one_failure_and_the_rest_is
     assert [r["id"] for r in read_rows(out)] == ["good.wav"]
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [(f["id"], f["reason"]) for f in failures] == [("bad_late.wav", "audio contains NaN or infinite samples")]
+
+
+# ------------------------------------------------------------------------------------------------
+# wrong input on the command line: one line, exit code 2, before the teacher is loaded
+
+
+@pytest.fixture
+def bad_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.csv").write_text("path,text\n")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "README.md").write_text("notes, no model")
+    (tmp_path / "a_file").write_text("x")
+    write_clips(tmp_path / "clips", [1.0], bad=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["pseudo-label", "pseudo-label-packed"])
+@pytest.mark.parametrize("case,expected", [
+    ("missing input", r"input not found: .*missing_folder \(give an audio folder"),
+    ("missing model", r"--model .*no_model does not exist; give the teacher's folder"),
+    ("not a model", r"--model .*not_a_model is not a saved speech teacher: no config.json, no weights"),
+    ("output is a file", r"--output-dir .*a_file is a file; give a folder"),
+    ("empty folder", r"no audio files in .*empty \(looked, in every subfolder, for .*\.flac.*\.wav"),
+    ("empty manifest", r"the manifest .*empty.csv has no rows"),
+])
+def test_wrong_paths_and_empty_inputs_fail_in_one_line_before_the_teacher_loads(
+        whisper_dir, bad_paths, capsys, monkeypatch, command, case, expected):
+    import re
+
+    import hf_distill.speech.pseudo_label as standard
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the input was checked")
+
+    monkeypatch.setattr(standard, "load_teacher", never)
+    d = bad_paths
+    source, model, out = str(d / "clips"), str(whisper_dir), str(d / "out")
+    if case == "missing input":
+        source = str(d / "missing_folder")
+    elif case == "missing model":
+        model = str(d / "no_model")
+    elif case == "not a model":
+        model = str(d / "not_a_model")
+    elif case == "output is a file":
+        out = str(d / "a_file")
+    elif case == "empty folder":
+        source = str(d / "empty")
+    elif case == "empty manifest":
+        source = str(d / "empty.csv")
+    line = one_line_error(capsys, [command, source, "--model", model, "--output-dir", out, "--no-progress"])
+    assert re.search(expected, line), line
+    assert not (d / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", ["pseudo-label", "pseudo-label-packed"])
+def test_a_run_where_every_file_failed_is_an_error(whisper_dir, tmp_path, capsys, command):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.wav").write_text("a text file, not audio")
+    (folder / "b.flac").write_bytes(b"")
+    out = tmp_path / "out"
+    line = one_line_error(capsys, [command, str(folder), "--model", str(whisper_dir), "--output-dir", str(out),
+                                   "--no-progress"])
+    assert "every input file failed (2 of 2); nothing was labelled. First: " in line
+    assert f"all reasons are in {out / 'failures.jsonl'}" in line
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 2  # the store says why
+
+
+def test_missing_arguments_and_finalize_of_a_folder_that_is_no_store(tmp_path, capsys):
+    line = one_line_error(capsys, ["pseudo-label", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    assert line.endswith("INPUT and --model are required (unless --finalize)")
+    line = one_line_error(capsys, ["pseudo-label", "--finalize", "--output-dir", str(tmp_path)])
+    assert "is not a pseudo-label store (no manifest.json)" in line

@@ -31,9 +31,6 @@ def test_synthesize_writes_wavs_and_a_manifest_the_labellers_read(tmp_path):
     lines.write_text("Hello world.\n\nGood morning.\n")
     assert cli(["synthesize", str(tmp_path / "own"), "--text-file", str(lines), "--engine", "flite"]) == 0
     assert len(list((tmp_path / "own").glob("*.wav"))) == 2
-    with pytest.raises(SystemExit) as exc:
-        cli(["synthesize", str(tmp_path / "bad"), "--sentences", "0"])
-    assert exc.value.code == 2
 
 
 @pytest.mark.synth
@@ -50,3 +47,46 @@ def test_festival_still_speaks_the_committed_clips(tmp_path):
     for (new, _), (old, _) in zip(made, committed):
         assert new.name == old.name
         np.testing.assert_array_equal(sf.read(new, dtype="int16")[0], sf.read(old, dtype="int16")[0])
+
+
+# wrong input: one line, exit code 2, before the synthesizer runs (none of these needs festival or flite)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing text file", r"--text-file .*nowhere.txt not found; give a text file with one sentence per line"),
+    ("text file is a folder", r"--text-file .* is a folder; give a text file"),
+    ("blank text file", r"--text-file .*blank.txt has no sentences \(every line is empty\)"),
+    ("output is a file", r"OUTPUT_DIR .*a_file is a file; give a folder \(it is created if missing\)"),
+    ("output under a file", r"OUTPUT_DIR .*a_file/speech cannot be created: .*a_file is a file, not a folder"),
+    ("no sentences", r"--sentences must be between 1 and 40, got 0"),
+    ("engine missing", r"flite is not installed \(install it with: apt-get install flite\)"),
+])
+def test_synthesize_wrong_input_is_one_line_before_synthesis(tmp_path, capsys, monkeypatch, case, expected):
+    import re
+
+    from speech_assets import one_line_error
+
+    from hf_distill.speech import synth
+
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("the synthesizer ran before the input was checked")
+
+    if case == "engine missing":  # whatever this machine has installed
+        monkeypatch.setattr(synth.shutil, "which", lambda program: None)
+    else:
+        monkeypatch.setattr(synth, "_synthesize_one", no_synthesis)
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    (tmp_path / "a_file").write_text("x")
+    out = str(tmp_path / "speech")
+    args = {
+        "missing text file": [out, "--text-file", str(tmp_path / "nowhere.txt")],
+        "text file is a folder": [out, "--text-file", str(tmp_path)],
+        "blank text file": [out, "--text-file", str(tmp_path / "blank.txt")],
+        "output is a file": [str(tmp_path / "a_file"), "--sentences", "2"],
+        "output under a file": [str(tmp_path / "a_file" / "speech"), "--sentences", "2"],
+        "no sentences": [out, "--sentences", "0"],
+        "engine missing": [out, "--sentences", "2", "--engine", "flite"],
+    }[case]
+    line = one_line_error(capsys, ["synthesize", *args])
+    assert re.search(expected, line), line
+    assert not (tmp_path / "speech").exists()

@@ -354,7 +354,8 @@ def list_manifest(
     return items
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
     return path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
@@ -379,11 +380,18 @@ def list_dataset(
     name = None
     if isinstance(dataset, (str, os.PathLike)):
         name = os.fspath(dataset)
-        if _is_saved_dataset(Path(name)):
+        if is_saved_dataset(Path(name)):
             base_dir = name
             dataset = datasets.load_from_disk(name)
         else:
-            dataset = datasets.load_dataset(name, config_name, split=split)
+            try:
+                dataset = datasets.load_dataset(name, config_name, split=split)
+            except Exception as exc:  # not found, offline, no audio builder...: one line, not a traceback
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise FileNotFoundError(
+                    f"{name!r} is not a local file or folder, and loading it as a Hub dataset failed: {first} "
+                    "(give an audio folder, a manifest .csv/.tsv/.jsonl, or a folder written by save_to_disk)"
+                ) from exc
     if isinstance(dataset, datasets.DatasetDict):
         if split is None:
             if len(dataset) != 1:
@@ -426,7 +434,7 @@ def list_audio(
     if not isinstance(source, (str, os.PathLike)):
         return list_dataset(source, audio_column, text_column, split, config_name, id_column)
     path = Path(source)
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         return list_dataset(path, audio_column, text_column, split, config_name, id_column)
     if path.is_dir():
         return list_folder(path)
@@ -439,7 +447,8 @@ def list_audio(
         or path.suffix.lower() in {".csv", ".tsv", ".json", ".jsonl", ".ndjson"}
     )
     if looks_local:
-        raise FileNotFoundError(f"input not found: {source}")
+        raise FileNotFoundError(f"input not found: {source} (give an audio folder, a manifest .csv/.tsv/.jsonl, a "
+                                "folder written by save_to_disk, or a Hub dataset name)")
     # Not a local file or folder: a Hub dataset name ("name" or "org/name").
     return list_dataset(text, audio_column, text_column, split, config_name, id_column)
 

@@ -74,8 +74,8 @@ from hf_distill.speech.audio_stream import WindowReader, frame_energies, frame_e
 from hf_distill.speech.pseudo_label import (
     PseudoLabelConfig,
     WhisperTeacher,
-    _SegmentResult,
-    _ShardRunner,
+    SegmentResult,
+    ShardRunner,
     prefetch,
     run_labelling_job,
 )
@@ -398,7 +398,7 @@ class _UnitResult:
     ended: bool = True  # the transcript ended with end-of-text (not cut by the token limit)
 
 
-class _PackedShardRunner(_ShardRunner):
+class _PackedShardRunner(ShardRunner):
     """Labels one shard with packed windows; a pure function of (config, teacher, items)."""
 
     stats_name = PACKING_STATS_DIR
@@ -735,7 +735,7 @@ class _PackedShardRunner(_ShardRunner):
             else:
                 tokens = [x for x in parts[0].tokens]
         ns = [p.no_speech_prob for p in parts if p.no_speech_prob is not None]
-        result = _SegmentResult(
+        result = SegmentResult(
             token_ids=np.asarray(tokens + ([t.eos_id] if parts[-1].ended else []), dtype=np.int32),
             prompt_ids=np.asarray(self._prompt(), dtype=np.int32),
             logprobs=np.asarray(logprobs, dtype=np.float64),
@@ -775,9 +775,9 @@ def config_from(base: PseudoLabelConfig, **packing) -> PackedLabelConfig:
 def cli_main(argv: list[str] | None = None) -> int:
     """``pseudo-label`` with packing: every flag of ``hf-distill pseudo-label`` plus the packing settings."""
 
-    from hf_distill.speech.pseudo_label import _parser, run_cli_job
+    from hf_distill.speech.pseudo_label import labelling_parser, run_cli_job
 
-    parser = _parser()
+    parser = labelling_parser()
     parser.prog = "hf-distill pseudo-label-packed"
     parser.description = "Label audio with a Whisper teacher, several short clips per 30-s window."
     g = parser.add_argument_group("packing")
@@ -786,12 +786,16 @@ def cli_main(argv: list[str] | None = None) -> int:
                  "max_piece_s", "pause_search_s"):
         g.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=float,
                        default=defaults[name].default)
-    code, result = run_cli_job(parser.parse_args(argv), PackedLabelConfig, packed_pseudo_label)
+    result = run_cli_job(parser.parse_args(argv), PackedLabelConfig, packed_pseudo_label)
     if result is None:
-        return code
+        return 0
     print(json.dumps({k: result[k] for k in ("shards_computed", "shards_skipped", "rows", "failures", "packing")}))
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(cli_main())
+    import sys
+
+    from hf_distill.cli import main
+
+    raise SystemExit(main(["pseudo-label-packed", *sys.argv[1:]]))

@@ -83,10 +83,13 @@ from hf_distill.speech.audio import (
     list_audio,
     plan_chunks,
     probe,
+    read_failures,
     resampled_length,
+    supported_extensions,
     write_failures,
 )
 from hf_distill.speech.audio_stream import WindowReader
+from hf_distill.speech.input_checks import check_listing, check_output_dir, check_speech_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +304,8 @@ def _english_module():
     return text_normalizer
 
 
-def _load_normalizer(kind: str):
+def load_normalizer(kind: str):
+    """The text normaliser the WER filter compares with: ``english`` (Whisper's), ``basic`` or ``none``."""
     if kind == "none":
         return lambda s: s
     if kind == "english":
@@ -352,7 +356,9 @@ class _Segment:
 
 
 @dataclass
-class _SegmentResult:
+class SegmentResult:
+    """What the teacher gives for one window of a recording."""
+
     token_ids: np.ndarray  # whisper: generated tokens after the prompt; ctc: argmax per kept frame
     prompt_ids: np.ndarray | None = None
     logprobs: np.ndarray | None = None  # whisper: log-prob of each token
@@ -503,7 +509,7 @@ class WhisperTeacher(_Teacher):
             p += 1
         return p
 
-    def run(self, features) -> list[_SegmentResult]:
+    def run(self, features) -> list[SegmentResult]:
         torch = self._torch
         from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
 
@@ -536,7 +542,7 @@ class WhisperTeacher(_Teacher):
                 soft = pack_topk(idx, probs, tail)
             segments = self._segments(tokens) if self.config.return_timestamps else None
             results.append(
-                _SegmentResult(
+                SegmentResult(
                     token_ids=np.asarray(tokens, dtype=np.int32),
                     prompt_ids=np.asarray(seq[:p], dtype=np.int32),
                     logprobs=token_logprobs.cpu().numpy().astype(np.float64),
@@ -573,13 +579,13 @@ class WhisperTeacher(_Teacher):
             return None
         return float(self._torch.softmax(first_logits.float(), dim=-1)[self.no_speech_id])
 
-    def segment_result(self, res) -> tuple[Any, _SegmentResult]:
+    def segment_result(self, res) -> tuple[Any, SegmentResult]:
         """``(key, result)`` of a finished :class:`~hf_distill.speech.greedy_decoding.DecodeResult`."""
         from hf_distill.speech.soft_labels import pack_topk
 
         key, prompt = res.key
         no_speech = self.no_speech_prob(res.first_logits, prompt)
-        return key, _SegmentResult(
+        return key, SegmentResult(
             token_ids=np.asarray(res.tokens, dtype=np.int32),
             prompt_ids=np.asarray(prompt, dtype=np.int32),
             logprobs=np.asarray(res.logprobs, dtype=np.float64),
@@ -684,7 +690,7 @@ class CTCTeacher(_Teacher):
             return np.asarray(fn(torch.as_tensor(lengths)).cpu().numpy(), dtype=np.int64)
         return -(-lengths // self.hop)
 
-    def run(self, prepared, windows: list[Chunk]) -> list[_SegmentResult]:
+    def run(self, prepared, windows: list[Chunk]) -> list[SegmentResult]:
         torch = self._torch
         from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
 
@@ -710,7 +716,7 @@ class CTCTeacher(_Teacher):
                 idx, p, tail = topk_from_logits(row, self.config.top_k, self.config.soft_label_temperature)
                 soft = pack_topk(idx, p, tail)
             results.append(
-                _SegmentResult(
+                SegmentResult(
                     token_ids=arg.cpu().numpy().astype(np.int32),
                     max_posteriors=maxp.cpu().numpy().astype(np.float64),
                     soft=soft,
@@ -731,9 +737,18 @@ class CTCTeacher(_Teacher):
 
 
 def load_teacher(config: PseudoLabelConfig, device: str | None = None) -> _Teacher:
-    kind = config.teacher_type if config.teacher_type != "auto" else _detect_teacher_type(config.model)
-    device = device or _pick_device(config)
-    return WhisperTeacher(config, device) if kind == "whisper" else CTCTeacher(config, device)
+    """The Whisper or CTC teacher of ``config`` with its processor; a model that cannot be loaded is a
+    ``FileNotFoundError`` that names it (one line), not transformers' traceback."""
+    try:
+        kind = config.teacher_type if config.teacher_type != "auto" else _detect_teacher_type(config.model)
+        device = device or _pick_device(config)
+        return WhisperTeacher(config, device) if kind == "whisper" else CTCTeacher(config, device)
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = "" if os.path.exists(config.model) else " (no local folder of that name; as a Hub id)"
+        raise FileNotFoundError(
+            f"cannot load the teacher {config.model!r}{where}: {first} (give a folder with the model and its "
+            "processor, or a Hub model id that is in the local cache when offline)") from exc
 
 
 # ==================================================================================================
@@ -817,7 +832,7 @@ def prefetch(batches: list, build: Callable[[Any], Any], depth: int = 2):
         worker.join()
 
 
-class _ShardRunner:
+class ShardRunner:
     """Labels the items of one shard; a pure function of (config, teacher, items)."""
 
     stats_name: str | None = None  # subclasses that count things: the name of their counters (see run_labelling_job)
@@ -876,7 +891,7 @@ class _ShardRunner:
         for b, batch in enumerate(batches):
             for s in batch:
                 last_use[s.item] = b
-        results: dict[tuple[int, int], _SegmentResult] = {}
+        results: dict[tuple[int, int], SegmentResult] = {}
         audio_done = 0.0
 
         # The audio thread owns its readers and its record of failed items; it hands new failures to this
@@ -929,7 +944,7 @@ class _ShardRunner:
             if new and self.on_batch is not None:
                 self.on_batch(len(new), secs)
 
-        def finished_segment(seg: _Segment, result: _SegmentResult) -> None:
+        def finished_segment(seg: _Segment, result: SegmentResult) -> None:
             results[(seg.item, seg.chunk)] = result
             left[seg.item] -= 1
             if left[seg.item] == 0:
@@ -988,7 +1003,7 @@ class _ShardRunner:
 
     # ---------------------------------------------------------------------------------------------
 
-    def _row(self, item: AudioItem, duration: float, n_samples: int, parts: list[_SegmentResult]) -> dict[str, Any]:
+    def _row(self, item: AudioItem, duration: float, n_samples: int, parts: list[SegmentResult]) -> dict[str, Any]:
         teacher, cfg = self.teacher, self.config
         row: dict[str, Any] = {
             "id": item.id,
@@ -1274,25 +1289,28 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
     verified), ``shards_computed``, ``rows``, ``failures`` (this call) and ``summary`` (when the store
     is complete after this call, the dict written to ``summary.json``; else None).
     """
-    return run_labelling_job(config, _ShardRunner)
+    return run_labelling_job(config, ShardRunner)
 
 
-def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[_ShardRunner],
+def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
                       manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resumable job around a shard runner: this process's shards (``RANK`` / ``WORLD_SIZE``), finished
     and verified shards skipped, each computed shard written atomically with its statistics, and
     ``summary.json`` once every shard is done.
 
-    ``runner_cls`` labels one shard (:class:`_ShardRunner` or a subclass); ``manifest_extra`` is recorded
+    ``runner_cls`` labels one shard (:class:`ShardRunner` or a subclass); ``manifest_extra`` is recorded
     in the manifest (and so in the check that a resumed job is the same job). A runner with a
     ``stats_name`` keeps counters in ``stats``: they are saved per shard under ``<stats_name>/``, summed
     into the summary, and returned under that name.
     """
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Wrong paths and empty inputs end the job here, before the teacher is loaded or anything is written.
+    out = check_output_dir(config.output_dir)
+    check_speech_teacher(config.model)
     rank, world = _distributed_env(config)
     items = _list_items(config)
+    check_listing(items, config.input, supported_extensions())
     teacher = load_teacher(config)
+    out.mkdir(parents=True, exist_ok=True)
     runner_cls.check_teacher(teacher)
     manifest = _manifest(config, items, teacher.describe())
     manifest.update(manifest_extra or {})
@@ -1313,7 +1331,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[_ShardRunner],
         pending.append((i, shard_items))
     logger.info("rank %d/%d: %d items in %d shards; %d of mine already done, %d to label", rank, world, len(items),
                 n_shards, skipped, len(pending))
-    normalizer = _load_normalizer(config.normalizer)
+    normalizer = load_normalizer(config.normalizer)
     progress = _Progress(sum(len(s) for _, s in pending), config.progress)
     runner = runner_cls(config, teacher, normalizer, on_batch=progress.update)
     stats_name = runner.stats_name
@@ -1388,6 +1406,9 @@ def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     out = Path(output_dir)
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out} is not a pseudo-label store (no manifest.json); give the --output-dir of a "
+                                "labelling job")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     n_shards = manifest["num_shards"]
     missing = [
@@ -1507,7 +1528,8 @@ def load_pseudo_labels(output_dir: str | os.PathLike, keep_only: bool = False, *
 # command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def labelling_parser() -> argparse.ArgumentParser:
+    """The flags of ``hf-distill pseudo-label`` (``pseudo-label-packed`` adds its packing flags)."""
     p = argparse.ArgumentParser(
         prog="hf-distill pseudo-label",
         description="Label audio with a Whisper or CTC teacher into resumable Parquet shards.",
@@ -1584,34 +1606,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_cli_job(args: argparse.Namespace, config_cls: type[PseudoLabelConfig],
-                job: Callable[[Any], dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+                job: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:
     """What the labelling commands share: logging, ``--finalize``, the required arguments, the config from
-    the flags and the job, bad input reported in one line. Returns ``(exit code, job result or None)``."""
+    the flags and the job. Returns the job's result (None after ``--finalize``). Bad input raises
+    ``ValueError`` / ``FileNotFoundError`` / :class:`~hf_distill.cli.CommandError` (``hf-distill`` prints one
+    line, exit code 2), and so does a finished store that holds no row because every input file failed."""
+    from hf_distill.cli import CommandError
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.finalize:
         try:
             summary = finalize(args.output_dir)
-        except (RuntimeError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1, None
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
         print(json.dumps(summary, indent=2, sort_keys=True))
-        return 0, None
+        return None
     if not args.input or not args.model:
-        print("error: INPUT and --model are required (unless --finalize)", file=sys.stderr)
-        return 2, None
+        raise CommandError("INPUT and --model are required (unless --finalize)")
+    if not args.progress:  # --no-progress: no weight-loading bar either
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     fields = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        return 0, job(config_cls(**{k: v for k, v in vars(args).items() if k in fields}))
-    except (ConfigMismatchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2, None
+        result = job(config_cls(**{k: v for k, v in vars(args).items() if k in fields}))
+    except ConfigMismatchError as exc:
+        raise CommandError(str(exc)) from None
+    summary = result.get("summary")
+    if summary is not None and summary["failures"] and not summary["rows"]:
+        failures = Path(result["output_dir"]) / "failures.jsonl"
+        first = read_failures(failures)[0]
+        raise CommandError(
+            f"every input file failed ({summary['failures']} of {summary['items']}); nothing was labelled. First: "
+            f"{first.path}: {first.reason}; all reasons are in {failures}")
+    return result
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    code, result = run_cli_job(_parser().parse_args(argv), PseudoLabelConfig, pseudo_label)
+    result = run_cli_job(labelling_parser().parse_args(argv), PseudoLabelConfig, pseudo_label)
     if result is None:
-        return code
+        return 0
     msg = (
         f"{result['shards_computed']} shards labelled, {result['shards_skipped']} already done; "
         f"{result['rows']} rows, {result['failures']} failures in this run"
@@ -1627,4 +1662,6 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(cli_main())
+    from hf_distill.cli import main
+
+    raise SystemExit(main(["pseudo-label", *sys.argv[1:]]))

@@ -231,7 +231,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     """``hf-distill synthesize``: speak Harvard sentences (or lines of a text file) into a folder of WAV files
     with a ``manifest.csv`` (path, text) that ``pseudo-label`` and the speech recipes read."""
     import argparse
-    import sys
+
+    from hf_distill.cli import CommandError
+    from hf_distill.speech.input_checks import check_output_dir
 
     p = argparse.ArgumentParser(prog="hf-distill synthesize", description=cli_main.__doc__.split("\n\n")[0])
     p.add_argument("output_dir", help="folder for the WAV files and manifest.csv")
@@ -243,18 +245,30 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--voice", default=None)
     p.add_argument("--sampling-rate", "--sampling_rate", dest="sampling_rate", type=int, default=16000)
     args = p.parse_args(argv)
+    # every wrong input is reported before the synthesizer runs
+    out_dir = check_output_dir(args.output_dir, "OUTPUT_DIR")
+    if args.sampling_rate <= 0:
+        raise ValueError(f"--sampling-rate must be a positive number of Hz, got {args.sampling_rate}")
     if args.text_file:
-        texts = [line.strip() for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+        text_file = Path(args.text_file)
+        if not text_file.exists():
+            raise FileNotFoundError(f"--text-file {args.text_file} not found; give a text file with one sentence "
+                                    "per line")
+        if text_file.is_dir():
+            raise IsADirectoryError(f"--text-file {args.text_file} is a folder; give a text file with one sentence "
+                                    "per line")
+        texts = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"--text-file {args.text_file} has no sentences (every line is empty)")
     else:
         if not 1 <= args.sentences <= len(HARVARD_SENTENCES):
-            p.error(f"--sentences must be between 1 and {len(HARVARD_SENTENCES)}")
+            raise ValueError(f"--sentences must be between 1 and {len(HARVARD_SENTENCES)}, got {args.sentences}")
         texts = harvard_sentences(args.sentences)
     try:
-        clips = synthesize(texts, args.output_dir, engine=args.engine, voice=args.voice,
+        clips = synthesize(texts, out_dir, engine=args.engine, voice=args.voice,
                            sampling_rate=args.sampling_rate, prefix="utt")
     except SynthesisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = write_manifest(clips, Path(args.output_dir) / "manifest.csv")
+        raise CommandError(str(exc)) from None
+    manifest = write_manifest(clips, out_dir / "manifest.csv")
     print(f"{len(clips)} clips in {args.output_dir}; manifest {manifest}")
     return 0
