@@ -39,8 +39,15 @@ class DistillationArguments(TrainingArguments):
         default="auto",
         metadata={"help": "Where the teacher's signal comes from: frozen (a live teacher model), stored (teacher "
                           "outputs in the dataset), ema (a moving average of the student), snapshot (the student at "
-                          "the end of the previous epoch); auto: frozen with a teacher, else stored.",
-                  "choices": ["auto", "frozen", "stored", "ema", "snapshot"]},
+                          "the end of the previous epoch), peer (the teacher models are trained alongside the "
+                          "student: online distillation); auto: frozen with a teacher, else stored.",
+                  "choices": ["auto", "frozen", "stored", "peer", "ema", "snapshot"]},
+    )
+    peer_mode: str = field(
+        default="mutual",
+        metadata={"help": "teacher_source=peer: 'mutual' (deep mutual learning: every model distils from the others) "
+                          "or 'trainable' (the peers learn from the task loss only while they teach).",
+                  "choices": ["mutual", "trainable"]},
     )
     ema_decay: float = field(default=0.999, metadata={"help": "teacher_source=ema: ema <- decay * ema + (1 - decay) "
                                                               "* student after each optimiser step."})
@@ -112,8 +119,11 @@ class DistillationArguments(TrainingArguments):
         for name in ("kd_weight", "task_weight", "cos_weight", "mse_weight", "hidden_mse_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.teacher_source not in ("auto", "frozen", "stored", "ema", "snapshot"):
-            raise ValueError(f"teacher_source must be auto, frozen, stored, ema or snapshot, got {self.teacher_source!r}")
+        if self.teacher_source not in ("auto", "frozen", "stored", "peer", "ema", "snapshot"):
+            raise ValueError("teacher_source must be auto, frozen, stored, peer, ema or snapshot, got "
+                             f"{self.teacher_source!r}")
+        if self.peer_mode not in ("mutual", "trainable"):
+            raise ValueError(f"peer_mode must be 'mutual' or 'trainable', got {self.peer_mode!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.on_nonfinite not in ("stop", "skip"):

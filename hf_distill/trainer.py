@@ -38,7 +38,7 @@ from .modeling import forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
 from .qkv import QKVRecorder
-from .sources import EmaTeacher, FrozenTeacher, SnapshotTeacher, StoredTeacher, TeacherSource
+from .sources import EmaTeacher, FrozenTeacher, PeerTeacher, SnapshotTeacher, StoredTeacher, TeacherSource
 from .teachers import check_same_vocabulary, find_teacher_tokenizer, load_teacher, teacher_mixture_weights
 
 logger = logging.getLogger(__name__)
@@ -164,11 +164,16 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             return FrozenTeacher(teachers, dtype=args.teacher_dtype)
         if kind == "stored":
             return StoredTeacher()
+        if kind == "peer":
+            if not teachers:
+                raise ValueError("teacher_source='peer' trains the given teacher models alongside the student: pass "
+                                 "teacher=... (one or more peers)")
+            return PeerTeacher(teachers, mode=args.peer_mode)
         if kind == "ema":
             return EmaTeacher(student, decay=args.ema_decay)
         if kind == "snapshot":
             return SnapshotTeacher(student)
-        raise ValueError(f"unknown teacher_source {kind!r}; choose auto, frozen, stored, ema or snapshot")
+        raise ValueError(f"unknown teacher_source {kind!r}; choose auto, frozen, stored, peer, ema or snapshot")
 
     # ------------------------------------------------------------------ teachers and validation
     @staticmethod
@@ -349,6 +354,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         step = StepTensors(student=student, teachers=teachers, teacher_weights=self.teacher_weights, labels=labels,
                            masks=masks, counts=counts, task=self.task, batch=extra)
         loss, terms = self.objective(step)
+        if model.training:
+            terms = {**terms, **self.teacher_source.after_student(self, step, scale=scale)}  # peers learn here
         if model.training and self.accelerator.num_processes > 1 and torch.is_tensor(student_out.logits) \
                 and student_out.logits.requires_grad:
             # DDP reduces gradients bucket by bucket, when every parameter of a bucket has its gradient. Terms that

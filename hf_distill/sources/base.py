@@ -9,10 +9,14 @@ is saved with each checkpoint.
 from __future__ import annotations
 
 import abc
+import os
+from pathlib import Path
 
 import torch
 
 from ..objectives import ModelTensors
+
+STATE_FILE = "teacher_source.safetensors"
 
 
 class TeacherSource(abc.ABC):
@@ -48,6 +52,11 @@ class TeacherSource(abc.ABC):
         columns (stored teacher outputs); ``student`` the student's tensors of the same batch.
         """
 
+    def after_student(self, trainer, step, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """After the student's loss of a micro-batch: a source with trainable models (peers) computes and
+        back-propagates their own losses here. Returns extra values to log."""
+        return {}
+
     def on_optimizer_step(self, trainer) -> None:
         """After each optimiser step (an EMA teacher updates here)."""
 
@@ -62,6 +71,33 @@ class TeacherSource(abc.ABC):
         if state:
             raise ValueError(f"the {self.kind} teacher source keeps no state, but the checkpoint holds "
                              f"{sorted(state)[:3]}")
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Write the source's state into a checkpoint folder (safetensors)."""
+        state = self.state_dict()
+        if state:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / STATE_FILE),
+                      metadata={"kind": self.kind})
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore the state written by :meth:`save_checkpoint` (a checkpoint without it: nothing to restore,
+        unless this source keeps state, which is then an error)."""
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            if self.state_dict():
+                raise ValueError(f"{folder} holds no {STATE_FILE}, but the {self.kind} teacher source needs its state "
+                                 "to resume exactly; resume with the source it was written with, or --start_fresh")
+            return
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            kind = (f.metadata() or {}).get("kind")
+        if kind != self.kind:
+            raise ValueError(f"{path} holds the state of a {kind!r} teacher source, not {self.kind!r}")
+        self.load_state_dict(load_file(str(path)))
 
     def describe(self) -> dict:
         """The source's settings, for checkpoints and model cards."""
