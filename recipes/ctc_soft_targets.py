@@ -32,11 +32,12 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from transformers import AutoModelForCTC, AutoProcessor, set_seed  # noqa: E402
+from transformers import AutoProcessor, set_seed  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
@@ -47,9 +48,13 @@ from hf_distill.speech.recipe_steps import (  # noqa: E402
     save_student,
     start_run,
     stored_soft_label_temperature,
+    train_resuming,
 )
 
 logger = logging.getLogger("ctc_soft_targets")
+
+# Recipe flags a resume must keep, besides the shared speech ones and the trainer's own settings.
+RESUME_FIELDS = ("eval_size", "top_k", "min_mean_max_posterior", "num_layers", "layers", "kl_weight", "ctc_weight")
 
 
 @dataclass
@@ -102,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_dir = resolve_teacher(recipe.teacher)
     processor = AutoProcessor.from_pretrained(teacher_dir)
     fe = getattr(processor, "feature_extractor", processor)
-    teacher = AutoModelForCTC.from_pretrained(teacher_dir).eval()
+    from hf_distill.teachers import load_teacher
+
+    teacher = load_teacher(teacher_dir, task="ctc").eval()  # refuses a model without its CTC head
     temperature = float(args.temperature)
 
     # ------------------------------------------------------------------ 1. soft targets
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         mse_weight=0.0, hidden_mse_weight=0.0, remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
     t0 = time.perf_counter()
     trainer = DistillationTrainer(model=student, args=train_args, train_dataset=train_ds, data_collator=collator)
-    train_output = trainer.train()
+    train_output = train_resuming(trainer, recipe, RESUME_FIELDS, teacher=teacher)
     timings["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
     student = trainer.model
@@ -196,16 +203,23 @@ def main(argv: list[str] | None = None) -> dict:
     if state.is_main_process:
         card = {}
         if after["kl"] is not None:
-            card = {"held-out soft-target KL, before": f"{before['kl']:.4f}",
-                    "held-out soft-target KL, after": f"{after['kl']:.4f}",
-                    "held-out WER vs teacher transcripts": f"{after['wer_vs_pseudo_labels']:.4f}"}
+            card = {"held-out soft-target KL, before": round(before["kl"], 4),
+                    "held-out soft-target KL, after": round(after["kl"], 4)}
+            if after["wer_vs_pseudo_labels"] is not None:
+                card["held-out WER vs teacher transcripts"] = round(after["wer_vs_pseudo_labels"], 4)
+        if after.get("wer_vs_references") is not None:
+            card["held-out WER vs references"] = round(after["wer_vs_references"], 4)
         meta = distillation_metadata(
             teacher=recipe.teacher, student_params=count_parameters(student), teacher_params=count_parameters(teacher),
             dataset=recipe.audio or str(store), args=train_args, layer_map=results["student"]["teacher_layers"],
             extra={"recipe": "ctc_soft_targets", "kl_weight": recipe.kl_weight, "ctc_weight": recipe.ctc_weight,
                    "top_k": results["distillation"]["top_k"]})
+        metric = "wer" if after.get("wer_vs_references") is not None else "wer_vs_teacher_transcripts"
         save_student(out, student, processor, metadata=meta, card_results=card, results=results, timings=timings,
-                     started=_START, args=args)
+                     started=_START, args=args, dataset=recipe.audio or str(store),
+                     eval_metrics={metric: after.get("wer_vs_references", after["wer_vs_pseudo_labels"])},
+                     metric_names={"wer": "held-out WER vs references",
+                                   "wer_vs_teacher_transcripts": "held-out WER vs the teacher's transcripts"})
         logger.info("held-out KL %s -> %s; WER vs teacher transcripts %s -> %s; results in %s", before["kl"],
                     after["kl"], before["wer_vs_pseudo_labels"], after["wer_vs_pseudo_labels"], out / "results.json")
     state.wait_for_everyone()
@@ -213,4 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("HF_DISTILL_TRACEBACK"):
+            raise
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
+        sys.exit(2)

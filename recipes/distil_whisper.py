@@ -42,6 +42,7 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -57,9 +58,15 @@ from hf_distill.speech.recipe_steps import (  # noqa: E402
     save_student,
     start_run,
     stored_soft_label_temperature,
+    train_resuming,
 )
 
 logger = logging.getLogger("distil_whisper")
+
+# Recipe flags a resume must keep, besides the shared speech ones and the trainer's own settings.
+RESUME_FIELDS = ("synthesize", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
+                 "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
+                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length")
 
 
 @dataclass
@@ -208,7 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     teacher_dir, teacher_origin = resolve_teacher(recipe.teacher, out)
     processor = WhisperProcessor.from_pretrained(teacher_dir)
-    teacher = WhisperForConditionalGeneration.from_pretrained(teacher_dir).eval()
+    from hf_distill.teachers import load_teacher
+
+    teacher = load_teacher(teacher_dir, task="auto").eval()  # refuses weights that would be newly initialised
+    if not isinstance(teacher, WhisperForConditionalGeneration):
+        raise ValueError(f"{teacher_dir} holds a {type(teacher).__name__}, not a WhisperForConditionalGeneration "
+                         "(a Whisper model with its language-model head); give such a folder as --teacher")
     timings["teacher"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ 2. pseudo-labels
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = WhisperDistillationTrainer(model=student, teacher=teacher if live else None, args=train_args,
                                          train_dataset=dataset, data_collator=collator,
                                          share_encoder=None if recipe.share_encoder else False)
-    train_output = trainer.train()
+    train_output = train_resuming(trainer, recipe, RESUME_FIELDS, teacher=teacher)
     timings["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -315,9 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
         wer_s = evaluation.get("student", {}).get("wer")
         card_results = {}
         if wer_t is not None:
-            card_results = {"held-out WER, teacher": f"{wer_t:.4f}", "held-out WER, student": f"{wer_s:.4f}",
+            card_results = {"held-out WER, teacher": round(wer_t, 4), "held-out WER, student": round(wer_s, 4),
                             "held-out files": evaluation["teacher"]["n"],
-                            "student transcription speed-up (this run)": f"{evaluation.get('student_speedup', 0):.2f}x"}
+                            "student transcription speed-up (this run)":
+                                f"{evaluation.get('student_speedup', 0):.2f}x"}
         meta = distillation_metadata(
             teacher=recipe.teacher, student_params=count_parameters(student),
             teacher_params=count_parameters(teacher), dataset=recipe.audio or str(store), args=train_args,
@@ -326,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "kl_weight": recipe.kl_weight, "encoder_frozen": recipe.freeze_encoder,
                    "encoder_shared": encoder_shared, "training_rows": row_counts["training_rows"]})
         student_dir = save_student(out, student, processor, metadata=meta, card_results=card_results,
-                                   results=results, timings=timings, started=_START, args=args)
+                                   results=results, timings=timings, started=_START, args=args,
+                                   eval_metrics={"wer": wer_s}, metric_names={"wer": "held-out WER (normalised)"},
+                                   dataset=recipe.eval_audio or recipe.audio or str(store))
         logger.info("teacher WER %s, student WER %s; student in %s; results in %s", wer_t, wer_s, student_dir,
                     out / "results.json")
     state.wait_for_everyone()
@@ -334,4 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("HF_DISTILL_TRACEBACK"):
+            raise
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
+        sys.exit(2)

@@ -262,3 +262,57 @@ def test_an_old_pickled_objective_state_is_read_as_tensors_only(tmp_path, monkey
         tiny_run(out, max_steps=4, student_hidden=16, **PROJECTED)
     assert not marker.exists()  # the pickled call never ran
 
+
+# ---------------------------------------------------------------------------------------------- speech recipes
+SPEECH_FLAGS = ["--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2",
+                "--max_steps", "4", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+                "--seed", "0", "--keep_only", "false", "--logging_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def speech_recipes():
+    sys.path.insert(0, str(TESTS.parent / "recipes"))
+    import ctc_soft_targets
+    import distil_whisper
+
+    return distil_whisper, ctc_soft_targets
+
+
+def test_distil_whisper_rerun_with_another_student_is_refused_until_start_fresh(speech_recipes, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from test_pseudo_label import build_tiny_whisper, write_clips
+
+    distil_whisper, _ = speech_recipes
+    teacher = build_tiny_whisper(tmp_path / "teacher")
+    clips = write_clips(tmp_path / "clips", [1.0, 2.0, 1.5, 0.8, 1.2], bad=False)
+    out = tmp_path / "run"
+    flags = ["--teacher", str(teacher), "--audio", str(clips), "--output_dir", str(out), "--soft_labels", "live",
+             "--num_decoder_layers", "1", "--label_batch_size", "8", *SPEECH_FLAGS]
+    distil_whisper.main(flags)
+    assert (out / "training" / "checkpoint-4" / SETTINGS_NAME).is_file()
+    card = ModelCard.load(out / "student" / "README.md")
+    assert card.data.pipeline_tag == "automatic-speech-recognition" and card.data.library_name == "transformers"
+    with pytest.raises(ValueError) as err:
+        distil_whisper.main([*flags, "--num_decoder_layers", "2"])
+    for difference in ("student.decoder_layers: 1 in the checkpoint, 2 now",
+                       "recipe.num_decoder_layers: 1 in the checkpoint, 2 now", "--start_fresh"):
+        assert difference in str(err.value), difference
+    results = distil_whisper.main([*flags, "--num_decoder_layers", "2", "--start_fresh", "true"])
+    assert results["distillation"]["steps"] == 4 and len(results["student"]["decoder_layers_from_teacher"]) == 2
+
+
+def test_ctc_soft_targets_rerun_with_another_weight_is_refused(speech_recipes, tmp_path):
+    from test_pseudo_label import build_tiny_ctc, write_clips
+
+    _, ctc_soft_targets = speech_recipes
+    teacher = build_tiny_ctc(tmp_path / "teacher", 2)
+    clips = write_clips(tmp_path / "clips", [1.0, 2.0, 1.5, 0.8, 1.2, 1.7], bad=False)
+    out = tmp_path / "run"
+    flags = ["--teacher", str(teacher), "--audio", str(clips), "--output_dir", str(out), "--top_k", "4",
+             "--num_layers", "1", "--eval_size", "2", *SPEECH_FLAGS]
+    ctc_soft_targets.main(flags)
+    again = ctc_soft_targets.main(flags)  # the same settings: the finished run is resumed, nothing is trained
+    assert again["distillation"]["steps"] == 4 and not (out / "training" / "checkpoint-5").exists()
+    with pytest.raises(ValueError, match=r"kd_weight: 1.0 in the checkpoint, 0.5 now.*--start_fresh"):
+        ctc_soft_targets.main([*flags, "--kl_weight", "0.5"])

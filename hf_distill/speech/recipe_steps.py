@@ -7,6 +7,9 @@
   finalize it once.
 - :func:`stored_soft_label_temperature`: the temperature to distil at on a store's top-k soft labels.
 - :func:`cap_training_rows`: ``--max_train_samples``, the row counts in the log, an error when no row is left.
+- :func:`train_resuming`: train, resuming the last complete checkpoint when the run's settings (the trainer's
+  and the recipe's data, labelling and student flags) are the checkpoint's; other settings are refused
+  with the list of differences unless ``--start_fresh true``.
 - :func:`save_student`: the student folder with its model card, the optional upload and ``results.json``.
 
 Heavy libraries are imported inside the functions: importing this module (for the arguments) is cheap.
@@ -30,7 +33,12 @@ __all__ = [
     "save_student",
     "start_run",
     "stored_soft_label_temperature",
+    "train_resuming",
 ]
+
+# Shared flags that decide which rows a student trains on (a resume must keep them).
+SPEECH_RESUME_FIELDS = ("audio", "pseudo_labels", "path_column", "text_column", "id_column", "audio_column", "split",
+                        "dataset_config", "wer_threshold", "keep_only", "max_train_samples")
 
 
 @dataclass
@@ -137,22 +145,51 @@ def cap_training_rows(rows, counts: dict[str, int], max_train_samples: int | Non
     return rows
 
 
-def save_student(out: Path, student, processor, *, metadata: dict, card_results: dict, results: dict,
-                 timings: dict[str, float], started: float, args) -> Path:
-    """Save ``student`` and ``processor`` into ``out/student`` with a model card (``metadata``,
-    ``card_results``); push the folder when ``args.push_to_hub``; write ``out/results.json`` (``results``
-    plus the student folder, the upload and ``timings``, rounded, the total counted from ``started``)."""
-    from hf_distill.hub import push_folder, write_model_card
+def train_resuming(trainer, recipe, fields: tuple[str, ...], teacher=None):
+    """``trainer.train(resume_from_checkpoint=True)`` after adding the recipe's ``fields`` (with the shared
+    :data:`SPEECH_RESUME_FIELDS`) and ``teacher``'s weight fingerprint (its soft labels may come from a store,
+    with no teacher in the trainer) to the settings a resume must match. Returns the ``TrainOutput``."""
+    from hf_distill.checkpoints import weights_fingerprint
 
-    student_dir = out / "student"
-    student.save_pretrained(student_dir)
-    processor.save_pretrained(student_dir)
-    write_model_card(student_dir, metadata, results=card_results, pipeline_tag="automatic-speech-recognition")
+    settings = {name: getattr(recipe, name) for name in (*SPEECH_RESUME_FIELDS, *fields)}
+    if teacher is not None:
+        settings["teacher_weights"] = weights_fingerprint(teacher)
+    trainer.add_resume_settings(**settings)
+    return trainer.train(resume_from_checkpoint=True)
+
+
+def save_student(out: Path, student, processor, *, metadata: dict, card_results: dict, results: dict,
+                 timings: dict[str, float], started: float, args, eval_metrics: dict[str, float] | None = None,
+                 metric_names: dict[str, str] | None = None, dataset: str | None = None) -> Path:
+    """Save ``student`` and ``processor`` into ``out/student`` (written aside, then renamed into place) with a
+    model card (``metadata``; ``card_results`` as its results table; ``eval_metrics``, e.g. ``{"wer": 0.12}`` on
+    the held-out audio, as its metadata's evaluation results, named by ``metric_names``; ``dataset``: the audio
+    as given, a Hub dataset id or local); push the folder when ``args.push_to_hub``; write ``out/results.json``
+    (``results`` plus the student folder, the upload and ``timings``, rounded, the total counted from
+    ``started``)."""
+    import shutil
+
+    from hf_distill.checkpoints import publish_folder
+    from hf_distill.hub import eval_results_from_metrics, hub_repo_id, push_student, write_model_card
+
+    student_dir, staging = out / "student", out / "_saving-student"  # the student appears complete, or not at all
+    shutil.rmtree(staging, ignore_errors=True)
+    student.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    hub_dataset = hub_repo_id(dataset, kind="dataset")
+    evals = eval_results_from_metrics(
+        {k: v for k, v in (eval_metrics or {}).items() if v is not None}, task_type="automatic-speech-recognition",
+        dataset_type=hub_dataset or "custom", dataset_name=str(dataset or metadata.get("dataset")),
+        dataset_split="held-out", names=metric_names)
+    write_model_card(staging, metadata, results=card_results, eval_results=evals,
+                     pipeline_tag="automatic-speech-recognition", datasets=[hub_dataset] if hub_dataset else [],
+                     model_name=getattr(args, "hub_model_id", None) or f"{out.name}-student")
+    publish_folder(staging, student_dir)
     results["student_dir"] = str(student_dir)
     timings["total (incl. imports)"] = time.perf_counter() - started
     results["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    if args.push_to_hub:
-        results["pushed_to"] = push_folder(student_dir, args.hub_model_id or out.name, token=args.hub_token,
-                                           private=args.hub_private_repo)
+    pushed = push_student(student_dir, args, default_repo=out.name)
+    if pushed:
+        results["pushed_to"] = pushed
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return student_dir
