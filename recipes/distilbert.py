@@ -3,29 +3,40 @@
     accelerate launch recipes/distilbert.py --config recipes/configs/distilbert.yaml
 
 Every key of the YAML file is also a flag, and flags override the file, e.g.
-``--train_files my_corpus.txt --max_steps 1000``. The run resumes from the last checkpoint in
-``output_dir`` when restarted with the same command.
+``--train_files my_corpus.txt --max_steps 1000``. The run resumes from the last complete checkpoint
+in ``output_dir`` when restarted with the same settings; a rerun with other settings (temperature,
+weights, student layers, teacher, data, learning rate, ...) is refused with the list of differences
+unless ``--start_fresh true`` (the old checkpoints are then moved aside, not deleted). The student goes
+to ``output_dir/final`` with a model card; ``--push_to_hub`` uploads it (``--hub_model_id``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForMaskedLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoTokenizer
 
 from hf_distill import DistillationArguments, DistillationTrainer
+from hf_distill.checkpoints import publish_folder
 from hf_distill.config import parse_config_and_args
 from hf_distill.data.mlm import DistilMLMCollator, count_tokens
 from hf_distill.data.text import load_text_dataset, split_train_eval, tokenize_and_pack
-from hf_distill.hub import count_parameters, distillation_metadata, push_folder, write_model_card
+from hf_distill.hub import count_parameters, distillation_metadata, hub_repo_id, push_student, write_model_card
 from hf_distill.students import build_student
+from hf_distill.teachers import load_teacher
 
 logger = logging.getLogger("distilbert")
+
+# Recipe flags a resume must keep (with the trainer's own: temperature, weights, the teacher's weights, learning
+# rate, ...; the teacher's path may change as long as its weights do not).
+RESUME_FIELDS = ("student_layers", "student_architecture", "dataset_name", "dataset_config", "train_files",
+                 "text_column", "block_size", "eval_size", "max_train_blocks", "mlm_probability", "mlm_smoothing")
 
 
 @dataclass
@@ -56,8 +67,8 @@ def main(argv: list[str] | None = None) -> Path:
     recipe, args = parse_config_and_args((DistilBertRecipeArguments, DistillationArguments), argv)
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    teacher = load_teacher(recipe.teacher, task="masked_lm", dtype="float32")  # refuses a BertModel (no MLM head)
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher)
-    teacher = AutoModelForMaskedLM.from_pretrained(recipe.teacher)
 
     spec = recipe.student_layers.strip()
     layers = [int(x) for x in spec.split(",")] if "," in spec else None
@@ -81,32 +92,45 @@ def main(argv: list[str] | None = None) -> Path:
     collator = DistilMLMCollator(tokenizer, mlm_probability=recipe.mlm_probability, token_counts=counts,
                                  smoothing=recipe.mlm_smoothing, seed=args.seed, content_seeded=True)
 
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=train,
-                                  eval_dataset=evaluation, data_collator=collator, processing_class=tokenizer,
-                                  teacher_processing_class=tokenizer)
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-    if last:
-        logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    # The recipe uploads the final student (with its card) itself; the Trainer never pushes checkpoints.
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=dataclasses.replace(args, push_to_hub=False),
+                                  train_dataset=train, eval_dataset=evaluation, data_collator=collator,
+                                  processing_class=tokenizer, teacher_processing_class=tokenizer)
+    # Besides the trainer's own settings, a resume must see the same data and the same student.
+    trainer.add_resume_settings(**{k: getattr(recipe, k) for k in RESUME_FIELDS})
+    trainer.train(resume_from_checkpoint=True)  # the last complete checkpoint, if any
     metrics = trainer.evaluate() if len(evaluation) else {}
 
     final_dir = Path(recipe.final_dir or Path(args.output_dir) / "final")
     if trainer.is_world_process_zero():
-        trainer.save_model(str(final_dir))
-        tokenizer.save_pretrained(str(final_dir))
+        staging = final_dir.with_name(f"_saving-{final_dir.name}")  # the student appears complete, or not at all
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        hub_dataset = None if recipe.train_files else hub_repo_id(recipe.dataset_name, kind="dataset")
+        dataset = ", ".join(recipe.train_files) if recipe.train_files else \
+            "/".join(x for x in (recipe.dataset_name, recipe.dataset_config) if x)
         meta = distillation_metadata(
-            teacher=recipe.teacher, dataset=", ".join(recipe.train_files) if recipe.train_files else
-            f"{recipe.dataset_name}/{recipe.dataset_config}", student_params=count_parameters(student),
+            teacher=recipe.teacher, dataset=dataset, student_params=count_parameters(student),
             teacher_params=count_parameters(teacher), args=args, layer_map=copied,
-            extra={"architecture": type(student).__name__, "block_size": recipe.block_size})
-        write_model_card(final_dir, meta, results={k: round(v, 4) for k, v in metrics.items()
-                                                   if isinstance(v, float)})
-        if args.push_to_hub:
-            repo = args.hub_model_id or final_dir.name
-            logger.info("pushed to %s", push_folder(final_dir, repo, token=args.hub_token,
-                                                    private=args.hub_private_repo))
+            extra={"architecture": type(student).__name__, "block_size": recipe.block_size,
+                   "mlm_probability": recipe.mlm_probability, "steps": trainer.state.global_step})
+        results = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        write_model_card(staging, meta, results=results, pipeline_tag="fill-mask",
+                         datasets=[hub_dataset] if hub_dataset else [], dataset_split="held-out blocks",
+                         model_name=args.hub_model_id or final_dir.name)
+        publish_folder(staging, final_dir)
+        pushed = push_student(final_dir, args)
+        if pushed:
+            logger.info("pushed to %s", pushed)
     return final_dir
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("HF_DISTILL_TRACEBACK"):
+            raise
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
+        sys.exit(2)

@@ -30,23 +30,32 @@ def assets(tmp_path_factory):
     return root
 
 
-def run_recipe(assets, out, *extra):
-    cmd = [sys.executable, str(ROOT / "recipes" / "distilbert.py"), "--config",
-           str(ROOT / "recipes" / "configs" / "distilbert.yaml"),
-           "--teacher", str(assets / "teacher"), "--train_files", str(assets / "corpus.txt"),
-           "--student_layers", "0,3", "--output_dir", str(out), "--block_size", "32",
-           "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--max_steps", "4",
-           "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--eval_size", "16",
-           "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra]
+def recipe_flags(assets, out, *extra, teacher=None):
+    return ["--config", str(ROOT / "recipes" / "configs" / "distilbert.yaml"),
+            "--teacher", str(teacher or assets / "teacher"), "--train_files", str(assets / "corpus.txt"),
+            "--student_layers", "0,3", "--output_dir", str(out), "--block_size", "32",
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--max_steps", "4",
+            "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--eval_size", "16",
+            "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra]
+
+
+def run_recipe(assets, out, *extra, expect=0):
+    cmd = [sys.executable, str(ROOT / "recipes" / "distilbert.py"), *recipe_flags(assets, out, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def test_recipe_end_to_end_and_resume(assets, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def first_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distilbert_first") / "run"
     run_recipe(assets, out)
+    return out
+
+
+def test_recipe_end_to_end_and_resume(assets, first_run, tmp_path):
+    out = first_run
     final = out / "final"
     student = AutoModelForMaskedLM.from_pretrained(final)
     assert type(student).__name__ == "DistilBertForMaskedLM" and student.config.n_layers == 2
@@ -74,3 +83,78 @@ def test_recipe_end_to_end_and_resume(assets, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_rerun_with_other_settings_is_refused_until_start_fresh(assets, first_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    proc = run_recipe(assets, out, "--temperature", "4", "--student_layers", "0,2", expect=2)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("distilbert.py: error: cannot resume from") and "checkpoint-4" in error
+    for difference in ("temperature: 2.0 in the checkpoint, 4.0 now",
+                       'recipe.student_layers: "0,3" in the checkpoint, "0,2" now', "--start_fresh"):
+        assert difference in error, difference
+    assert "Traceback" not in proc.stderr
+    old_final = load_file(str(out / "final" / "model.safetensors"))
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import distilbert
+
+    distilbert.main(recipe_flags(assets, out, "--temperature", "4", "--student_layers", "0,2", "--start_fresh", "true"))
+    aside = [p for p in out.iterdir() if p.name.startswith("_replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    settings = json.loads((out / "checkpoint-4" / "distillation_settings.json").read_text())["compared"]
+    assert settings["temperature"] == 4.0 and settings["recipe.student_layers"] == "0,2"
+    assert "| temperature | 4.0 |" in (out / "final" / "README.md").read_text()
+    new_final = load_file(str(out / "final" / "model.safetensors"))
+    assert any(not torch.equal(old_final[k], new_final[k]) for k in old_final)
+
+
+def test_model_card_metadata_and_push(assets, tmp_path, monkeypatch):
+    """In process: the card's parsed metadata, and --push_to_hub through a stand-in for huggingface_hub.HfApi."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    # A teacher folder laid out like the Hub cache: its repository id becomes the card's base_model.
+    snapshot = tmp_path / "hub" / "models--tiny-org--bert-mlm" / "snapshots" / "0123abc"
+    shutil.copytree(assets / "teacher", snapshot)
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create_repo", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            calls.append(("upload_folder", folder_path, repo_id, tuple(ignore_patterns),
+                          sorted(p.name for p in Path(folder_path).iterdir())))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import distilbert
+
+    out = tmp_path / "run"
+    final = distilbert.main(recipe_flags(assets, out, "--push_to_hub", "true", "--hub_model_id", "me/tiny-distil",
+                                         "--hub_token", "secret", "--hub_private_repo", "true", teacher=snapshot))
+    card = ModelCard.load(final / "README.md")
+    data = card.data
+    assert data.base_model == "tiny-org/bert-mlm" and data.library_name == "transformers"
+    assert data.pipeline_tag == "fill-mask" and {"distillation", "hf-distill"} <= set(data.tags)
+    assert data.model_name == "me/tiny-distil" and not data.datasets  # local text files: no Hub dataset
+    evals = {r.metric_type: r for r in data.eval_results}
+    assert {"loss", "loss_kd", "loss_mlm", "loss_cos"} <= set(evals)
+    assert all(r.task_type == "fill-mask" and r.dataset_split == "held-out blocks" for r in evals.values())
+    stored = json.loads((final / "distillation.json").read_text())
+    assert abs(evals["loss"].metric_value - stored["results"]["eval_loss"]) < 1e-9
+    assert stored["teacher"] == str(snapshot) and stored["teacher_layers_copied"] == [0, 3]
+    assert "| temperature | 2.0 |" in card.text and str(snapshot) in card.text
+    # The Trainer pushed nothing (no checkpoint uploads); the recipe uploaded the final folder once.
+    assert [c[0] for c in calls] == ["token", "create_repo", "upload_folder"]
+    assert calls[0] == ("token", "secret") and calls[1] == ("create_repo", "me/tiny-distil", True)
+    _, folder, repo, ignore, files = calls[2]
+    assert folder == str(final) and repo == "me/tiny-distil" and "checkpoint-*" in ignore and "_*" in ignore
+    assert {"README.md", "distillation.json", "model.safetensors", "config.json"} <= set(files)
