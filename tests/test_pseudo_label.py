@@ -873,3 +873,19 @@ def test_missing_arguments_and_finalize_of_a_folder_that_is_no_store(tmp_path, c
     assert line.endswith("INPUT and --model are required (unless --finalize)")
     line = one_line_error(capsys, ["pseudo-label", "--finalize", "--output-dir", str(tmp_path)])
     assert "is not a pseudo-label store (no manifest.json)" in line
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_one_hour_file_is_that_of_short_clips(tmp_path):
+    """benchmarks/long_audio_memory.py in fresh processes: labelling one 1-hour file takes no more memory
+    than labelling as many short clips as it has windows (before: +230 MiB for 1 hour, +640 MiB for 3)."""
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "long_audio_memory.py"), "--hours", "1", "--work_dir",
+                    str(tmp_path / "work"), "--json_out", str(out)], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    peaks = {(r["labeller"], r["input"].split(" ")[0]): r["peak_rss_mib"] for r in report["results"]}
+    assert all(r["exit_code"] == 0 for r in report["results"])
+    windows = str(report["windows"])
+    for labeller in ("pseudo-label", "pseudo-label-packed"):
+        assert peaks[(labeller, "one")] <= peaks[(labeller, windows)] + 100, peaks
