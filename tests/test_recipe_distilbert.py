@@ -158,3 +158,20 @@ def test_model_card_metadata_and_push(assets, tmp_path, monkeypatch):
     _, folder, repo, ignore, files = calls[2]
     assert folder == str(final) and repo == "me/tiny-distil" and "checkpoint-*" in ignore and "_*" in ignore
     assert {"README.md", "distillation.json", "model.safetensors", "config.json"} <= set(files)
+
+
+def test_a_teacher_without_its_mlm_head_is_refused(assets, tmp_path, monkeypatch):
+    from transformers import BertModel
+
+    from tiny import tiny_bert_config
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "teacher")
+    bare = tmp_path / "bert_model"
+    BertModel(tiny_bert_config(len(tokenizer), layers=4)).save_pretrained(bare)  # an encoder, no MLM head
+    tokenizer.save_pretrained(bare)
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import distilbert
+
+    with pytest.raises(ValueError, match="cls.predictions"):
+        distilbert.main(recipe_flags(assets, tmp_path / "run", teacher=bare))
+    assert not (tmp_path / "run").exists()  # refused before anything was trained or written
