@@ -12,8 +12,8 @@ that saved in place) is skipped on resume with a warning and moved to ``output_d
 
 **A resume is refused when the settings differ.** Each checkpoint holds ``distillation_settings.json``:
 the distillation arguments (temperature, loss weights, terms, layer map, teachers' weights and
-dtype, ...), the objective's terms, the student's architecture, each teacher's class, config and a
-fingerprint of its weights, the settings that change the training trajectory (learning rate, batch
+dtype, ...), the objective's terms, the teacher source (``describe()``), the student's architecture,
+each teacher's class, config and (a frozen teacher's) a fingerprint of its weights, the settings that change the training trajectory (learning rate, batch
 size, accumulation, processes, seed, optimiser, schedule, precision) and whatever the caller added
 with :meth:`~DistillationCheckpointMixin.add_resume_settings` (a recipe's data and student choices).
 Run length, logging, evaluation, saving and output settings are not compared: extending
@@ -28,7 +28,8 @@ into ``output_dir/_replaced-<UTC time>/`` so that they take no part in the new r
 resume; delete that folder when it is no longer needed.
 
 **Safe loading.** The objective's state (learned projections) is stored as safetensors
-(``distillation_objective.safetensors``). A ``distillation_objective.pt`` from an older version is
+(``distillation_objective.safetensors``), and so is the teacher source's (peers, EMA:
+``teacher_source.safetensors``, written and read by the source). A ``distillation_objective.pt`` from an older version is
 read with ``torch.load(..., weights_only=True)`` (tensors only, never code).
 """
 
@@ -292,15 +293,21 @@ class DistillationCheckpointMixin:
             flat[f"student.{k}"] = v
         teachers = list(getattr(self, "teachers", None) or [])
         flat["teachers"] = len(teachers)
+        source = getattr(self, "teacher_source", None)
+        if source is not None:
+            flat["teacher_source"] = _jsonable(source.describe())
+        # Only a frozen teacher keeps its weights; peers, EMA and snapshot teachers change as the run goes.
+        frozen = source is None or getattr(source, "kind", None) == "frozen"
         fingerprints = self.__dict__.setdefault("_teacher_fingerprints", {})
         for i, teacher in enumerate(teachers):
             base = unwrap(teacher)
             flat[f"teacher[{i}].class"] = type(base).__name__
             for k, v in config_summary(base.config).items():
                 flat[f"teacher[{i}].{k}"] = v
-            if id(teacher) not in fingerprints:  # a teacher is frozen: once per run
-                fingerprints[id(teacher)] = weights_fingerprint(teacher)
-            flat[f"teacher[{i}].weights"] = fingerprints[id(teacher)]
+            if frozen:
+                if id(teacher) not in fingerprints:  # once per run
+                    fingerprints[id(teacher)] = weights_fingerprint(teacher)
+                flat[f"teacher[{i}].weights"] = fingerprints[id(teacher)]
         flat.update(self.__dict__.get("_extra_resume_settings", {}))
         return flat
 
@@ -402,6 +409,9 @@ class DistillationCheckpointMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         folder = Path(resume_from_checkpoint)
+        source = getattr(self, "teacher_source", None)
+        if source is not None:
+            source.load_checkpoint(folder)  # a source's own state (peers, EMA), safetensors
         if (folder / OBJECTIVE_STATE).is_file():
             state = load_file(str(folder / OBJECTIVE_STATE), device=str(self.args.device))
         elif (folder / LEGACY_OBJECTIVE_STATE).is_file():  # older versions: a pickle, read as tensors only
@@ -457,7 +467,11 @@ class DistillationCheckpointMixin:
             super()._push_from_checkpoint(final)
 
     def _finish_staged_checkpoint(self, staged: str, final: str, staging_root: str) -> None:
-        """Add the objective's state and the settings; point the Trainer state at the final folder names."""
+        """Add the objective's and the teacher source's state and the settings; point the Trainer state at the
+        final folder names."""
+        source = getattr(self, "teacher_source", None)
+        if source is not None:
+            source.save_checkpoint(staged)
         state_dict = self.objective.state_dict()
         if state_dict:
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()},
