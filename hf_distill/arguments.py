@@ -92,8 +92,9 @@ class DistillationArguments(TrainingArguments):
     )
     start_fresh: bool = field(
         default=False,
-        metadata={"help": "Ignore the checkpoints in output_dir and train from scratch (needed when the "
-                          "distillation settings changed since they were written)."},
+        metadata={"help": "Train from scratch whatever output_dir holds: its checkpoint-* folders are moved into "
+                          "output_dir/_replaced-<time>/ (not deleted) and take no part in this run's resume or "
+                          "rotation (needed when the distillation settings changed since they were written)."},
     )
     restrict_kd_to_mask: bool = field(
         default=False, metadata={"help": "Masked LM: compute the KL only at masked positions (default: every real token)."}

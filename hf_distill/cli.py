@@ -43,21 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[argv[0]]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
+    return run_with_one_line_errors(func, argv[1:], f"hf-distill {argv[0]}")
+
+
+# Errors that mean bad input: printed as one line that says what to change, exit code 2.
+INPUT_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
+def run_with_one_line_errors(func, argv: list[str], prog: str) -> int:
+    """Run ``func(argv)``; bad input ends with ``PROG: error: <message>`` on one line and exit code 2 (set
+    ``HF_DISTILL_TRACEBACK=1`` for the traceback), an interrupt with 130. Recipes' ``__main__`` use it too."""
     try:
-        return int(func(argv[1:]) or 0)
-    except CommandError as exc:
-        print(f"hf-distill {argv[0]}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as exc:
-        # Bad input found by the library: one line that says what to change, no traceback.
-        # HF_DISTILL_TRACEBACK=1 shows the traceback too.
-        if os.environ.get("HF_DISTILL_TRACEBACK"):
+        return int(func(argv) or 0)
+    except INPUT_ERRORS as exc:
+        if os.environ.get("HF_DISTILL_TRACEBACK") and not isinstance(exc, CommandError):
             raise
-        print(f"hf-distill {argv[0]}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hf-distill {argv[0]}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

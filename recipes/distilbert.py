@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -127,10 +126,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        if os.environ.get("HF_DISTILL_TRACEBACK"):
-            raise
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
-        sys.exit(2)
+    from hf_distill.cli import run_with_one_line_errors
+
+    sys.exit(run_with_one_line_errors(lambda argv: main(argv) and 0, sys.argv[1:], Path(__file__).name))

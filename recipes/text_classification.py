@@ -48,7 +48,6 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -515,10 +514,6 @@ def write_student_cards(recipe, args, results: dict, data, teacher_spec: str, ou
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        if os.environ.get("HF_DISTILL_TRACEBACK"):
-            raise
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)  # bad input: one line, what to change
-        sys.exit(2)
+    from hf_distill.cli import run_with_one_line_errors
+
+    sys.exit(run_with_one_line_errors(lambda argv: main(argv) and 0, sys.argv[1:], Path(__file__).name))

@@ -95,8 +95,11 @@ class PeerTeacher(TeacherSource):
             self.schedulers = [get_scheduler(trainer.args.lr_scheduler_type, o, num_warmup_steps=warmup,
                                              num_training_steps=total) for o in self.optimizers]
             if self._pending_state is not None:
-                for sched, state in zip(self.schedulers, self._pending_state["schedulers"]):
+                for opt, sched, state in zip(self.optimizers, self.schedulers, self._pending_state["schedulers"]):
                     sched.load_state_dict(state)
+                    # A new scheduler sets the initial learning rate; the resumed one's current rate applies.
+                    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+                        group["lr"] = lr
                 self._pending_state = None
         return self.schedulers
 
