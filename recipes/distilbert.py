@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> Path:
     recipe, args = parse_config_and_args((DistilBertRecipeArguments, DistillationArguments), argv)
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    source = recipe.train_files or recipe.dataset_name
+    with args.main_process_first(desc="dataset loading"):  # a missing or empty corpus fails before any model loads
+        raw = load_text_dataset(source, text_column=recipe.text_column,
+                                config_name=None if recipe.train_files else recipe.dataset_config)
     teacher = load_teacher(recipe.teacher, task="masked_lm", dtype="float32")  # refuses a BertModel (no MLM head)
     tokenizer = AutoTokenizer.from_pretrained(recipe.teacher)
 
@@ -77,10 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("student: %s params (teacher %s), teacher layers %s",
                 f"{count_parameters(student):,}", f"{count_parameters(teacher):,}", copied)
 
-    source = recipe.train_files or recipe.dataset_name
     with args.main_process_first(desc="dataset preprocessing"):
-        raw = load_text_dataset(source, text_column=recipe.text_column,
-                                config_name=None if recipe.train_files else recipe.dataset_config)
         blocks = tokenize_and_pack(raw, tokenizer, block_size=recipe.block_size, text_column=recipe.text_column,
                                    num_proc=recipe.preprocessing_num_workers)
         eval_size = int(recipe.eval_size) if recipe.eval_size >= 1 else recipe.eval_size
