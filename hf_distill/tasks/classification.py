@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_distill.modeling import count_parameters  # noqa: F401 - part of this module's reporting API
 from hf_distill.tasks.classification_data import (
     BBC_NEWS,
     FILE_FORMATS,
@@ -132,10 +133,6 @@ def classification_metrics(logits_or_predictions, references: Sequence[int], *, 
 
 
 # ---------------------------------------------------------------------------------------------- models
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def size_on_disk(path: str | Path) -> int:
     """Bytes of the weight files (*.safetensors, *.bin) saved directly in a model folder (not in sub-folders)."""
     path = Path(path)
