@@ -99,12 +99,14 @@ def test_snapshot_teacher_starts_silent_and_follows_epochs(tokenizer, tmp_path):
         assert torch.equal(t, s)  # the snapshot of the last epoch end
 
 
-@pytest.mark.parametrize("source", ["frozen", "stored", "ema", "snapshot"])
+@pytest.mark.parametrize("source", ["frozen", "stored", "peer", "ema", "snapshot"])
 def test_the_same_terms_run_on_every_source(tokenizer, tmp_path, source):
     teacher, student = teacher_student(tokenizer)
     ds = masked_dataset(tokenizer, n=16)
-    terms = [{"loss": "kl", "weight": 1.0}]
-    kwargs = {"teacher": teacher} if source == "frozen" else {}
+    terms = [{"loss": "kl", "weight": 1.0}, {"loss": "hidden_cos", "layers": "-1:-1", "weight": 1.0}]
+    if source == "stored":
+        terms = terms[:1]  # stored outputs carry no hidden states (refused at construction: see above)
+    kwargs = {"teacher": teacher} if source in ("frozen", "peer") else {}
     if source == "stored":
         ds = with_stored_topk(ds, teacher, k=16, temperature=2.0)
     trainer = DistillationTrainer(model=student, args=make_args(tmp_path, teacher_source=source, distillation=terms,
