@@ -126,19 +126,31 @@ def cli_main(argv: list[str] | None = None) -> int:
         type=int,
         help="Whisper only: encoder layers to keep (default: all); --num_layers/--layers then count decoder layers",
     )
+    width = parser.add_argument_group("width pruning (BERT-style encoders, Llama-style decoders)")
+    width.add_argument("--heads", type=int, help="attention heads per layer to keep (most important first)")
+    width.add_argument("--intermediate", type=int, help="FFN neurons per layer to keep")
+    width.add_argument("--hidden", type=int, help="hidden channels to keep (BERT: heads x head size, the default when only --heads is given)")
+    width.add_argument("--calibration_file", help="text file, one sample per line, to rank the units on")
+    width.add_argument("--calibration_samples", type=int, default=256, help="lines of it to use (default 256)")
+    width.add_argument("--calibration_max_length", type=int, default=128, help="tokens per sample (default 128)")
     args = parser.parse_args(argv)
 
     try:
         layers = parse_layer_list(args.layers) if args.layers is not None else None
+        prune = any(v is not None for v in (args.heads, args.intermediate, args.hidden))
+        calibration = read_calibration_lines(args.calibration_file, args.calibration_samples) if prune else None
         teacher = load_teacher_checkpoint(args.teacher, args.task)
-        _, info = build_student_with_info(
-            teacher,
-            num_layers=args.num_layers,
-            layers=layers,
-            architecture=args.architecture,
-            output_dir=args.output_dir,
-            num_encoder_layers=args.num_encoder_layers,
-        )
+        if prune:
+            info = build_pruned_student(teacher, args, layers, calibration)
+        else:
+            _, info = build_student_with_info(
+                teacher,
+                num_layers=args.num_layers,
+                layers=layers,
+                architecture=args.architecture,
+                output_dir=args.output_dir,
+                num_encoder_layers=args.num_encoder_layers,
+            )
     except (ValueError, OSError) as err:
         print(f"hf-distill init-student: error: {err}", file=sys.stderr)
         return 2
@@ -151,4 +163,52 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(f"parameters: teacher {t:,}, student {s:,} ({100.0 * s / t:.1f}% of the teacher)")
     for note in info.get("notes", []):
         print(f"note: {note}")
+    if "width_pruning" in info:
+        w = info["width_pruning"]
+        print(f"width: {w['heads']} heads, {w['intermediate']} FFN neurons, {w['hidden']} hidden channels "
+              f"({w['criterion']})")
     return 0
+
+
+def read_calibration_lines(path: str | None, limit: int) -> list[str]:
+    """The first ``limit`` non-empty lines of a calibration text file."""
+    if not path:
+        raise ValueError("width pruning ranks heads, neurons and channels on calibration text: give "
+                         "--calibration_file (a text file, one sample per line)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--calibration_file {path!r} does not exist")
+    if limit < 1:
+        raise ValueError(f"--calibration_samples must be >= 1, got {limit}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()][:limit]
+    if not lines:
+        raise ValueError(f"--calibration_file {path!r} holds no non-empty line")
+    return lines
+
+
+def build_pruned_student(teacher, args, layers, calibration: list[str]) -> dict:
+    """``init-student`` with width options: fewer layers first (when asked), then width pruning; saved."""
+    from ..teachers import find_teacher_tokenizer
+    from .pruning import calibration_batches, prune_width
+
+    model, name = as_model(teacher, args.task)
+    if args.architecture != "same":
+        raise ValueError("width pruning keeps the teacher's architecture: drop --architecture")
+    tokenizer = find_teacher_tokenizer(args.teacher)
+    if tokenizer is None:
+        raise ValueError(f"width pruning needs the teacher's tokenizer for the calibration text; {args.teacher!r} "
+                         "has none")
+    if layers is not None or args.num_layers is not None:
+        student, info = build_student_with_info(model, num_layers=args.num_layers, layers=layers)
+        info = {k: v for k, v in info.items() if k in ("architecture", "teacher_layers", "teacher_num_layers",
+                                                       "layer_module", "notes")}
+    else:
+        from ..modeling import num_layers as count_layers
+
+        student, total = model, count_layers(model)
+        info = {"architecture": "same", "teacher_layers": list(range(total)), "teacher_num_layers": total}
+    batches = calibration_batches(tokenizer, calibration, max_length=args.calibration_max_length)
+    pruned, width_info = prune_width(student, batches, heads=args.heads, intermediate=args.intermediate,
+                                     hidden=args.hidden)
+    _, info = finish_student(pruned, model, name, {**info, **width_info}, args.output_dir, tokenizer)
+    return info
