@@ -276,12 +276,16 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                 "such updates instead)")
         return grad_norm
 
-    def _save(self, output_dir=None, state_dict=None):
-        """Save the student, never with a NaN or inf weight in it."""
+    def check_finite_student(self, output_dir=None) -> None:
+        """Raise :class:`NonFiniteError` when the student holds a NaN or inf weight (it is then never saved)."""
         bad = nonfinite_parameters(unwrap(self.model))
         if bad:
             raise NonFiniteError(f"refusing to save the student to {output_dir or self.args.output_dir}: its weights "
                                  f"hold NaN or inf (e.g. {bad}); the run diverged")
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Save the student, never with a NaN or inf weight in it."""
+        self.check_finite_student(output_dir)
         return super()._save(output_dir, state_dict=state_dict)
 
     # ------------------------------------------------------------------ counts

@@ -28,6 +28,7 @@ from hf_distill.data.mlm import DistilMLMCollator, count_tokens
 from hf_distill.data.text import load_text_dataset, split_train_eval, tokenize_and_pack
 from hf_distill.hub import count_parameters, distillation_metadata, hub_repo_id, push_student, write_model_card
 from hf_distill.students import build_student
+from hf_distill.students.peft_students import PeftArguments, apply_peft, save_student
 from hf_distill.teachers import load_teacher
 
 logger = logging.getLogger("distilbert")
@@ -63,7 +64,8 @@ class DistilBertRecipeArguments:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    recipe, args = parse_config_and_args((DistilBertRecipeArguments, DistillationArguments), argv)
+    recipe, args, peft_args = parse_config_and_args((DistilBertRecipeArguments, DistillationArguments, PeftArguments),
+                                                    argv)
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     source = recipe.train_files or recipe.dataset_name
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
     layers = [int(x) for x in spec.split(",")] if "," in spec else None
     num_layers = int(spec) if layers is None else None
     student = build_student(teacher, layers=layers, num_layers=num_layers, architecture=recipe.student_architecture)
+    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
     copied = layers or getattr(student, "distillation_teacher_layers", None)
     logger.info("student: %s params (teacher %s), teacher layers %s",
                 f"{count_parameters(student):,}", f"{count_parameters(teacher):,}", copied)
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
                                   train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                                   processing_class=tokenizer, teacher_processing_class=tokenizer)
     # Besides the trainer's own settings, a resume must see the same data and the same student.
-    trainer.add_resume_settings(**{k: getattr(recipe, k) for k in RESUME_FIELDS})
+    trainer.add_resume_settings(**{k: getattr(recipe, k) for k in RESUME_FIELDS}, **{
+        f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()})
     trainer.train(resume_from_checkpoint=True)  # the last complete checkpoint, if any
     metrics = trainer.evaluate() if len(evaluation) else {}
 
@@ -105,7 +109,11 @@ def main(argv: list[str] | None = None) -> Path:
     if trainer.is_world_process_zero():
         staging = final_dir.with_name(f"_saving-{final_dir.name}")  # the student appears complete, or not at all
         shutil.rmtree(staging, ignore_errors=True)
-        trainer.save_model(str(staging))
+        if peft_args.use_peft:  # adapters in adapter/, merged into the student unless --merge_adapters false
+            trainer.check_finite_student(str(staging))
+            save_student(trainer.model, staging, merge=peft_args.merge_adapters)
+        else:
+            trainer.save_model(str(staging))
         tokenizer.save_pretrained(str(staging))
         hub_dataset = None if recipe.train_files else hub_repo_id(recipe.dataset_name, kind="dataset")
         dataset = ", ".join(recipe.train_files) if recipe.train_files else \

@@ -175,3 +175,16 @@ def test_a_teacher_without_its_mlm_head_is_refused(assets, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="cls.predictions"):
         distilbert.main(recipe_flags(assets, tmp_path / "run", teacher=bare))
     assert not (tmp_path / "run").exists()  # refused before anything was trained or written
+
+
+def test_recipe_with_a_lora_student_saves_adapters_and_a_merged_student(assets, tmp_path, monkeypatch):
+    from transformers import AutoModelForMaskedLM
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    import distilbert
+
+    out = tmp_path / "lora"
+    final = distilbert.main(recipe_flags(assets, out, "--use_peft", "true", "--lora_r", "4", "--max_steps", "2"))
+    assert (final / "adapter" / "adapter_model.safetensors").exists()
+    merged = AutoModelForMaskedLM.from_pretrained(final)
+    assert merged.config.num_hidden_layers == 2 and "lora" not in " ".join(merged.state_dict())
