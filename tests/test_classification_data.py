@@ -141,3 +141,100 @@ def test_hub_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
                                         r"--dataset_name / --dataset_config, or give local files") as err:
         load_classification_data(dataset_name="imdb")
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ unlabeled transfer sets
+from collections import Counter  # noqa: E402
+
+from hf_distill.tasks.transfer_set import (  # noqa: E402
+    NO_LABEL,
+    load_unlabeled_texts,
+    tokenize_unlabeled,
+    transfer_set,
+    withhold_labels,
+)
+
+
+def labelled_split(counts: dict[str, int]) -> Dataset:
+    labels = [name for name, n in counts.items() for _ in range(n)]
+    return Dataset.from_dict({"text": [f"text {i} about {v}" for i, v in enumerate(labels)], "label": labels})
+
+
+def test_withhold_labels_is_stratified_seeded_and_drops_the_labels():
+    train = labelled_split({"a": 50, "b": 30, "c": 20})
+    labelled, unlabeled = withhold_labels(train, "label", 0.1, seed=3)
+    assert Counter(labelled["label"]) == {"a": 5, "b": 3, "c": 2}
+    assert len(unlabeled) == 90 and unlabeled.column_names == ["text"]
+    assert set(labelled["text"]).isdisjoint(unlabeled["text"])
+    assert set(labelled["text"]) | set(unlabeled["text"]) == set(train["text"])
+    again, _ = withhold_labels(train, "label", 0.1, seed=3)
+    other, _ = withhold_labels(train, "label", 0.1, seed=4)
+    assert again["text"] == labelled["text"] and other["text"] != labelled["text"]
+    tiny, _ = withhold_labels(labelled_split({"a": 50, "b": 3}), "label", 0.01)
+    assert Counter(tiny["label"]) == {"a": 1, "b": 1}  # every class keeps a labelled row
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.2, float("nan")])
+def test_withhold_labels_refuses_fractions_outside_0_1(fraction):
+    with pytest.raises(DataError, match=r"--labelled_fraction must be in \(0, 1\)"):
+        withhold_labels(labelled_split({"a": 5, "b": 5}), "label", fraction)
+
+
+def test_unlabeled_texts_from_txt_csv_and_a_dataset_folder(tmp_path):
+    txt = tmp_path / "u.txt"
+    txt.write_text("first text\n\n  second text  \nthird text\n")
+    assert load_unlabeled_texts(unlabeled_file=str(txt))["text"] == ["first text", "second text", "third text"]
+    csv_path = tmp_path / "u.csv"
+    csv_path.write_text("id,body\n1,hello there\n2,general news\n")
+    ds = load_unlabeled_texts(unlabeled_file=str(csv_path), text_column="body")
+    assert ds.column_names == ["text"] and ds["text"] == ["hello there", "general news"]
+    jsonl = tmp_path / "hub"  # a local dataset folder, read as load_dataset reads a Hub dataset
+    jsonl.mkdir()
+    (jsonl / "train.jsonl").write_text("".join(json.dumps({"text": f"u {i}"}) + "\n" for i in range(6)))
+    ds = load_unlabeled_texts(unlabeled_dataset=str(jsonl), max_samples=4, seed=1)
+    assert len(ds) == 4 and set(ds["text"]) <= {f"u {i}" for i in range(6)}
+    # texts of the test split are never labelled by the teacher
+    kept = load_unlabeled_texts(unlabeled_file=str(txt), exclude_texts=["second text"])
+    assert kept["text"] == ["first text", "third text"]
+
+
+def test_unlabeled_input_errors_say_what_to_change(tmp_path):
+    csv_path = tmp_path / "u.csv"
+    csv_path.write_text("id,body\n1,hello\n2,\n3, \n")
+    with pytest.raises(DataError, match=r"has no text column 'text'; its columns are \['id', 'body'\]\. "
+                                        r"Set --unlabeled_text_column"):
+        load_unlabeled_texts(unlabeled_file=str(csv_path))
+    with pytest.raises(DataError, match=r"2 rows of the unlabeled data .*u.csv have no text in column 'body' "
+                                        r"\(row 1: None, row 2: ' '\)"):
+        load_unlabeled_texts(unlabeled_file=str(csv_path), text_column="body")
+    with pytest.raises(DataError, match=r"unlabeled file .*missing.txt does not exist; check --unlabeled_file"):
+        load_unlabeled_texts(unlabeled_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match=r"is a folder; give a .txt"):
+        load_unlabeled_texts(unlabeled_file=str(tmp_path))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"is empty; give it at least one text, or drop --unlabeled_file"):
+        load_unlabeled_texts(unlabeled_file=str(empty))
+    with pytest.raises(DataError, match=r"give one of --unlabeled_file FILE or --unlabeled_dataset NAME"):
+        load_unlabeled_texts(unlabeled_file=str(empty), unlabeled_dataset="x")
+    one = tmp_path / "one.txt"
+    one.write_text("same\n")
+    with pytest.raises(DataError, match=r"every text of the unlabeled data .* is also in the test split"):
+        load_unlabeled_texts(unlabeled_file=str(one), exclude_texts=["same"])
+
+
+def test_transfer_set_joins_labelled_and_teacher_labelled_rows():
+    tokenizer = make_wordpiece_tokenizer()
+    texts = Dataset.from_dict({"text": ["a b c", "d e", "f"]})
+    unlabeled = tokenize_unlabeled(texts, tokenizer, max_length=8)
+    assert unlabeled["labels"] == [NO_LABEL] * 3 and "input_ids" in unlabeled.column_names
+    labelled = Dataset.from_dict({"input_ids": [[2, 5, 3], [2, 6, 3]], "labels": [0, 1],
+                                  "teacher_logits": [[1.0, 0.0], [0.0, 1.0]]})
+    unl = Dataset.from_dict({"input_ids": [[2, 7, 3]] * 3, "labels": [NO_LABEL] * 3,
+                             "teacher_logits": [[0.5, 0.5]] * 3})
+    mixed = transfer_set(labelled, unl, seed=0)
+    assert len(mixed) == 5 and sorted(mixed["labels"]) == [NO_LABEL] * 3 + [0, 1]
+    with pytest.raises(ValueError, match="must have labels = -100"):
+        transfer_set(labelled, labelled)
+    with pytest.raises(ValueError, match="differ from the teacher-labelled columns"):
+        transfer_set(labelled, unl.remove_columns("teacher_logits"))

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
     BertModel,
+    DataCollatorWithPadding,
     PreTrainedTokenizerFast,
 )
 
@@ -540,3 +542,104 @@ def test_latency_and_time_goals():
     results = _goal_results((0.02, 0.01, 0.03), None)
     del results["comparisons"]["distilled_minus_goal_x_teacher"]
     assert recipe.report_goals(_Goals, results, total_seconds=None)[0]["status"] == "not shown"
+
+
+# ---------------------------------------------------------------------------------------------- transfer sets
+def mixed_batch_trainer(tmp_path, labels):
+    from hf_distill import DistillationArguments, DistillationTrainer
+
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(tiny_bert_config(len(tokenizer), layers=2, hidden=32, num_labels=3))
+    rows = [{**tokenizer(" ".join(TOPICS["tech"][: 2 + i % 4])), "labels": label,
+             "teacher_logits": [float(i % 3), 1.0 - i / 8, 0.5]} for i, label in enumerate(labels)]
+    args = DistillationArguments(output_dir=str(tmp_path / "mixed"), kd_weight=0.5, task_weight=0.5, cos_weight=0.0,
+                                 temperature=2.0,
+                                 use_cpu=True, report_to="none", per_device_train_batch_size=len(rows), max_steps=1,
+                                 save_strategy="no", disable_tqdm=True)
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=Dataset.from_list(rows),
+                                  data_collator=collator, processing_class=tokenizer)
+    return trainer, student, dict(collator(rows))
+
+
+def test_mixed_batches_count_labelled_rows_for_the_task_and_every_row_for_kd(tmp_path):
+    """Teacher-labelled rows (labels = -100) count for the soft-target term only; the loss is the hand-computed one."""
+    labels = [0, -100, 2, -100, -100, 1, -100, -100]
+    trainer, student, batch = mixed_batch_trainer(tmp_path, labels)
+    counts = trainer.objective.item_counts(batch)
+    assert (counts["task"].item(), counts["kd"].item(), counts["samples"].item()) == (3, 8, 8)
+    student.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(batch))
+        logits = student(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+    t, target = 2.0, torch.tensor(labels)
+    p_t = torch.softmax(batch["teacher_logits"] / t, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(logits / t, -1))).sum() / 8 * t * t
+    ce = torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100], reduction="sum") / 3
+    assert loss.item() == pytest.approx((0.5 * kl + 0.5 * ce).item(), rel=1e-5)
+
+    # A batch of teacher-labelled rows only: the task term adds nothing (no 0/0), the loss is the KL term.
+    trainer, student, batch = mixed_batch_trainer(tmp_path, [-100] * 4)
+    assert trainer.objective.item_counts(batch)["task"].item() == 0
+    student.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(batch))
+        logits = student(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+    p_t = torch.softmax(batch["teacher_logits"] / t, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(logits / t, -1))).sum() / 4 * t * t
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
+    trainer.train()  # one optimiser step on it: finite, no skipped step
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_recipe_distils_on_withheld_labels_and_the_baseline_gets_the_labelled_part_only(assets, tmp_path):
+    """--labelled_fraction: the teacher fine-tunes on the labelled quarter only, the student distils on every
+    row (the rest labelled by the teacher), the baseline trains on the labelled quarter for as many steps."""
+    out = tmp_path / "run"
+    results = recipe.main(fast_flags(assets, out, "encoder", "--labelled_fraction", "0.25", "--plot", "false"))
+    data = results["data"]
+    assert (data["n_labelled"], data["n_unlabeled"], data["n_train"]) == (30, 90, 120)
+    assert json.loads((out / "teacher" / "fine_tuning.json").read_text())["n_train"] == 30
+    hist = results["log_history"]
+    assert hist["teacher fine-tuning"][-1]["step"] == 6 * 4  # 6 epochs of 30 rows in batches of 8
+    training = results["training"]
+    assert training["distillation"]["rows"] == 120 and training["baseline_rows"] == 30
+    assert training["distillation"]["steps"] == 4 * 15 == hist["baseline"][-1]["step"]  # same optimiser steps
+    assert any("loss_kd" in h and "loss_ce" in h for h in hist["distilled"])
+    assert "Transfer set: 30 labelled + 90 unlabeled texts" in (out / "results.md").read_text()
+    assert {g["goal"] for g in results["goals"]} >= {"distilled student beats the cross-entropy baseline"}
+
+    # Another fraction: the saved teacher saw other labels, so it is fine-tuned again rather than reused.
+    again = recipe.main(fast_flags(assets, out, "encoder", "--labelled_fraction", "0.5", "--plot", "false", "--baseline", "false",
+                                   "--start_fresh", "true"))
+    assert again["stages"]["teacher fine-tuning"].get("note") is None
+    assert json.loads((out / "teacher" / "fine_tuning.json").read_text())["n_train"] == 60
+
+
+def test_recipe_adds_an_unlabeled_file_without_the_test_texts(assets, tmp_path):
+    test_texts = [r["text"] for r in topic_rows(45, seed=2)]
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n".join([r["text"] for r in topic_rows(40, seed=7)] + test_texts[:3]) + "\n")
+    out = tmp_path / "run"
+    results = recipe.main(fast_flags(assets, out, "encoder", "--unlabeled_file", str(unlabeled), "--plot", "false",
+                                     "--num_train_epochs", "1"))
+    assert (results["data"]["n_labelled"], results["data"]["n_unlabeled"]) == (120, 40)  # 3 test texts dropped
+    assert results["training"]["distillation"]["steps"] == 20 == results["log_history"]["baseline"][-1]["step"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--labelled_fraction", "1.5"], r"--labelled_fraction must be in \(0, 1\)"),
+    (["--unlabeled_file", "nowhere.txt"], r"unlabeled file nowhere.txt does not exist; check --unlabeled_file"),
+    (["--unlabeled_file", "TRAIN", "--unlabeled_text_column", "body"], r"has no text column 'body'"),
+])
+def test_bad_transfer_set_input_exits_2_before_training(assets, tmp_path, capsys, flags, message):
+    from hf_distill.cli import run_with_one_line_errors
+
+    out = tmp_path / "run"
+    flags = [str(assets / "train.csv") if f == "TRAIN" else f for f in flags]
+    code = run_with_one_line_errors(lambda argv: recipe.main(argv) and 0, fast_flags(assets, out, "encoder", *flags),
+                                    "text_classification.py")
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (out / "teacher").exists()

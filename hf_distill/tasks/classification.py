@@ -204,8 +204,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     rows = results["models"]
     conf = int(round(100 * rows[0].get("confidence", 0.95)))
     lat = results.get("latency", {})
+    reference = results.get("reference_model", "teacher")
     lines = [
-        f"| model | layers | params | size on disk | accuracy [{conf}% CI] | macro-F1 | latency / batch | vs teacher |",
+        f"| model | layers | params | size on disk | accuracy [{conf}% CI] | macro-F1 | latency / batch | vs {reference} |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -220,6 +221,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if data:
         notes.append(f"Data: {data['source']}, {data['n_train']} train / {data['n_test']} test examples, "
                      f"{len(data['labels'])} labels, max {data['max_length']} tokens.")
+        if data.get("n_unlabeled"):
+            notes.append(f"Transfer set: {data['n_labelled']} labelled + {data['n_unlabeled']} unlabeled texts "
+                         f"({data.get('unlabeled_source', 'unlabeled')}), labelled by the teacher's cached logits. The "
+                         "teacher was fine-tuned on the labelled part only (unless it came ready); the baseline "
+                         "trained on the labelled part only, for the same number of steps.")
     if lat:
         notes.append(f"Latency: median of {lat['repeats']} forward passes after {lat['warmup']} warm-up, "
                      f"one batch of {lat['batch_size']} x {lat['seq_len']} tokens, {lat['threads']} CPU "

@@ -33,6 +33,8 @@ __all__ = [
     "FILE_FORMATS",
     "bbc_news_folder",
     "load_bbc_news",
+    "load_data_file",
+    "load_dataset_dict",
     "load_classification_data",
     "stratified_split",
     "tokenize_for_classification",
@@ -162,7 +164,8 @@ def _file_builder(path: str) -> str:
     return builder
 
 
-def _load_file(path: str) -> datasets.Dataset:
+def load_data_file(path: str) -> datasets.Dataset:
+    """One local CSV / TSV / JSON / JSONL / Parquet file as a dataset (a :class:`DataError` says what is wrong)."""
     from datasets import load_dataset
 
     if Path(path).is_dir():
@@ -237,11 +240,11 @@ def load_classification_data(
         origin = f"{BBC_NEWS} ({_BBC_PACKAGE})"
         train = full
     elif train_file:
-        train = _load_file(train_file)
-        test = _load_file(test_file) if test_file else None
+        train = load_data_file(train_file)
+        test = load_data_file(test_file) if test_file else None
         origin = train_file + (f" + {test_file}" if test_file else "")
     else:
-        loaded = _load_dataset_dict(dataset_name, dataset_config)
+        loaded = load_dataset_dict(dataset_name, dataset_config)
         if train_split not in loaded:
             raise DataError(f"{dataset_name} has no split {train_split!r} (it has {list(loaded)}); set --train_split")
         train = loaded[train_split]
@@ -297,19 +300,19 @@ def _check_no_missing(ds, split: str, text_column: str, text_pair_column: str | 
             )
 
 
-def _load_dataset_dict(dataset_name: str, dataset_config: str | None):
-    """``datasets.load_dataset(name, config)`` with errors that say how the name was read."""
+def load_dataset_dict(dataset_name: str, dataset_config: str | None, *, flag: str = "--dataset_name"):
+    """``datasets.load_dataset(name, config)`` with errors that say how the name was read (and which ``flag`` set it)."""
     from datasets import load_dataset
 
-    check_local_path(dataset_name, what="dataset", flag="--dataset_name")
+    check_local_path(dataset_name, what="dataset", flag=flag)
     try:
         return load_dataset(dataset_name, dataset_config)
     except Exception as err:  # offline, unknown name, gated, bad config: one line that says what to change
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(
             f"could not load {dataset_name!r}{f' (config {dataset_config!r})' if dataset_config else ''} as a Hub "
-            f"dataset or local dataset folder: {first}. Check --dataset_name / --dataset_config, or give local "
-            "files with --train_file / --test_file"
+            f"dataset or local dataset folder: {first}. Check {flag}"
+            + (" / --dataset_config, or give local files with --train_file / --test_file" if flag == "--dataset_name" else "")
         ) from err
 
 
