@@ -234,6 +234,10 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if comp:
         notes.append(f"Distilled minus baseline accuracy: {100 * comp['diff']:+.1f} points "
                      f"[{100 * comp['low']:+.1f}, {100 * comp['high']:+.1f}] (paired bootstrap, {conf}%).")
+    for key, other in results.get("comparisons", {}).items():  # a recipe's own comparisons, e.g. "a minus b"
+        if " minus " in key:
+            notes.append(f"Accuracy of {key}: {100 * other['diff']:+.1f} points "
+                         f"[{100 * other['low']:+.1f}, {100 * other['high']:+.1f}] (paired bootstrap, {conf}%).")
     text = "\n".join(lines) + "\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
