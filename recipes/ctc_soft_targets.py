@@ -82,7 +82,9 @@ def resolve_teacher(spec: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((CTCSoftTargetArguments, DistillationArguments), argv)
+    from hf_distill.students.peft_students import PeftArguments, apply_peft
+
+    recipe, args, peft_args = parse_config_and_args((CTCSoftTargetArguments, DistillationArguments, PeftArguments), argv)
     state, out = start_run(args.output_dir, recipe.num_threads)
     from hf_distill.hub import count_parameters, distillation_metadata
     from hf_distill.speech.pseudo_label import load_pseudo_labels
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     layers = [int(x) for x in recipe.layers.split(",")] if recipe.layers else None
     student = build_ctc_student(teacher, None if layers else recipe.num_layers, layers)
+    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
     collator = CTCDistillationCollator(fe, student._get_feat_extract_output_lengths)
     train_ds = CTCPseudoLabelDataset(rows, fe, items=items)
     eval_ds = CTCPseudoLabelDataset(eval_rows, fe, items=items)
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         mse_weight=0.0, hidden_mse_weight=0.0, remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
     t0 = time.perf_counter()
     trainer = DistillationTrainer(model=student, args=train_args, train_dataset=train_ds, data_collator=collator)
+    trainer.add_resume_settings(**{f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()})
     train_output = train_resuming(trainer, recipe, RESUME_FIELDS, teacher=teacher)
     timings["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         metric = "wer" if after.get("wer_vs_references") is not None else "wer_vs_teacher_transcripts"
         save_student(out, student, processor, metadata=meta, card_results=card, results=results, timings=timings,
                      started=_START, args=args, dataset=recipe.audio or str(store),
+                     merge_adapters=peft_args.merge_adapters,
                      eval_metrics={metric: after.get("wer_vs_references", after["wer_vs_pseudo_labels"])},
                      metric_names={"wer": "held-out WER vs references",
                                    "wer_vs_teacher_transcripts": "held-out WER vs the teacher's transcripts"})

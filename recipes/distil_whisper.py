@@ -184,7 +184,9 @@ def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((DistilWhisperArguments, DistillationArguments), argv)
+    from hf_distill.students.peft_students import PeftArguments, apply_peft
+
+    recipe, args, peft_args = parse_config_and_args((DistilWhisperArguments, DistillationArguments, PeftArguments), argv)
     state, out = start_run(args.output_dir, recipe.num_threads)
     from hf_distill.hub import count_parameters, distillation_metadata
     from hf_distill.speech.audio import list_audio
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers = [int(x) for x in recipe.decoder_layers.split(",")] if recipe.decoder_layers else None
     student = build_whisper_student(teacher, None if layers else recipe.num_decoder_layers, decoder_layers=layers,
                                     freeze_encoder=recipe.freeze_encoder)
+    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
     chosen = student.distillation_teacher_layers
 
     # ------------------------------------------------------------------ 4. distillation
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = WhisperDistillationTrainer(model=student, teacher=teacher if live else None, args=train_args,
                                          train_dataset=dataset, data_collator=collator,
                                          share_encoder=None if recipe.share_encoder else False)
+    trainer.add_resume_settings(**{f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()})
     train_output = train_resuming(trainer, recipe, RESUME_FIELDS, teacher=teacher)
     timings["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
@@ -340,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
         student_dir = save_student(out, student, processor, metadata=meta, card_results=card_results,
                                    results=results, timings=timings, started=_START, args=args,
                                    eval_metrics={"wer": wer_s}, metric_names={"wer": "held-out WER (normalised)"},
-                                   dataset=recipe.eval_audio or recipe.audio or str(store))
+                                   dataset=recipe.eval_audio or recipe.audio or str(store),
+                                   merge_adapters=peft_args.merge_adapters)
         logger.info("teacher WER %s, student WER %s; student in %s; results in %s", wer_t, wer_s, student_dir,
                     out / "results.json")
     state.wait_for_everyone()

@@ -249,6 +249,15 @@ def test_ctc_soft_targets_reduce_the_held_out_kl(clips, tmp_path):
         str(tmp_path / "run2"), "--keep_only", "false", "--num_layers", "1", "--eval_size", "3",
         "--temperature", "1.0", "--ctc_weight", "0.5", "--max_steps", "4", "--logging_steps", "2", *TRAIN_FLAGS])
     assert all(h["loss_ctc"] > 0 and "loss_topk_kl" in h for h in again["loss"])
+
+    # a LoRA student on the same store: adapters saved, merged into a plain CTC model
+    ctc_soft_targets.main([
+        "--teacher", str(teacher), "--pseudo_labels", str(out / "pseudo_labels"), "--output_dir",
+        str(tmp_path / "run3"), "--keep_only", "false", "--num_layers", "1", "--eval_size", "3",
+        "--temperature", "1.0", "--max_steps", "2", "--use_peft", "true", "--lora_r", "2", *TRAIN_FLAGS])
+    assert (tmp_path / "run3" / "student" / "adapter" / "adapter_model.safetensors").exists()
+    merged = AutoModelForCTC.from_pretrained(tmp_path / "run3" / "student")
+    assert not any("lora" in name for name in merged.state_dict())
     assert again["rows"]["training_rows"] == 9 and "shards_computed" not in again["pseudo_labels"]
 
 

@@ -160,21 +160,24 @@ def train_resuming(trainer, recipe, fields: tuple[str, ...], teacher=None):
 
 def save_student(out: Path, student, processor, *, metadata: dict, card_results: dict, results: dict,
                  timings: dict[str, float], started: float, args, eval_metrics: dict[str, float] | None = None,
-                 metric_names: dict[str, str] | None = None, dataset: str | None = None) -> Path:
+                 metric_names: dict[str, str] | None = None, dataset: str | None = None,
+                 merge_adapters: bool = True) -> Path:
     """Save ``student`` and ``processor`` into ``out/student`` (written aside, then renamed into place) with a
     model card (``metadata``; ``card_results`` as its results table; ``eval_metrics``, e.g. ``{"wer": 0.12}`` on
     the held-out audio, as its metadata's evaluation results, named by ``metric_names``; ``dataset``: the audio
     as given, a Hub dataset id or local); push the folder when ``args.push_to_hub``; write ``out/results.json``
     (``results`` plus the student folder, the upload and ``timings``, rounded, the total counted from
-    ``started``)."""
+    ``started``). A LoRA student is saved as its adapters in ``adapter/`` and, with ``merge_adapters``, merged."""
     import shutil
+
+    from hf_distill.students.peft_students import save_student as save_model_folder
 
     from hf_distill.checkpoints import publish_folder
     from hf_distill.hub import eval_results_from_metrics, hub_repo_id, push_student, write_model_card
 
     student_dir, staging = out / "student", out / "_saving-student"  # the student appears complete, or not at all
     shutil.rmtree(staging, ignore_errors=True)
-    student.save_pretrained(staging)
+    save_model_folder(student, staging, merge=merge_adapters)
     processor.save_pretrained(staging)
     hub_dataset = hub_repo_id(dataset, kind="dataset")
     evals = eval_results_from_metrics(
