@@ -100,3 +100,19 @@ def test_bad_settings_exit_2_before_loading(assets, tmp_path, capsys, extra, mes
                                     "self_distillation.py")
     assert code == 2 and re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["mutual", "ema"])
+def test_offline_examples_on_bbc_news(scheme, tmp_path):
+    """The README's examples: MiniLM layers -> 2-layer students on BBC News, each vs itself trained alone."""
+    config = ROOT / "recipes" / "configs" / f"self_distillation_{scheme}_bbc.yaml"
+    results = recipe.main(["--config", str(config), "--output_dir", str(tmp_path / scheme)])
+    rows = {r["name"]: r for r in results["models"]}
+    assert results["data"]["n_test"] == 444
+    assert all(r["layers"] == 2 and r["accuracy"] > 0.8 for r in rows.values())  # chance: ~0.23
+    hist = results["log_history"]
+    assert all(h[-1]["step"] == results["training"]["steps"] for h in hist.values())
+    assert len(results["comparisons"]) == 2 and len(results["goals"]) == 2
+    for name in ("results.json", "results.md"):
+        assert (tmp_path / scheme / name).stat().st_size > 0

@@ -643,3 +643,20 @@ def test_bad_transfer_set_input_exits_2_before_training(assets, tmp_path, capsys
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (out / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_offline_transfer_set_beats_the_baseline_on_bbc_news(tmp_path):
+    """10% of the BBC News training labels, the rest as unlabeled text labelled by the teacher: the distilled
+    student beats the cross-entropy baseline (trained on the labelled 10%, same steps) outside the paired 95% CI."""
+    config = ROOT / "recipes" / "configs" / "text_classification_bbc_unlabeled.yaml"
+    out = tmp_path / "bbc_unlabeled"
+    results = recipe.main(["--config", str(config), "--output_dir", str(out)])
+    data = results["data"]
+    assert (data["n_labelled"], data["n_unlabeled"], data["n_test"]) == (178, 1602, 444)
+    assert json.loads((out / "teacher" / "fine_tuning.json").read_text())["n_train"] == 178
+    assert results["training"]["distillation"]["steps"] == results["log_history"]["baseline"][-1]["step"]
+    comp = results["comparisons"]["distilled_minus_baseline"]
+    assert comp["low"] > 0, comp
+    goal = next(g for g in results["goals"] if g["goal"] == "distilled student beats the cross-entropy baseline")
+    assert goal["status"] == "met"
