@@ -20,7 +20,7 @@ class CommandError(Exception):
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "init-student": ("hf_distill.students:cli_main", "build a smaller student from a teacher's layers"),
-    "cache-teacher": ("hf_distill.teachers:cli_main", "run a teacher once over a dataset and store its outputs"),
+    "cache-teacher": ("hf_distill.store.cli:cli_main", "run a teacher once over a dataset and store its outputs"),
     "pseudo-label": ("hf_distill.speech.pseudo_label:cli_main", "label unlabeled audio with a speech teacher"),
     "pseudo-label-packed": ("hf_distill.speech.fast_label:cli_main",
                             "label Whisper audio, several short clips per 30-s window"),

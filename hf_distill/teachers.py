@@ -5,7 +5,6 @@ A teacher is never trained, never wrapped for data parallelism and never saved w
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -215,56 +214,7 @@ def cache_teacher_logits(
 
 
 def cli_main(argv: list[str]) -> int:
-    """``hf-distill cache-teacher``: store a classification teacher's logits next to a tokenized dataset."""
-    import shutil
+    """``hf-distill cache-teacher``: the teacher-output store's command (:mod:`hf_distill.store.cli`)."""
+    from .store.cli import cli_main as store_cli_main
 
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorWithPadding
-
-    parser = argparse.ArgumentParser(prog="hf-distill cache-teacher", description=cli_main.__doc__)
-    parser.add_argument("--teacher", required=True, help="teacher directory or Hub id (a sequence classifier)")
-    parser.add_argument("--dataset", required=True, help="tokenized dataset saved with save_to_disk")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow the teacher's own modelling code")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    dataset_dir = Path(args.dataset)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a folder; give a dataset saved with "
-                                "Dataset.save_to_disk")
-    output = Path(args.output_dir)
-    if output.resolve() == dataset_dir.resolve():
-        raise ValueError("--output_dir must differ from --dataset (the dataset is read while the output is written)")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"--output_dir {args.output_dir!r} exists and is not empty; choose a new folder")
-    try:
-        dataset = load_from_disk(str(dataset_dir))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--dataset {args.dataset!r} is not a saved dataset ({exc}); write it with "
-                                "Dataset.save_to_disk") from None
-    if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):
-        raise ValueError(f"--dataset {args.dataset!r} is a DatasetDict with splits {list(dataset.keys())}; give one "
-                         "split's folder")
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(f"--dataset {args.dataset!r} has no input_ids column (columns: {dataset.column_names}); "
-                         "tokenize it with the teacher's tokenizer first")
-    if len(dataset) == 0:
-        raise ValueError(f"--dataset {args.dataset!r} has no rows")
-    teacher = load_teacher(args.teacher, task="auto", trust_remote_code=args.trust_remote_code)
-    if task_kind(teacher) != "sequence_classification":
-        raise ValueError(f"cache-teacher stores one logit vector per example, for sequence-classification teachers; "
-                         f"{args.teacher!r} is a {type(teacher).__name__} ({task_kind(teacher)})")
-    tokenizer = find_teacher_tokenizer(args.teacher)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher, trust_remote_code=args.trust_remote_code)
-    cached = cache_teacher_logits(teacher, dataset, DataCollatorWithPadding(tokenizer), batch_size=args.batch_size)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    cached.save_to_disk(str(partial))  # visible under its name only once complete
-    if output.exists():
-        output.rmdir()
-    partial.rename(output)
-    print(f"stored teacher logits for {len(cached)} examples in {args.output_dir}")
-    return 0
+    return store_cli_main(argv)
