@@ -369,7 +369,7 @@ def test_whisper_teacher_end_to_end(whisper_dir, tmp_path):
     assert summary["failure_reasons"] == {"not a readable audio file": 1}
     assert [json.loads(line)["id"] for line in (out / "failures.jsonl").read_text().splitlines()] == ["broken.wav"]
     assert summary["audio_hours"] == pytest.approx((1.0 + 2.5 + 0.7 + 4.0 + 41.0 + 3.2) / 3600, rel=1e-3)
-    assert summary["soft_labels"]["raw_bytes_per_position"] == 6 * 8 + 2
+    assert summary["soft_labels"]["raw_bytes_per_position"] == 4 * 8 + 2  # uint16 indices, fp16 probabilities + tail
     assert 0 < summary["soft_labels"]["stored_bytes_per_position"] < 200
     for name in ("avg_logprob", "no_speech", "compression_ratio"):
         assert summary["filters"][name]["applies"] == 6
@@ -469,7 +469,7 @@ def test_ctc_teacher_end_to_end_with_full_soft_labels(ctc_dir, tmp_path):
             dense = dense_kl(dense_logits, student).mean()
             assert abs(sparse.item() - dense.item()) <= 2e-3 * dense.item()
     summary = result["summary"]
-    assert summary["soft_labels"]["raw_bytes_per_position"] == 6 * V + 2
+    assert summary["soft_labels"]["raw_bytes_per_position"] == 4 * V + 2  # uint16 indices
     assert summary["filters"]["mean_max_posterior"]["applies"] == 4
 
 
@@ -634,6 +634,42 @@ def test_two_ranks_split_the_shards_without_overlap(resume_setup, monkeypatch):
     (out / "summary.json").unlink()
     assert cli_main(["--finalize", "--output-dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["rows"] == 11
+
+
+def test_a_store_started_with_int32_indices_resumes_with_them_and_loads(resume_setup):
+    """Stores written before uint16 indices (no index type in the manifest, int32 shards) still resume: the
+    missing shards are written with int32 indices too, so the store has one schema, loads, and holds the values
+    of a new store."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hf_distill.store.writer import read_shard_metadata, write_shard
+
+    argv, reference, root = resume_setup
+    out = root / "old_format"
+    out.mkdir()
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["soft_labels"]["index_type"] == "uint16"
+    del manifest["soft_labels"]["index_type"]
+    manifest["soft_labels"]["raw_bytes_per_position"] = 6 * 3 + 2
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    old_type = pa.list_(pa.list_(pa.int32(), 3))
+    for i in range(3):
+        name = f"shard-{i:05d}.parquet"
+        table = pq.read_table(reference / name)
+        table = table.set_column(table.schema.get_field_index("topk_indices"), "topk_indices",
+                                 table["topk_indices"].cast(old_type))
+        write_shard(out / name, table, read_shard_metadata(reference / name), i)
+    shutil.copytree(reference / "stats", out / "stats")
+    result = pseudo_label(PseudoLabelConfig(**{**_config_from_argv(argv), "output_dir": str(out)}))
+    assert (result["shards_skipped"], result["shards_computed"]) == (3, 3)
+    stored = [pq.read_schema(f).field("topk_indices").type.value_type.value_type for f in shard_files(out)]
+    assert len(stored) == 6 and all(pa.types.is_int32(t) for t in stored)
+    ds = load_pseudo_labels(out, cache_dir=str(root / "hf_cache_old_format"))
+    assert ds.features["topk_indices"].feature.feature.dtype == "int32"
+    assert read_rows(out) == read_rows(reference)  # the same values, whatever the index type
 
 
 def test_restart_with_another_configuration_or_input_is_refused(resume_setup, capsys):

@@ -62,7 +62,6 @@ import math
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
@@ -90,13 +89,21 @@ from hf_distill.speech.audio import (
 )
 from hf_distill.speech.audio_stream import WindowReader
 from hf_distill.speech.input_checks import check_listing, check_output_dir, check_speech_teacher
+from hf_distill.store.format import arrow_columns, arrow_fields, bytes_per_position, index_type_for
+from hf_distill.store.manifest import atomic_write_text, create_once, sha256_json, teacher_fingerprint
+from hf_distill.store.writer import (
+    SHARD_PATTERN,
+    rank_and_world,
+    read_shard_metadata,
+    remove_partial_shard,
+    shard_files,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "hf_distill.pseudo_labels"
 FORMAT_VERSION = 1
-SHARD_PATTERN = "shard-{:05d}.parquet"
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 # Test hook: "kill-before-rename:<shard>" makes the process SIGKILL itself after writing that shard's
 # temporary file and before renaming it, the worst moment for a crash.
 FAILPOINT_ENV = "HF_DISTILL_PSEUDO_LABEL_FAILPOINT"
@@ -184,39 +191,11 @@ class PseudoLabelConfig:
         return out
 
 
-def _distributed_env(config: PseudoLabelConfig) -> tuple[int, int]:
-    rank = config.rank if config.rank is not None else int(os.environ.get("RANK", "0"))
-    world = config.world_size if config.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"invalid rank {rank} for world size {world}")
-    return rank, world
-
-
-def _sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def _items_hash(items: Sequence[AudioItem]) -> str:
     h = hashlib.sha256()
     for it in items:
         h.update(f"{it.id}\t{it.path}\t{it.reference if it.reference is not None else chr(0)}\n".encode("utf-8"))
     return h.hexdigest()
-
-
-def _teacher_fingerprint(model: str) -> dict[str, Any]:
-    """Identify a local teacher by its config files' content and its weight files' names and sizes."""
-    path = Path(model)
-    if not path.is_dir():
-        return {"name": model}
-    files = {}
-    for f in sorted(path.iterdir()):
-        if not f.is_file():
-            continue
-        if f.suffix == ".json":
-            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
-        elif f.suffix in {".safetensors", ".bin", ".pt", ".pth", ".model", ".txt"}:
-            files[f.name] = f.stat().st_size
-    return {"files": files}
 
 
 # ==================================================================================================
@@ -511,7 +490,7 @@ class WhisperTeacher(_Teacher):
 
     def run(self, features) -> list[SegmentResult]:
         torch = self._torch
-        from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
+        from hf_distill.store.format import pack_topk, topk_from_logits
 
         model = self.model
         with torch.inference_mode():
@@ -581,7 +560,7 @@ class WhisperTeacher(_Teacher):
 
     def segment_result(self, res) -> tuple[Any, SegmentResult]:
         """``(key, result)`` of a finished :class:`~hf_distill.speech.greedy_decoding.DecodeResult`."""
-        from hf_distill.speech.soft_labels import pack_topk
+        from hf_distill.store.format import pack_topk
 
         key, prompt = res.key
         no_speech = self.no_speech_prob(res.first_logits, prompt)
@@ -692,7 +671,7 @@ class CTCTeacher(_Teacher):
 
     def run(self, prepared, windows: list[Chunk]) -> list[SegmentResult]:
         torch = self._torch
-        from hf_distill.speech.soft_labels import pack_topk, topk_from_logits
+        from hf_distill.store.format import pack_topk, topk_from_logits
 
         inputs, lengths = prepared
         with torch.inference_mode():
@@ -755,10 +734,10 @@ def load_teacher(config: PseudoLabelConfig, device: str | None = None) -> _Teach
 # shard processing
 
 
-def _schema(config: PseudoLabelConfig, teacher_kind: str):
+def _schema(config: PseudoLabelConfig, teacher_kind: str, index_type: str = "int32"):
+    """The shard schema; ``index_type`` is the store's (``uint16`` for new stores whose vocabulary fits, ``int32``
+    for stores started before uint16 indices, which keep it so that every shard of a store has one schema)."""
     import pyarrow as pa
-
-    from hf_distill.speech.soft_labels import arrow_fields
 
     fields = [
         pa.field("id", pa.string()),
@@ -788,7 +767,7 @@ def _schema(config: PseudoLabelConfig, teacher_kind: str):
             )
         )
     if config.top_k:
-        fields.extend(arrow_fields(config.top_k))
+        fields.extend(arrow_fields(config.top_k, index_type))
     return pa.schema(fields)
 
 
@@ -1102,74 +1081,16 @@ class ShardRunner:
 def _rows_to_table(rows: list[dict], schema, top_k: int | None):
     import pyarrow as pa
 
-    from hf_distill.speech.soft_labels import arrow_columns
-
     cols = {}
     for f in schema:
         if f.name.startswith("topk_"):
             continue
         cols[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
     if top_k:
-        cols.update(arrow_columns([r["soft"] for r in rows], top_k))
+        stored = schema.field("topk_indices").type.value_type.value_type
+        index_type = "uint16" if pa.types.is_uint16(stored) else "int32"
+        cols.update(arrow_columns([r["soft"] for r in rows], top_k, index_type))
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _failpoint(name: str, shard: int) -> None:
-    spec = os.environ.get(FAILPOINT_ENV, "")
-    if spec == f"{name}:{shard}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_shard(path: Path, table, metadata: dict[str, Any], shard: int) -> None:
-    import pyarrow.parquet as pq
-
-    table = table.replace_schema_metadata({b"hf_distill": json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-    try:
-        if table.num_rows:  # a file with no row group: `datasets` cannot read a zero-row row group
-            writer.write_table(table, row_group_size=max(1, table.num_rows))
-    finally:
-        writer.close()
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    _failpoint("kill-before-rename", shard)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def read_shard_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``hf_distill`` metadata of a finished shard, or None if the file is missing or unreadable."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[b"hf_distill"])
-    except Exception:
-        return None
 
 
 # ==================================================================================================
@@ -1178,8 +1099,8 @@ def read_shard_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def _manifest(config: PseudoLabelConfig, items: list[AudioItem], teacher_info: dict[str, Any]) -> dict[str, Any]:
     cfg = config.hashed_fields()
-    fingerprint = _teacher_fingerprint(config.model)
-    config_hash = _sha256({"format": FORMAT, "version": FORMAT_VERSION, "config": cfg, "teacher": fingerprint})
+    fingerprint = teacher_fingerprint(config.model)
+    config_hash = sha256_json({"format": FORMAT, "version": FORMAT_VERSION, "config": cfg, "teacher": fingerprint})
     n_shards = max(1, math.ceil(len(items) / config.shard_size)) if items else 0
     manifest = {
         "format": FORMAT,
@@ -1194,30 +1115,27 @@ def _manifest(config: PseudoLabelConfig, items: list[AudioItem], teacher_info: d
         "columns": [f.name for f in _schema(config, teacher_info["type"])],
     }
     if config.top_k:
-        from hf_distill.speech.soft_labels import bytes_per_position
-
+        # The index type is recorded, not hashed: a store started with int32 indices resumes with them.
+        index_type = index_type_for(teacher_info["vocab_size"])
+        manifest["columns"] = [f.name for f in _schema(config, teacher_info["type"], index_type)]
         manifest["soft_labels"] = {
             "k": config.top_k,
             "temperature": config.soft_label_temperature,
             "positions": "tokens of token_ids" if teacher_info["type"] == "whisper" else "output frames",
-            "raw_bytes_per_position": bytes_per_position(config.top_k),
+            "index_type": index_type,
+            "raw_bytes_per_position": bytes_per_position(config.top_k, index_type),
         }
     return manifest
 
 
-def _check_or_write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    path = out / "manifest.json"
-    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    if not path.exists():
-        tmp = out / f"manifest.json.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: concurrent ranks agree on one manifest
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    old = json.loads(path.read_text(encoding="utf-8"))
+def store_index_type(manifest: dict[str, Any]) -> str:
+    """The soft labels' index type of a store: recorded since uint16 indices; ``int32`` in older stores."""
+    return (manifest.get("soft_labels") or {}).get("index_type", "int32")
+
+
+def _check_or_write_manifest(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create the manifest (once: concurrent ranks agree on one) or check the existing one; returns it."""
+    old = create_once(out / "manifest.json", manifest)
     if old.get("config_hash") != manifest["config_hash"]:
         diffs = []
         old_cfg = old.get("config", {})
@@ -1237,6 +1155,7 @@ def _check_or_write_manifest(out: Path, manifest: dict[str, Any]) -> None:
             f"{manifest['num_items']} now, or the same count with other ids/paths/references). "
             "Restore the input or choose a new output_dir."
         )
+    return old
 
 
 def _list_items(config: PseudoLabelConfig) -> list[AudioItem]:
@@ -1306,7 +1225,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
     # Wrong paths and empty inputs end the job here, before the teacher is loaded or anything is written.
     out = check_output_dir(config.output_dir)
     check_speech_teacher(config.model)
-    rank, world = _distributed_env(config)
+    rank, world = rank_and_world(config.rank, config.world_size)
     items = _list_items(config)
     check_listing(items, config.input, supported_extensions())
     teacher = load_teacher(config)
@@ -1314,7 +1233,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
     runner_cls.check_teacher(teacher)
     manifest = _manifest(config, items, teacher.describe())
     manifest.update(manifest_extra or {})
-    _check_or_write_manifest(out, manifest)
+    index_type = store_index_type(_check_or_write_manifest(out, manifest))
     config_hash = manifest["config_hash"]
     n_shards = manifest["num_shards"]
     S = config.shard_size
@@ -1323,8 +1242,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
     for i in range(rank, n_shards, world):
         shard_items = items[i * S : (i + 1) * S]
         path = out / SHARD_PATTERN.format(i)
-        for stale in out.glob(SHARD_PATTERN.format(i) + ".tmp-*"):
-            stale.unlink(missing_ok=True)  # a previous run died while writing this shard
+        remove_partial_shard(out, i)  # a previous run died while writing this shard
         if path.exists() and _shard_done(path, config_hash, i, _items_hash(shard_items)):
             skipped += 1
             continue
@@ -1335,7 +1253,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
     progress = _Progress(sum(len(s) for _, s in pending), config.progress)
     runner = runner_cls(config, teacher, normalizer, on_batch=progress.update)
     stats_name = runner.stats_name
-    schema = _schema(config, teacher.kind)
+    schema = _schema(config, teacher.kind, index_type)
     for folder in ["stats"] + ([stats_name] if stats_name else []):
         (out / folder).mkdir(exist_ok=True)
     n_rows = n_fail = 0
@@ -1358,11 +1276,11 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
             }
             elapsed = time.perf_counter() - t0
             stats = {"shard": i, "audio_seconds": sum(r["duration"] for r in rows), "compute_seconds": elapsed}
-            _atomic_write_text(out / "stats" / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
+            atomic_write_text(out / "stats" / f"shard-{i:05d}.json", json.dumps(stats, sort_keys=True) + "\n")
             if stats_name:
                 counts = {k: runner.stats[k] - before.get(k, 0) for k in runner.stats}
-                _atomic_write_text(out / stats_name / f"shard-{i:05d}.json", json.dumps(counts, sort_keys=True) + "\n")
-            _write_shard(out / SHARD_PATTERN.format(i), table, meta, i)
+                atomic_write_text(out / stats_name / f"shard-{i:05d}.json", json.dumps(counts, sort_keys=True) + "\n")
+            write_shard(out / SHARD_PATTERN.format(i), table, meta, i, failpoint_env=FAILPOINT_ENV)
             n_rows += len(rows)
             n_fail += len(failures)
     finally:
@@ -1383,7 +1301,7 @@ def run_labelling_job(config: PseudoLabelConfig, runner_cls: type[ShardRunner],
                 for k, v in shard_stats.items():
                     totals[k] = totals.get(k, 0) + int(v)
             summary[stats_name] = totals
-            _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     elif world > 1:
         logger.info("rank %d done; summary.json is written by the process that finishes the last shard", rank)
     result = {
@@ -1500,14 +1418,8 @@ def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
             "stored_bytes_per_position": topk_bytes / positions if positions else None,
         }
     write_failures(out / "failures.jsonl", failures)
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
-
-
-def shard_files(output_dir: str | os.PathLike) -> list[str]:
-    """Finished shard files of a store, in shard order."""
-    out = Path(output_dir)
-    return [str(p) for p in sorted(out.iterdir()) if _SHARD_RE.match(p.name)]
 
 
 def load_pseudo_labels(output_dir: str | os.PathLike, keep_only: bool = False, **load_kwargs):
