@@ -35,7 +35,6 @@ import time
 _START = time.perf_counter()  # the run's wall time includes the imports below
 
 import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -76,40 +75,11 @@ from hf_distill.tasks.classification import (  # noqa: E402
     size_on_disk,
     tokenize_for_classification,
 )
+from hf_distill.tasks.classification_recipe import Stages, head_label2id, resolve_model_path  # noqa: E402
 from hf_distill.teachers import load_teacher  # noqa: E402
 
 
-def _text_classification_recipe():
-    """The text-classification recipe next to this file: its teacher-path and label-head helpers."""
-    spec = importlib.util.spec_from_file_location("text_classification_recipe",
-                                                  Path(__file__).with_name("text_classification.py"))
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return module
-
-
-_tc = _text_classification_recipe()
-resolve_model_path, head_label2id = _tc.resolve_model_path, _tc.head_label2id
-
 logger = logging.getLogger("early_exits")
-
-
-class Stages:
-    """Wall time of each named stage, with a header line when it starts."""
-
-    def __init__(self, total: int):
-        self.total, self.index, self.times = total, 0, {}
-
-    def start(self, name: str, what: str):
-        self.index += 1
-        self.name, self.t0 = name, time.perf_counter()
-        logger.info("[stage %d/%d] %s", self.index, self.total, what)
-
-    def end(self, note: str | None = None):
-        self.times[self.name] = {"seconds": round(time.perf_counter() - self.t0, 1), **({"note": note} if note else {})}
 
 MODEL_DIR, EXITS_DIR = "model", "model_with_exits"
 

@@ -22,10 +22,12 @@ Add your own term by name::
             return ((step.student.logits - step.teacher().logits) ** 2).mean()
 
 Modules: ``base`` (Term, registry, step tensors), ``layout`` (masks and counts), ``response``,
-``feature`` and ``relation`` (the built-in terms), ``objective`` (the list as one callable).
+``feature``, ``relation`` and ``exits`` (the built-in terms; ``exit_kl`` trains early-exit heads on the
+model's own final output), ``objective`` (the list as one callable).
 """
 
 from .base import TERM_REGISTRY, ModelTensors, StepTensors, Term, register_term
+from .exits import ExitHead, ExitTerm, build_exit_head
 from .feature import HiddenTerm
 from .layout import BatchLayout
 from .objective import Objective, build_objective, default_terms, parse_distillation_spec
@@ -35,6 +37,8 @@ from .response import ResponseTerm, chunk_rows, divergence
 __all__ = [
     "TERM_REGISTRY",
     "BatchLayout",
+    "ExitHead",
+    "ExitTerm",
     "HiddenTerm",
     "ModelTensors",
     "Objective",
@@ -42,6 +46,7 @@ __all__ = [
     "SampleRelationTerm",
     "StepTensors",
     "Term",
+    "build_exit_head",
     "build_objective",
     "chunk_rows",
     "default_terms",

@@ -119,6 +119,8 @@ class Objective(nn.Module):
         for term in self.active_terms:
             value = term(step)
             values[term.log_name] = value
+            for part, part_value in getattr(term, "parts", {}).items():  # e.g. one value per early exit
+                values[f"{term.log_name}_{part}"] = part_value
             total = term.weight * value if total is None else total + term.weight * value
         if total is None:
             raise ValueError("every distillation term has weight 0; nothing to train")
