@@ -120,6 +120,7 @@ class StoredTeacher(TeacherSource):
         for key, path in (("store", self.store), ("eval_store", self.eval_store)):
             if path is not None:
                 manifest = self.manifests[path]
-                out[key] = {"path": os.path.abspath(path), "config_hash": manifest["config_hash"],
-                            "k": manifest["config"]["k"], "temperature": manifest["config"]["temperature"]}
+                # the store's identity is its content's configuration, not where it lies
+                out[key] = {"config_hash": manifest["config_hash"], "k": manifest["config"]["k"],
+                            "temperature": manifest["config"]["temperature"]}
         return out
