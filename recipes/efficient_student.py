@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = {kind: efficient_config(recipe, kind) for kind in kinds}
     for kind, cfg in configs.items():  # a bad size or pooling fails here, before any model loads
         EFFICIENT_ARCHITECTURES[kind][0](num_labels=2, **cfg)
-    stages = Stages(total=3 + len(kinds) + bool(recipe.transformer_student_layers))
+    stages = Stages(total=4 + len(kinds) + bool(recipe.transformer_student_layers))
 
     stages.start("data", "load and check the data, tokenize")
     teacher_spec = recipe.teacher or args.teacher_name_or_path
