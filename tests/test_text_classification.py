@@ -653,7 +653,7 @@ def test_offline_transfer_set_beats_the_baseline_on_bbc_news(tmp_path):
     out = tmp_path / "bbc_unlabeled"
     results = recipe.main(["--config", str(config), "--output_dir", str(out)])
     data = results["data"]
-    assert (data["n_labelled"], data["n_unlabeled"], data["n_test"]) == (178, 1602, 444)
+    assert (data["n_labelled"], data["n_unlabeled"], data["n_test"]) == (178, 1603, 444)
     assert json.loads((out / "teacher" / "fine_tuning.json").read_text())["n_train"] == 178
     assert results["training"]["distillation"]["steps"] == results["log_history"]["baseline"][-1]["step"]
     comp = results["comparisons"]["distilled_minus_baseline"]
