@@ -127,7 +127,9 @@ def _teacher_record(teacher, name: str | None) -> dict[str, Any]:
         record["revision"] = revision
     if os.path.isdir(str(name)):
         record["fingerprint"] = teacher_fingerprint(name)
-    else:  # a model in memory, or a Hub id: its weights themselves
+    elif revision:  # a Hub model: its commit names its weights
+        record["fingerprint"] = {"revision": revision}
+    else:  # a model built in memory: its weights themselves
         h = hashlib.sha256()
         for key, tensor in sorted(base.state_dict().items()):
             h.update(key.encode())
