@@ -43,6 +43,14 @@ class DistillationArguments(TrainingArguments):
                           "student: online distillation); auto: frozen with a teacher, else stored.",
                   "choices": ["auto", "frozen", "stored", "peer", "ema", "snapshot"]},
     )
+    teacher_store: str | None = field(
+        default=None,
+        metadata={"help": "teacher_source=stored: a teacher-output store written by hf-distill cache-teacher, "
+                          "joined to the training dataset and checked against it before the first step."},
+    )
+    eval_teacher_store: str | None = field(
+        default=None, metadata={"help": "The store of the evaluation dataset's teacher outputs (teacher_store)."}
+    )
     peer_mode: str = field(
         default="mutual",
         metadata={"help": "teacher_source=peer: 'mutual' (deep mutual learning: every model distils from the others) "

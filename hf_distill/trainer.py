@@ -155,6 +155,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         kind = teacher_source or args.teacher_source
         if kind == "auto":
             kind = "frozen" if teachers else "stored"
+        if args.teacher_store and kind != "stored":
+            raise ValueError(f"teacher_store is read by teacher_source='stored', not {kind!r}; drop one of them")
         if kind in ("stored", "ema", "snapshot") and teachers:
             raise ValueError(f"teacher_source={kind!r} takes no teacher model, but one was given; drop teacher= / "
                              "--teacher_name_or_path, or use teacher_source='frozen'")
@@ -163,6 +165,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
                 raise ValueError("teacher_source='frozen' needs a teacher: pass teacher=... or --teacher_name_or_path")
             return FrozenTeacher(teachers, dtype=args.teacher_dtype)
         if kind == "stored":
+            if args.teacher_store or args.eval_teacher_store:
+                return StoredTeacher(store=args.teacher_store, eval_store=args.eval_teacher_store)
             return StoredTeacher()
         if kind == "peer":
             if not teachers:

@@ -236,8 +236,6 @@ def test_a_classifier_trains_from_its_store_as_from_the_live_teacher(tokenizer, 
     assert curves["stored"] != pytest.approx(curves["stored"][:1] * 5, rel=1e-2)  # the curve moves
 
 
-@pytest.mark.xfail(strict=True, reason="the kl term's top-k path shifts the student's logits for causal LMs but not "
-                                       "the stored teacher top-k (objectives/response.py sparse_kl)")
 def test_a_causal_lm_trains_from_its_store_as_from_the_live_teacher(tokenizer, tmp_path):
     from transformers import DataCollatorForLanguageModeling
 
@@ -272,6 +270,15 @@ def test_the_trainer_refuses_a_store_that_does_not_fit(tokenizer, tmp_path):
 
     trainer = build()
     assert "teacher_topk_indices" in trainer.train_dataset.column_names  # joined at construction
+    # The same from the arguments (--teacher_source stored --teacher_store DIR), as recipes and YAML give it.
+    by_flag = DistillationTrainer(model=classifier_free_student(tokenizer), train_dataset=ds,
+                                  args=make_args(tmp_path / "flag", cos_weight=0.0, temperature=2.0,
+                                                 teacher_source="stored", teacher_store=str(store)),
+                                  data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    assert isinstance(by_flag.teacher_source, StoredTeacher) and by_flag.teacher_source.store == str(store)
+    with pytest.raises(ValueError, match="teacher_store is read by teacher_source='stored'"):
+        DistillationTrainer(model=classifier_free_student(tokenizer), teacher=teacher_student(tokenizer)[0],
+                            args=make_args(tmp_path / "flag2", teacher_store=str(store)))
     with pytest.raises(StoreMismatchError, match="holds the teacher at temperature 2 but the distillation runs at 1"):
         build(temperature=1.0)
     with pytest.raises(StoreMismatchError, match="made with another tokenizer"):
@@ -296,6 +303,10 @@ def test_the_trainer_refuses_a_store_that_does_not_fit(tokenizer, tmp_path):
     (store / "shard-00000.parquet").unlink()
     with pytest.raises(ValueError, match="is not finished: 1 of 1 shards missing"):
         StoredTeacher(store=store)
+
+
+def classifier_free_student(tokenizer):
+    return teacher_student(tokenizer)[1]
 
 
 def test_joined_rows_follow_shuffling_and_the_collator_pads_them(tokenizer, tmp_path):

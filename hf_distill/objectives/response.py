@@ -6,6 +6,7 @@ import torch
 
 from .. import losses
 from ..losses.chunked import chunked_generalized_jsd_loss
+from ..losses.chunked_topk import chunked_topk_kl_loss
 from ..losses.task import ctc_loss
 from ..modeling import task_kind, unwrap
 from .base import TASK_LOG_NAMES, ModelTensors, StepTensors, Term, finite_number, register_term, shifted
@@ -51,10 +52,15 @@ def divergence(step: StepTensors, s: torch.Tensor, t: torch.Tensor, *, beta: flo
 
 
 def sparse_kl(step: StepTensors, teacher, temperature: float) -> torch.Tensor:
-    """KL against a teacher stored as top-k log-probabilities (+ tail mass) at ``temperature``."""
-    return losses.topk_kl_loss(shifted(step, step.student.logits), teacher.topk_logprobs, teacher.topk_indices.long(),
-                               teacher_tail_mass=teacher.tail_mass, temperature=temperature,
-                               mask=step.masks["kd"], num_items=step.counts["kd"])
+    """KL against a teacher stored as top-k log-probabilities (+ tail mass) at ``temperature``, chunked (no
+    full positions x vocabulary temporaries); for causal LMs the stored positions are shifted like the logits."""
+    logits = shifted(step, step.student.logits)
+    tail = teacher.tail_mass
+    if tail is not None and step.task == "causal_lm":
+        tail = tail[..., :-1]
+    return chunked_topk_kl_loss(logits, shifted(step, teacher.topk_logprobs), shifted(step, teacher.topk_indices),
+                                teacher_tail_mass=tail, temperature=temperature, mask=step.masks["kd"],
+                                num_items=step.counts["kd"], chunk_size=chunk_rows(logits.shape[-1], logits.device))
 
 
 @register_term("kl")
