@@ -33,7 +33,7 @@ from hf_distill.tasks.classification import size_on_disk
 # The stated tolerance of the int8 export against its fake-quantized model: logits differ by at most this
 # fraction of the fake-quantized logits' range (an activation step or so, after rounding ties differ between
 # the float simulation and the int8 kernels), and every prediction agrees.
-EXPORT_TOLERANCE = 0.15  # measured: 0.087 on the tiny student below, 0.080 (0.50 of 6.23) on the BBC News student
+EXPORT_TOLERANCE = 0.15  # measured: 0.087 on the tiny student below, 0.051 (0.31 of 6.16) on the BBC News student
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
