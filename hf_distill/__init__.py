@@ -18,6 +18,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "hf_distill.objectives": ("Term", "register_term", "build_objective"),
     "hf_distill.teachers": ("cache_teacher_logits", "load_teacher"),
     "hf_distill.hub": ("write_model_card",),
+    "hf_distill.quantization": ("prepare_qat_student", "export_int8", "quantize_dynamic_int8", "save_int8",
+                                "load_int8"),
     "hf_distill.early_exit": ("EarlyExitModel", "save_exit_heads", "load_exit_heads", "export_exit_model"),
     "hf_distill.sources": ("TeacherSource", "FrozenTeacher", "StoredTeacher", "PeerTeacher", "EmaTeacher",
                            "SnapshotTeacher"),
