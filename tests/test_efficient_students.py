@@ -221,3 +221,19 @@ def test_live_teacher_with_the_default_hidden_term_is_refused_before_training(te
                                   teacher_processing_class=tokenizer)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("term", [{"loss": "hidden_mse", "projection": "linear"},
+                                  {"loss": "attention_relation", "relation_heads": 2}, {"loss": "attention_mse"}])
+def test_feature_terms_are_refused_for_students_without_transformer_layers(term, tmp_path):
+    from hf_distill import DistillationArguments, DistillationTrainer
+    from hf_distill.students import build_efficient_student
+    from tiny import make_wordpiece_tokenizer, tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    tok = make_wordpiece_tokenizer()
+    teacher = BertForSequenceClassification(tiny_bert_config(len(tok), layers=2, num_labels=3))
+    student = build_efficient_student(teacher, "bilstm", tokenizer=tok, embedding_init="random")
+    args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, distillation=[term])
+    with pytest.raises(ValueError, match="no transformer layers"):
+        DistillationTrainer(model=student, teacher=teacher, args=args)

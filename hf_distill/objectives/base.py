@@ -10,6 +10,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..modeling import unwrap
+
 TERM_REGISTRY: dict[str, type["Term"]] = {}
 
 # Log names of the built-in terms: loss_kd, loss_cos, ... (the task term is named after the task).
@@ -190,6 +192,10 @@ class Term(nn.Module, abc.ABC):
         if self.teacher_index is not None and not 0 <= self.teacher_index < max(len(teachers), 1):
             raise ValueError(f"term {self.loss_name!r} reads teacher {self.teacher_index} but there are "
                              f"{len(teachers)} teachers (indices 0..{len(teachers) - 1})")
+        features = set(self.needs) - {"logits"}
+        refusal = getattr(unwrap(student), "feature_distillation_refusal", None)
+        if features and refusal and self.weight > 0:  # e.g. a BiLSTM student has no transformer layers
+            raise ValueError(f"term {self.loss_name!r} reads the student's {', '.join(sorted(features))}: {refusal}")
 
     def qkv_layers(self) -> tuple[list[int], list[int]]:
         """Student and teacher layer indices whose Q/K/V projections this term reads."""

@@ -35,12 +35,24 @@ Modules: ``layers`` (which layers), ``copying`` (loading, tensor copies), ``same
 
 from ..modeling import find_layer_list
 from .build import ARCHITECTURES, build_student, cli_main
+from .efficient import (
+    BiLSTMClassifierConfig,
+    BiLSTMForSequenceClassification,
+    CNNClassifierConfig,
+    CNNForSequenceClassification,
+    build_efficient_student,
+)
 from .layers import select_layers
 from .saving import INIT_INFO_FILE
 from .speech import build_ctc_student, build_whisper_student
 
 __all__ = [
     "ARCHITECTURES",
+    "BiLSTMClassifierConfig",
+    "BiLSTMForSequenceClassification",
+    "CNNClassifierConfig",
+    "CNNForSequenceClassification",
+    "build_efficient_student",
     "INIT_INFO_FILE",
     "build_ctc_student",
     "build_student",

@@ -300,7 +300,7 @@ def plot_results(results: Mapping[str, Any], histories: Mapping[str, Sequence[Ma
         lo, hi = r["accuracy_ci"]
         acc = 100 * r["accuracy"]
         ax_acc.errorbar(r["latency_ms"], acc, yerr=[[acc - 100 * lo], [100 * hi - acc]], fmt=markers[i % len(markers)],
-                        markersize=9 - 2 * i, capsize=4, color=f"C{i}",
+                        markersize=max(9 - 2 * i, 4), capsize=4, color=f"C{i}",
                         label=f"{r['name']} ({r['layers']} layers): {acc:.1f}%")
         ax_acc.annotate(r["name"], (r["latency_ms"], acc), textcoords="offset points", xytext=(8, 10 - 12 * i),
                         color=f"C{i}", fontsize=8)
