@@ -78,6 +78,19 @@ class ModelTensors:
         return cls(logits=logits, topk_logprobs=topk, topk_indices=batch.get("teacher_topk_indices"),
                    tail_mass=batch.get("teacher_tail_mass"))
 
+    def detached(self) -> "ModelTensors":
+        """The same tensors cut from the autograd graph (a model's outputs used as another's targets)."""
+        def cut(value):
+            if torch.is_tensor(value):
+                return value.detach()
+            if isinstance(value, tuple):
+                return tuple(cut(v) for v in value)
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        return ModelTensors(**{k: cut(v) for k, v in vars(self).items()})
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by a readable name (``logits``, ``hidden_states[2]``, ...), for diagnostics."""
         out: dict[str, torch.Tensor] = {}

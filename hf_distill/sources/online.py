@@ -29,19 +29,6 @@ from .base import TeacherSource
 PEER_MODES = ("mutual", "trainable")
 
 
-def detached(tensors: ModelTensors) -> ModelTensors:
-    def cut(value):
-        if torch.is_tensor(value):
-            return value.detach()
-        if isinstance(value, tuple):
-            return tuple(cut(v) for v in value)
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
-        return value
-
-    return ModelTensors(**{k: cut(v) for k, v in vars(tensors).items()})
-
-
 class PeerTeacher(TeacherSource):
     """Peers trained alongside the student, each with its own optimiser and schedule."""
 
@@ -115,7 +102,7 @@ class PeerTeacher(TeacherSource):
                 tensors = ModelTensors.from_output(peer(**inputs, **flags))
             if training:
                 self._live.append(tensors)
-            out.append(detached(tensors))
+            out.append(tensors.detached())
         return out
 
     def after_student(self, trainer, step, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -123,8 +110,8 @@ class PeerTeacher(TeacherSource):
         if not self._live:
             return logs
         outputs, self._live = self._live, []
-        student = detached(step.student)
-        frozen = [detached(o) for o in outputs]
+        student = step.student.detached()
+        frozen = [o.detached() for o in outputs]
         for i, (peer_out, objective) in enumerate(zip(outputs, self.objectives)):
             others = [student] + [f for j, f in enumerate(frozen) if j != i] if self.mode == "mutual" else [student]
             peer_step = StepTensors(student=peer_out, teachers=others, teacher_weights=[1.0 / len(others)] * len(others),

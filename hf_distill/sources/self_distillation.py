@@ -93,7 +93,7 @@ class SnapshotTeacher(FrozenTeacher):
 
     def teacher_tensors(self, trainer, model_inputs, batch, student: ModelTensors | None = None):
         if self.generation == 0 and student is not None:
-            return [ModelTensors(**{k: _detach(v) for k, v in vars(student).items()})]
+            return [student.detached()]
         return super().teacher_tensors(trainer, model_inputs, batch)
 
     def state_dict(self):
@@ -104,13 +104,3 @@ class SnapshotTeacher(FrozenTeacher):
     def load_state_dict(self, state):
         self.generation = int(state.pop("snapshot_generation", torch.tensor(0)))
         self.teachers[0].load_state_dict({k[len("snapshot."):]: v for k, v in state.items()}, strict=True)
-
-
-def _detach(value):
-    if torch.is_tensor(value):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
