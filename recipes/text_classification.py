@@ -231,7 +231,10 @@ def teacher_fits(folder: Path, labels: list[str], train_digest: str) -> str | No
 
 
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((TextClassificationArguments, DistillationArguments), argv)
+    from hf_distill.students.peft_students import PeftArguments, apply_peft
+
+    recipe, args, peft_args = parse_config_and_args((TextClassificationArguments, DistillationArguments,
+                                                     PeftArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -333,11 +336,18 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     student = build_student(teacher, architecture=recipe.student_architecture, tokenizer=tokenizer, **layer_spec)
     baseline_student = copy.deepcopy(student) if recipe.baseline else None
+    if peft_args.use_peft:  # LoRA on both students, with the same initial adapters
+        set_seed(args.seed)
+        student = apply_peft(student, peft_args)
+        if baseline_student is not None:
+            set_seed(args.seed)
+            baseline_student = apply_peft(baseline_student, peft_args)
     distill_args = dataclasses.replace(args, output_dir=str(out / DISTILLED_DIR), teacher_name_or_path=None,
                                        push_to_hub=False)  # the recipe uploads the student with its card
     live_teacher = needs_live_teacher(distill_args, student, teacher)
     # The cached logits carry no teacher: its weights' fingerprint keeps a resume to the same teacher.
-    resume_settings = {**{k: getattr(recipe, k) for k in RESUME_FIELDS}, "teacher_weights": weights_fingerprint(teacher)}
+    resume_settings = {**{k: getattr(recipe, k) for k in RESUME_FIELDS}, "teacher_weights": weights_fingerprint(teacher),
+                       **{f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()}}
     if live_teacher:  # hidden-state / attention terms need the live teacher at every step
         distill_rows = train_ds if unlabeled_ds is None else transfer_set(train_ds, unlabeled_ds, seed=args.seed)
         trainer = train_model(student, distill_args, distill_rows, collator, tokenizer, teacher=teacher,
@@ -348,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     histories = {"teacher fine-tuning": teacher_history} if teacher_history else {}
     histories["distilled"] = trainer.state.log_history
     distill_steps = trainer.state.global_step
-    save_model(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history)
+    student = save_model(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history,
+                         merge_adapters=peft_args.merge_adapters)
     del trainer
     stages.end()
 
@@ -364,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = train_model(baseline_student, base_args, train_cached, collator, tokenizer,
                               resume_settings=resume_settings)
         histories["baseline"] = trainer.state.log_history
-        save_model(baseline_student, tokenizer, out / BASELINE_DIR, trainer.state.log_history)
+        baseline_student = save_model(baseline_student, tokenizer, out / BASELINE_DIR, trainer.state.log_history,
+                                      merge_adapters=peft_args.merge_adapters)
         del trainer
         stages.end()
 

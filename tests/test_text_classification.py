@@ -660,3 +660,16 @@ def test_offline_transfer_set_beats_the_baseline_on_bbc_news(tmp_path):
     assert comp["low"] > 0, comp
     goal = next(g for g in results["goals"] if g["goal"] == "distilled student beats the cross-entropy baseline")
     assert goal["status"] == "met"
+
+
+def test_recipe_with_lora_students(assets, tmp_path):
+    """--use_peft: both students carry the same initial adapters; each is saved as adapters and merged."""
+    out = tmp_path / "lora"
+    results = recipe.main(fast_flags(assets, out, "classifier", "--use_peft", "true", "--lora_r", "4",
+                                     "--num_train_epochs", "1", "--baseline", "true"))
+    for folder in ("student_distilled", "student_baseline"):
+        saved = out / folder
+        assert (saved / "adapter" / "adapter_model.safetensors").exists()
+        assert AutoConfig.from_pretrained(saved).num_labels == 3
+    rows = {r["name"]: r for r in results["models"]}
+    assert rows["distilled student"]["params"] == rows["baseline student"]["params"]

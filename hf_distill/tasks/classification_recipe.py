@@ -119,11 +119,16 @@ def train_model(model, args, train_dataset, collator, tokenizer, teacher=None, d
     return trainer
 
 
-def save_model(model, tokenizer, folder: Path, history: list) -> None:
+def save_model(model, tokenizer, folder: Path, history: list, *, merge_adapters: bool = True):
+    """Save a model with its tokenizer and training log; a LoRA student as its adapters (``adapter/``) and, with
+    ``merge_adapters``, merged. Returns the model the folder holds (the merged one for a LoRA student)."""
+    from hf_distill.students.peft_students import save_student
+
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    saved = save_student(model, folder, merge=merge_adapters)
     tokenizer.save_pretrained(str(folder))
     (folder / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    return saved
 
 
 def read_history(folder: Path) -> list:
