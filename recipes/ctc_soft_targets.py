@@ -89,15 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_distill.hub import count_parameters, distillation_metadata
     from hf_distill.speech.pseudo_label import load_pseudo_labels
     from hf_distill.speech.text_normalizer import wer
-    from hf_distill.speech.training import (
+    from hf_distill.speech.ctc_training import (
         CTCDistillationCollator,
         CTCPseudoLabelDataset,
         ctc_rows_matching_frames,
+        topk_kl,
+        transcribe_ctc,
+    )
+    from hf_distill.speech.training import (
         held_out_ids,
         select_rows,
         store_items,
-        topk_kl,
-        transcribe_ctc,
     )
     from hf_distill.students import build_ctc_student
     from hf_distill.trainer import DistillationTrainer

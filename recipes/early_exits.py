@@ -56,6 +56,10 @@ from transformers import (  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.tasks.recipe_arguments import (  # noqa: E402
+    ClassificationDataArguments,
+    ClassificationEvaluationArguments,
+)
 from hf_distill.early_exit import (  # noqa: E402
     EarlyExitModel,
     export_exit_model,
@@ -85,28 +89,18 @@ MODEL_DIR, EXITS_DIR = "model", "model_with_exits"
 
 
 @dataclass
-class EarlyExitArguments:
+class EarlyExitArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
     model: str | None = field(
         default=None,
         metadata={"help": "The classifier to add exits to: a folder, Hub id or package:<module>. Without a head for "
                           "the data's labels it is fine-tuned first (saved to output_dir/model)."},
     )
     # ---- data
-    source: str | None = field(default=None, metadata={"help": "Built-in data: bbc_news."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (or a local dataset folder)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Local .csv/.tsv/.json/.jsonl/.parquet file."})
-    test_file: str | None = field(default=None, metadata={"help": "Local test file (else: stratified split of train)."})
     train_split: str = field(default="train")
     test_split: str = field(default="test")
-    text_column: str = field(default="text")
     text_pair_column: str | None = field(default=None)
-    label_column: str = field(default="label")
-    test_size: float = field(default=0.2, metadata={"help": "Test fraction (or row count) when there is no test split."})
-    split_seed: int = field(default=42)
-    max_train_samples: int | None = field(default=None)
-    max_test_samples: int | None = field(default=None)
-    max_length: int = field(default=128, metadata={"help": "Tokens per example (longer texts are truncated)."})
     # ---- stage 1: fine-tuning (only when the model has no head for these labels)
     finetune_epochs: float = field(default=1.0)
     finetune_learning_rate: float = field(default=1e-4)
@@ -126,13 +120,6 @@ class EarlyExitArguments:
     export_exit_layer: int | None = field(
         default=None, metadata={"help": "Also save a plain transformers model of the first L layers + exit L."})
     # ---- evaluation
-    eval_batch_size: int = field(default=32)
-    bootstrap_resamples: int = field(default=2000)
-    latency_batch_size: int = field(default=16, metadata={"help": "Rows of the test split in the timed batch."})
-    latency_threads: int = field(default=1)
-    latency_warmup: int = field(default=3)
-    latency_repeats: int = field(default=15)
-    num_threads: int | None = field(default=None, metadata={"help": "torch threads for training and prediction."})
 
 
 # ---------------------------------------------------------------------------------------------- stages

@@ -52,6 +52,10 @@ from transformers import (  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.tasks.recipe_arguments import (  # noqa: E402
+    ClassificationDataArguments,
+    ClassificationEvaluationArguments,
+)
 from hf_distill.objectives import TERM_REGISTRY, default_terms, parse_distillation_spec  # noqa: E402
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.students.efficient import EFFICIENT_ARCHITECTURES, build_efficient_student  # noqa: E402
@@ -80,18 +84,8 @@ logger = logging.getLogger("efficient_student")
 
 
 @dataclass
-class EfficientStudentArguments:
+class EfficientStudentArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
     teacher: str | None = field(default=None, metadata={"help": "Hub id, folder, or package:<module>."})
-    source: str | None = field(default=None, metadata={"help": "Built-in data: bbc_news."})
-    train_file: str | None = field(default=None, metadata={"help": "Local .csv/.tsv/.json/.jsonl/.parquet file."})
-    test_file: str | None = field(default=None, metadata={"help": "Local test file (else: stratified split)."})
-    text_column: str = field(default="text")
-    label_column: str = field(default="label")
-    test_size: float = field(default=0.2)
-    split_seed: int = field(default=42)
-    max_train_samples: int | None = field(default=None)
-    max_test_samples: int | None = field(default=None)
-    max_length: int = field(default=128)
     # ---- efficient students
     students: str = field(default="bilstm,cnn", metadata={"help": "Comma-separated: bilstm, cnn."})
     embedding_dim: int = field(default=128)
@@ -119,13 +113,6 @@ class EfficientStudentArguments:
     teacher_batch_size: int = field(default=16)
     teacher_warmup: float = field(default=0.1)
     # ---- evaluation
-    eval_batch_size: int = field(default=32)
-    bootstrap_resamples: int = field(default=2000)
-    latency_batch_size: int = field(default=16)
-    latency_threads: int = field(default=1)
-    latency_warmup: int = field(default=3)
-    latency_repeats: int = field(default=15)
-    num_threads: int | None = field(default=None)
     plot: bool = field(default=True)
 
 

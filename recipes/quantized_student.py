@@ -51,6 +51,10 @@ from transformers import (  # noqa: E402
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.checkpoints import weights_fingerprint  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.tasks.recipe_arguments import (  # noqa: E402
+    ClassificationDataArguments,
+    ClassificationEvaluationArguments,
+)
 from hf_distill.quantization import (  # noqa: E402
     export_int8,
     fake_quant_modules,
@@ -88,20 +92,10 @@ NAMES = {"teacher": "fp32 teacher", "fp32": "fp32 distilled student", "ptq": "PT
 
 
 @dataclass
-class QuantizedStudentArguments:
+class QuantizedStudentArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
     teacher: str | None = field(default=None, metadata={"help": "Teacher: Hub id, folder, or package:<module>."})
-    source: str | None = field(default=None, metadata={"help": "Built-in data: bbc_news."})
     dataset_name: str | None = field(default=None)
     dataset_config: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    test_file: str | None = field(default=None)
-    text_column: str = field(default="text")
-    label_column: str = field(default="label")
-    test_size: float = field(default=0.2)
-    split_seed: int = field(default=42)
-    max_train_samples: int | None = field(default=None)
-    max_test_samples: int | None = field(default=None)
-    max_length: int = field(default=128)
     student_layers: str = field(default="2", metadata={"help": "A count ('2') or teacher layer indices ('0,5')."})
     teacher_epochs: float = field(default=1.0)
     teacher_learning_rate: float = field(default=1e-4)
@@ -113,13 +107,6 @@ class QuantizedStudentArguments:
     qat_freeze_fraction: float = field(default=0.25, metadata={"help": "Freeze the observers for this last "
                                                                        "fraction of the QAT steps."})
     # ---- evaluation
-    eval_batch_size: int = field(default=32)
-    bootstrap_resamples: int = field(default=2000)
-    latency_batch_size: int = field(default=16)
-    latency_threads: int = field(default=1)
-    latency_warmup: int = field(default=3)
-    latency_repeats: int = field(default=15)
-    num_threads: int | None = field(default=None)
     goal_accuracy_drop: float = field(default=0.005, metadata={"help": "QAT int8 within this of the fp32 student."})
     goal_latency_ratio: float = field(default=0.5)
     goal_size_ratio: float = field(default=0.3)

@@ -39,6 +39,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.tasks.recipe_arguments import (  # noqa: E402
+    ClassificationDataArguments,
+    ClassificationEvaluationArguments,
+)
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
@@ -66,34 +70,17 @@ DISTILLED_NAMES = {"mutual": ("student (mutual)", "peer (mutual)"), "ema": ("stu
 
 
 @dataclass
-class SelfDistillationArguments:
+class SelfDistillationArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
     scheme: str = field(default="mutual", metadata={"help": "mutual (peer), ema or snapshot.", "choices": SCHEMES})
     init_from: str | None = field(
         default=None, metadata={"help": "Encoder whose layers start the students: Hub id, folder or package:<module>."})
     student_layers: str = field(default="0,5", metadata={"help": "Encoder layers copied into the student."})
     peer_layers: str = field(default="1,4", metadata={"help": "scheme=mutual: encoder layers copied into the peer."})
     # ---- data (as recipes/text_classification.py)
-    source: str | None = field(default=None, metadata={"help": "Built-in data: bbc_news."})
     dataset_name: str | None = field(default=None)
     dataset_config: str | None = field(default=None)
-    train_file: str | None = field(default=None)
-    test_file: str | None = field(default=None)
-    text_column: str = field(default="text")
     text_pair_column: str | None = field(default=None)
-    label_column: str = field(default="label")
-    test_size: float = field(default=0.2)
-    split_seed: int = field(default=42)
-    max_train_samples: int | None = field(default=None)
-    max_test_samples: int | None = field(default=None)
-    max_length: int = field(default=128)
     # ---- evaluation
-    eval_batch_size: int = field(default=32)
-    bootstrap_resamples: int = field(default=2000)
-    latency_batch_size: int = field(default=16)
-    latency_threads: int = field(default=1)
-    latency_warmup: int = field(default=3)
-    latency_repeats: int = field(default=15)
-    num_threads: int | None = field(default=None, metadata={"help": "torch threads for training and prediction."})
 
 
 def check_scheme(recipe, args) -> None:

@@ -73,6 +73,10 @@ from transformers import (  # noqa: E402
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.checkpoints import weights_fingerprint  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
+from hf_distill.tasks.recipe_arguments import (  # noqa: E402
+    ClassificationDataArguments,
+    ClassificationEvaluationArguments,
+)
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
@@ -119,28 +123,18 @@ RESUME_FIELDS = ("source", "dataset_name", "dataset_config", "train_file", "trai
 
 
 @dataclass
-class TextClassificationArguments:
+class TextClassificationArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
     teacher: str | None = field(
         default=None,
         metadata={"help": "Teacher: Hub id, local folder, or package:<module> (a package with get_model_path()). "
                           "Defaults to --teacher_name_or_path."},
     )
     # ---- data
-    source: str | None = field(default=None, metadata={"help": "Built-in data: bbc_news."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (or a local dataset folder)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "Local .csv/.tsv/.json/.jsonl/.parquet file."})
-    test_file: str | None = field(default=None, metadata={"help": "Local test file (else: stratified split of train)."})
     train_split: str = field(default="train", metadata={"help": "Split of the Hub dataset to train on."})
     test_split: str = field(default="test", metadata={"help": "Split to test on (falls back to 'validation')."})
-    text_column: str = field(default="text")
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text of a pair (NLI-style tasks)."})
-    label_column: str = field(default="label")
-    test_size: float = field(default=0.2, metadata={"help": "Test fraction (or row count) when there is no test split."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the stratified train/test split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of the train split."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of the test split."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per example (longer texts are truncated)."})
     # ---- unlabeled transfer set (labelled by the teacher)
     labelled_fraction: float | None = field(
         default=None, metadata={"help": "Keep the labels of this stratified, seeded fraction of the train split (e.g. "
@@ -169,13 +163,6 @@ class TextClassificationArguments:
     teacher_weight_decay: float = field(default=0.01)
     retrain_teacher: bool = field(default=False, metadata={"help": "Fine-tune the teacher even if one is saved."})
     # ---- evaluation
-    eval_batch_size: int = field(default=32)
-    bootstrap_resamples: int = field(default=2000)
-    latency_batch_size: int = field(default=16, metadata={"help": "Rows of the test split in the timed batch."})
-    latency_threads: int = field(default=1, metadata={"help": "CPU threads during the latency measurement."})
-    latency_warmup: int = field(default=3)
-    latency_repeats: int = field(default=15)
-    num_threads: int | None = field(default=None, metadata={"help": "torch threads for training and prediction."})
     plot: bool = field(default=True, metadata={"help": "Write results.png (needs matplotlib)."})
     # ---- goals written into the report
     goal_accuracy_kept: float = field(default=0.99, metadata={"help": "Distilled / teacher accuracy to reach."})
