@@ -369,7 +369,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             # DDP reduces gradients bucket by bucket, when every parameter of a bucket has its gradient. Terms that
             # read Q/K/V or hidden states leave the layers above them without one, and the bucket they share with
             # used parameters would never be averaged; a zero-weighted path through the outputs gives each a zero.
-            loss = loss + student_out.logits.float().sum() * 0.0
+            loss = loss + student_out.logits.sum() * 0.0
         if model.training:
             self._micro_batch += 1
             if not all_finite([loss]):
