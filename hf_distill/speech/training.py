@@ -14,15 +14,10 @@ Whisper (Distil-Whisper style):
   student's encoder output when the student's encoder is a frozen, exact copy of the teacher's
   (Distil-Whisper's shared encoder): the teacher then runs its decoder only.
 
-CTC (frame-level soft targets):
+CTC students (frame-level soft targets) are in :mod:`hf_distill.speech.ctc_training`; they share the
+store readers here (:class:`StoreRowsDataset`, :func:`select_rows`, :func:`held_out_ids`).
 
-- :class:`CTCPseudoLabelDataset` / :class:`CTCDistillationCollator`: ``input_values`` +
-  ``attention_mask`` (padding frames masked by the trainer), ``labels`` = the teacher's collapsed
-  pseudo-transcript (``-100`` padding) and the stored per-frame top-k, padded to the student's frame
-  count for the padded batch.
-
-Evaluation: :func:`transcribe_whisper` (greedy, batched), :func:`transcribe_ctc` (greedy CTC),
-:func:`evaluate_wer` and :func:`topk_kl` (mean stored-top-k KL of a model on a dataset).
+Evaluation: :func:`transcribe_whisper` (greedy, batched) and :func:`evaluate_wer`.
 
 Rows longer than one Whisper window (stitched long-form transcripts) are not training examples here:
 :func:`select_rows` leaves them out and says how many.
@@ -33,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,8 +44,6 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 __all__ = [
-    "CTCDistillationCollator",
-    "CTCPseudoLabelDataset",
     "WhisperDistillationCollator",
     "WhisperDistillationTrainer",
     "WhisperPseudoLabelDataset",
@@ -61,8 +53,6 @@ __all__ = [
     "select_rows",
     "store_items",
     "store_soft_label_temperature",
-    "topk_kl",
-    "transcribe_ctc",
     "transcribe_whisper",
 ]
 
@@ -135,13 +125,13 @@ def select_rows(ds, *, keep_only: bool = True, exclude_ids: set[str] | None = No
     return ds.select(keep_idx), counts
 
 
-def _item_for(row: Mapping, items: Mapping[str, AudioItem] | None) -> AudioItem:
+def item_for(row: Mapping, items: Mapping[str, AudioItem] | None) -> AudioItem:
     if items is not None and row["id"] in items:
         return items[row["id"]]
     return AudioItem(id=row["id"], path=row["path"])
 
 
-def _soft_arrays(row: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def soft_arrays(row: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx = np.asarray(row["topk_indices"], dtype=np.int64)
     probs = np.asarray(row["topk_probs"], dtype=np.float32)
     tail = np.asarray(row["topk_tail"], dtype=np.float32)
@@ -151,7 +141,7 @@ def _soft_arrays(row: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return idx, probs, tail
 
 
-def _logprobs(probs: np.ndarray) -> np.ndarray:
+def logprobs_from_probs(probs: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(np.clip(probs, 0.0, None)).astype(np.float32)  # 0 -> -inf: the loss treats 0 log 0 as 0
 
@@ -160,7 +150,7 @@ def _logprobs(probs: np.ndarray) -> np.ndarray:
 # Whisper
 
 
-class _StoreRowsDataset(torch.utils.data.Dataset):
+class StoreRowsDataset(torch.utils.data.Dataset):
     """Rows of a pseudo-label store whose audio is read (at the feature extractor's rate) when an example is
     built: ``rows`` a ``datasets.Dataset`` of store rows (or a list of row dicts), ``items`` ``id -> AudioItem``
     to read audio from (default: the row's ``path`` as a file), ``soft_labels`` to attach the stored top-k."""
@@ -176,10 +166,10 @@ class _StoreRowsDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def audio(self, row: Mapping) -> np.ndarray:
-        return decode(_item_for(row, self.items), self.sampling_rate)
+        return decode(item_for(row, self.items), self.sampling_rate)
 
 
-class WhisperPseudoLabelDataset(_StoreRowsDataset):
+class WhisperPseudoLabelDataset(StoreRowsDataset):
     """Store rows -> Whisper training examples (see the module docstring).
 
     Args:
@@ -212,14 +202,14 @@ class WhisperPseudoLabelDataset(_StoreRowsDataset):
         labels = [IGNORE_INDEX] * n_prompt + tokens
         out: dict[str, Any] = {"decoder_input_ids": decoder_input_ids, "labels": labels}
         if self.soft_labels:
-            idx, probs, tail = _soft_arrays(row)
+            idx, probs, tail = soft_arrays(row)
             if len(tail) < len(tokens):
                 raise ValueError(f"row {row['id']!r}: {len(tail)} soft-label positions for {len(tokens)} tokens")
             idx, probs, tail = idx[: len(tokens)], probs[: len(tokens)], tail[: len(tokens)]
             k = idx.shape[1]
             pad_idx = np.tile(np.arange(k, dtype=np.int64), (n_prompt, 1))
             out["teacher_topk_indices"] = np.concatenate([pad_idx, idx])
-            out["teacher_topk_logprobs"] = np.concatenate([np.zeros((n_prompt, k), np.float32), _logprobs(probs)])
+            out["teacher_topk_logprobs"] = np.concatenate([np.zeros((n_prompt, k), np.float32), logprobs_from_probs(probs)])
             out["teacher_tail_mass"] = np.concatenate([np.zeros(n_prompt, np.float32), tail])
         return out
 
@@ -334,7 +324,7 @@ class WhisperDistillationTrainer(DistillationTrainer):
         return ModelTensors(logits=out.logits)
 
 
-def _batches(seq: Sequence, size: int):
+def batches(seq: Sequence, size: int):
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
 
@@ -358,7 +348,7 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
         generate_kwargs["max_new_tokens"] = limit - 4  # room for the decoder prompt (start, language, task, ...)
     out: list[str | None] = [None] * len(audios)
     short = sorted((i for i, a in enumerate(audios) if len(a) <= window), key=lambda i: -len(audios[i]))
-    for idx in _batches(short, batch_size):
+    for idx in batches(short, batch_size):
         feats = fe([audios[i] for i in idx], sampling_rate=rate, return_tensors="pt").input_features
         ids = model.generate(feats.to(device, dtype), **generate_kwargs)
         ids = ids["sequences"] if isinstance(ids, dict) else ids
@@ -392,134 +382,3 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int) -> 
         "seconds": seconds,
         "examples": [{"id": it.id, "reference": r, "hypothesis": h} for it, r, h in zip(items, refs, hyps)],
     }
-
-
-# ==================================================================================================
-# CTC
-
-
-class CTCPseudoLabelDataset(_StoreRowsDataset):
-    """Store rows of a CTC teacher -> ``input_values``, ``labels`` (collapsed pseudo-transcript) and
-    the stored per-frame top-k soft labels."""
-
-    def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
-                 soft_labels: bool = True):
-        super().__init__(rows, feature_extractor, items=items, soft_labels=soft_labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[int(i)]
-        values = self.feature_extractor(self.audio(row), sampling_rate=self.sampling_rate,
-                                        return_tensors="np").input_values[0]
-        out: dict[str, Any] = {"input_values": values.astype(np.float32), "labels": [int(x) for x in row["token_ids"]]}
-        if self.soft_labels:
-            idx, probs, tail = _soft_arrays(row)
-            out.update(teacher_topk_indices=idx, teacher_topk_logprobs=_logprobs(probs), teacher_tail_mass=tail)
-        return out
-
-
-class CTCDistillationCollator:
-    """Pads CTC examples: audio with zeros plus ``attention_mask``, labels with -100, the top-k rows to
-    the student's frame count for the padded length (``frame_lengths``: the model's
-    ``_get_feat_extract_output_lengths``)."""
-
-    def __init__(self, feature_extractor, frame_lengths):
-        self.feature_extractor = feature_extractor
-        self.frame_lengths = frame_lengths
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(e["input_values"]) for e in examples)
-        values = np.zeros((len(examples), n), np.float32)
-        mask = np.zeros((len(examples), n), np.int64)
-        for b, e in enumerate(examples):
-            values[b, : len(e["input_values"])] = e["input_values"]
-            mask[b, : len(e["input_values"])] = 1
-        m = max(max(len(e["labels"]) for e in examples), 1)
-        batch = {
-            "input_values": torch.as_tensor(values),
-            "attention_mask": torch.as_tensor(mask),
-            "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * (m - len(e["labels"])) for e in examples]),
-        }
-        if "teacher_topk_indices" in examples[0]:
-            frames = int(self.frame_lengths(torch.tensor(n)))
-            k = examples[0]["teacher_topk_indices"].shape[1]
-            idx = np.tile(np.arange(k, dtype=np.int64), (len(examples), frames, 1))
-            logp = np.zeros((len(examples), frames, k), np.float32)
-            tail = np.zeros((len(examples), frames), np.float32)
-            for b, e in enumerate(examples):
-                f = min(len(e["teacher_tail_mass"]), frames)
-                idx[b, :f] = e["teacher_topk_indices"][:f]
-                logp[b, :f] = e["teacher_topk_logprobs"][:f]
-                tail[b, :f] = e["teacher_tail_mass"][:f]
-            batch.update(teacher_topk_indices=torch.as_tensor(idx), teacher_topk_logprobs=torch.as_tensor(logp),
-                         teacher_tail_mass=torch.as_tensor(tail))
-        return batch
-
-
-def ctc_rows_matching_frames(ds, items: Mapping[str, AudioItem] | None, frame_lengths,
-                             sampling_rate: int) -> tuple[list[int], int]:
-    """Indices of CTC store rows whose stored frame count equals the model's frame count for the row's
-    audio length (what the frame-level KL needs); returns (indices, number left out)."""
-    from hf_distill.speech.audio import probe, resampled_length
-
-    keep, dropped = [], 0
-    view = ds.select_columns(["id", "path", "topk_tail"])
-    for i, row in enumerate(view):
-        info = probe(_item_for(row, items))
-        n = resampled_length(info.frames, info.sampling_rate, sampling_rate)
-        if row["topk_tail"] is not None and int(frame_lengths(torch.tensor(n))) == len(row["topk_tail"]):
-            keep.append(i)
-        else:
-            dropped += 1
-    return keep, dropped
-
-
-@torch.inference_mode()
-def transcribe_ctc(model, processor, audios: Sequence[np.ndarray], *, batch_size: int = 8) -> list[str]:
-    """Greedy CTC transcripts of audio arrays (at the feature extractor's rate), in order."""
-    fe = getattr(processor, "feature_extractor", processor)
-    rate = int(fe.sampling_rate)
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(audios)
-    order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))
-    for idx in _batches(order, batch_size):
-        inputs = fe([audios[i] for i in idx], sampling_rate=rate, padding=True, return_attention_mask=True,
-                    return_tensors="pt")
-        logits = model(input_values=inputs.input_values.to(device),
-                       attention_mask=inputs.attention_mask.to(device)).logits
-        lengths = model._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1))
-        pred = logits.argmax(-1).cpu()
-        for b, i in enumerate(idx):
-            out[i] = processor.decode(pred[b, : int(lengths[b])].tolist()).strip()
-    return out
-
-
-@torch.no_grad()
-def topk_kl(model, dataset, collator, *, temperature: float, batch_size: int = 8) -> float:
-    """Mean KL (x T^2) per labelled position between the stored top-k soft labels (+ tail) and the
-    model, over ``dataset``: the distillation loss on held-out data."""
-    from hf_distill.losses import topk_kl_loss
-    from hf_distill.teachers import task_kind
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0.0
-    ctc = task_kind(model) == "ctc"
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if ctc:
-            logits = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits
-            lengths = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1))
-            mask = torch.arange(logits.shape[1], device=device)[None] < lengths[:, None]
-        else:
-            logits = model(input_features=batch["input_features"],
-                           decoder_input_ids=batch["decoder_input_ids"]).logits
-            mask = batch["labels"] != IGNORE_INDEX
-        n = float(mask.sum())
-        loss = topk_kl_loss(logits, batch["teacher_topk_logprobs"], batch["teacher_topk_indices"],
-                            teacher_tail_mass=batch["teacher_tail_mass"], temperature=temperature, mask=mask)
-        total += float(loss) * n
-        count += n
-    model.train(was_training)
-    return total / count if count else math.nan
