@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="long_audio_memory_"))
     work.mkdir(parents=True, exist_ok=True)
     teacher = tiny_teacher(work)
-    from hf_distill.speech.audio import plan_chunks
+    from hf_distill.speech.windows import plan_chunks
 
     # as many 30-s windows of short clips as the long file has (6-s overlaps): the same work for the teacher
     windows = len(plan_chunks(int(args.hours * 3600 * 16000), 30 * 16000, 6 * 16000))

@@ -18,12 +18,12 @@ from hf_distill.speech.audio import (
     list_dataset,
     list_folder,
     list_manifest,
-    plan_chunks,
     probe,
     read_failures,
     resampled_length,
     write_failures,
 )
+from hf_distill.speech.windows import plan_chunks
 
 
 def tone(seconds: float, sr: int, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

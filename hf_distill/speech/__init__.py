@@ -16,7 +16,8 @@ from hf_distill._lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "hf_distill.speech.audio": ("AudioItem", "AudioFailure", "AudioError", "list_audio", "list_folder",
-                                "list_manifest", "list_dataset", "probe", "decode", "resample", "plan_chunks"),
+                                "list_manifest", "list_dataset", "probe", "decode", "resample"),
+    "hf_distill.speech.windows": ("Chunk", "plan_chunks"),
     "hf_distill.speech.audio_stream": ("WindowReader", "iter_blocks"),
     "hf_distill.speech.pseudo_label": ("PseudoLabelConfig", "pseudo_label", "finalize", "load_pseudo_labels",
                                        "merge_overlapping_texts"),

@@ -78,15 +78,14 @@ from hf_distill.speech.audio import (
     AudioError,
     AudioFailure,
     AudioItem,
-    Chunk,
     list_audio,
-    plan_chunks,
     probe,
     read_failures,
     resampled_length,
     supported_extensions,
     write_failures,
 )
+from hf_distill.speech.windows import Chunk, plan_chunks
 from hf_distill.speech.audio_stream import WindowReader
 from hf_distill.speech.input_checks import check_listing, check_output_dir, check_speech_teacher
 from hf_distill.store.format import arrow_columns, arrow_fields, bytes_per_position, index_type_for
