@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                             "label Whisper audio, several short clips per 30-s window"),
     "synthesize": ("hf_distill.speech.synth:cli_main", "speak sentences into WAV files + manifest.csv (festival/flite)"),
     "convert-ct2": ("hf_distill.speech.convert_ct2:cli_main", "convert a CTranslate2 Whisper model to transformers"),
+    "convert-gguf": ("hf_distill.lm.gguf:cli_main", "convert a GGUF causal LM into a transformers folder (cached)"),
 }
 
 
