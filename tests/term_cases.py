@@ -30,6 +30,7 @@ CASES: dict[str, list[dict]] = {
     "rkd_distance": [{"loss": "rkd_distance"}],
     "rkd_angle": [{"loss": "rkd_angle", "pooling": "mean"}],
     "similarity_preserving": [{"loss": "similarity_preserving"}],
+    "knn_graph": [{"loss": "knn_graph", "k": 3, "tau": 0.5}],
     "exit_kl": [{"loss": "exit_kl", "layers": [1], "ce_weight": 0.5}],
 }
 

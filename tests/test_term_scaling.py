@@ -24,8 +24,9 @@ BUILT_IN = {name for name, cls in TERM_REGISTRY.items() if cls.__module__.starts
 RELATION = {name for name in BUILT_IN if issubclass(TERM_REGISTRY[name], SampleRelationTerm)}
 # How a relation term's value depends on the batch size b by its own definition: RKD normalises distances
 # and angles (no dependence), similarity-preserving divides a sum of b unit rows by b^2 (about 1/b), so 8 x 2
-# gives about twice the value of 16. A summed (unscaled) relation term would give twice these.
-BATCH_RATIO = {"rkd_distance": 1.0, "rkd_angle": 1.0, "similarity_preserving": 2.0}
+# gives about twice the value of 16. The k-NN graph loss has no such ratio: which samples are neighbours depends on
+# the batch itself (16 samples give other, closer neighbours than 8), so only 8 x 2 == 2 x 8 is asserted for it. A summed (unscaled) relation term would give twice these.
+BATCH_RATIO = {"rkd_distance": 1.0, "rkd_angle": 1.0, "similarity_preserving": 2.0, "knn_graph": None}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def compare(a: dict, b: dict, name: str, rel: float = 1e-4):
 def test_large_batch_equals_accumulation(tokenizer, tmp_path, accumulated, name):
     big = one_step(tokenizer, name, str(tmp_path / "big"), batch=16)
     if name in RELATION:
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm") if BATCH_RATIO[name] is not None else ():
             ratio = accumulated[name][key] / big[key] / BATCH_RATIO[name]
             assert 0.6 < ratio < 1.5, (name, key, ratio)
     else:

@@ -22,13 +22,14 @@ Add your own term by name::
             return ((step.student.logits - step.teacher().logits) ** 2).mean()
 
 Modules: ``base`` (Term, registry, step tensors), ``layout`` (masks and counts), ``response``,
-``feature``, ``relation`` and ``exits`` (the built-in terms; ``exit_kl`` trains early-exit heads on the
+``feature``, ``relation``, ``graph`` (the teacher's k-NN sample graph) and ``exits`` (the built-in terms; ``exit_kl`` trains early-exit heads on the
 model's own final output), ``objective`` (the list as one callable).
 """
 
 from .base import TERM_REGISTRY, ModelTensors, StepTensors, Term, register_term
 from .exits import ExitHead, ExitTerm, build_exit_head
 from .feature import HiddenTerm
+from .graph import KnnGraphTerm
 from .layout import BatchLayout
 from .objective import Objective, build_objective, default_terms, parse_distillation_spec
 from .relation import SampleRelationTerm
@@ -40,6 +41,7 @@ __all__ = [
     "ExitHead",
     "ExitTerm",
     "HiddenTerm",
+    "KnnGraphTerm",
     "ModelTensors",
     "Objective",
     "ResponseTerm",
