@@ -71,7 +71,7 @@ def copy_state(teacher, student, layer_maps: dict[str, list[int]]) -> None:
 
 def subset_per_layer_config(config, total: int, layers: list[int]) -> None:
     """Shrink per-layer config lists (such as ``layer_types``) to the chosen layers."""
-    for attr in ("layer_types",):
+    for attr in ("layer_types", "no_rope_layers", "activation_sparsity_pattern"):
         value = getattr(config, attr, None)
         if isinstance(value, (list, tuple)) and len(value) == total:
             setattr(config, attr, [value[i] for i in layers])

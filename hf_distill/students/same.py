@@ -26,6 +26,8 @@ def build_same(teacher, layers: list[int] | None, num_layers: int | None) -> tup
     subset_per_layer_config(student_config, total, chosen)
     student = new_model(type(teacher), student_config, teacher)
     copy_state(teacher, student, {layer_path: chosen})
+    if getattr(teacher, "generation_config", None) is not None and student.can_generate():
+        student.generation_config = copy.deepcopy(teacher.generation_config)  # eos ids, sampling defaults
     info = {
         "architecture": "same",
         "teacher_layers": chosen,
