@@ -1,0 +1,119 @@
+"""benchmarks/vs_trl.py: the hf_distill side on tiny models (TRL is not needed), its measurements and summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import vs_trl  # noqa: E402
+import vs_trl_workers as workers  # noqa: E402
+
+TINY = dict(layers=2, hidden=32, vocab=97, batch=2, seq=12, max_new_tokens=4)
+
+
+def gkd_reference(student_logits, teacher_logits, labels, beta):
+    """TRL's GKD generalized JSD written out: mixture log m = logsumexp(log p_S + log(1-b), log p_T + log b)."""
+    s = F.log_softmax(student_logits[:, :-1].double(), -1)
+    t = F.log_softmax(teacher_logits[:, :-1].double(), -1)
+    m = torch.logsumexp(torch.stack([s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta))]), 0)
+    kl_t = (t.exp() * (t - m)).sum(-1)
+    kl_s = (s.exp() * (s - m)).sum(-1)
+    jsd = beta * kl_t + (1 - beta) * kl_s
+    mask = labels[:, 1:] != -100
+    return float(jsd[mask].sum() / mask.sum())
+
+
+def test_off_policy_step_computes_gkd_loss_and_updates_student():
+    cfg = workers.BenchConfig(**TINY, beta=0.3)
+    side = workers.Side("hf_distill", "off_policy", cfg)
+    try:
+        batch = workers.make_batch(cfg, "off_policy", 0, side.device)
+        teacher = side.trainer.teacher
+        with torch.no_grad():  # move the student away from its teacher copy, so the loss is not ~0
+            g = torch.Generator().manual_seed(1)
+            for p in side.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            expected = gkd_reference(side.model(input_ids=batch["input_ids"]).logits,
+                                     teacher(input_ids=batch["input_ids"]).logits, batch["labels"], cfg.beta)
+        before = [p.detach().clone() for p in side.model.parameters()]
+        record = side.step(0)
+        assert record["loss"] == pytest.approx(expected, rel=1e-5)
+        assert expected > 0
+        assert any(not torch.equal(a, p) for a, p in zip(before, side.model.parameters()))  # an optimizer step ran
+        assert record["cpu_s"] > 0 and record["wall_s"] > 0 and record["sampled"] is None
+        assert record["mem_peak"] >= record["mem_start"] > 0
+        # the same index gives the same batch on both sides; the next one differs
+        again = workers.make_batch(cfg, "off_policy", 0, side.device)
+        assert torch.equal(again["input_ids"], batch["input_ids"])
+        assert not torch.equal(workers.make_batch(cfg, "off_policy", 1, side.device)["input_ids"], batch["input_ids"])
+    finally:
+        side.close()
+
+
+def test_models_are_the_same_in_every_process():
+    cfg = workers.BenchConfig(**TINY)
+    (t1, s1), (t2, s2) = workers.build_models(cfg), workers.build_models(cfg)
+    for a, b in zip([*t1.parameters(), *s1.parameters()], [*t2.parameters(), *s2.parameters()]):
+        assert torch.equal(a, b)
+    assert s1.config.n_layer == 1 and t1.config.n_layer == 2
+    assert t1.config.resid_pdrop == t1.config.embd_pdrop == t1.config.attn_pdrop == 0.0
+
+
+def test_peak_memory_sees_an_allocation_inside_the_step():
+    memory = workers.PeakMemory(torch.device("cpu"))
+    held = torch.ones(16 << 20)  # 64 MiB, resident before the step: counted in the start, not the step
+    memory.reset()
+    temporary = torch.ones(32 << 20)  # 128 MiB, freed before the read
+    del temporary
+    start, peak = memory.read()
+    assert peak - start >= 120 << 20
+    assert start >= 60 << 20
+    del held
+    memory.reset()
+    start, peak = memory.read()
+    assert peak - start < 32 << 20  # the reset forgot the earlier peak
+
+
+def test_summary_ratios_and_loss_agreement():
+    def rec(cpu, start, peak, loss, sampled=None, timed=True):
+        return {"cpu_s": cpu, "wall_s": cpu, "generate_s": 0.0, "mem_start": start, "mem_peak": peak, "loss": loss,
+                "sampled": sampled, "timed": timed}
+
+    records = {"hf_distill": [rec(99, 0, 9, 1.0, timed=False), rec(2, 10, 14, 1.0), rec(4, 10, 16, 2.0),
+                              rec(3, 10, 15, 3.0)],
+               "trl": [rec(99, 0, 9, 1.0, timed=False), rec(4, 10, 20, 1.0), rec(8, 10, 30, 2.0 * (1 + 4e-6)),
+                       rec(6, 10, 40, 3.0)]}
+    out = vs_trl.summarize("off_policy", records, "cpu")
+    assert out["time_ratio"] == pytest.approx(3 / 6)
+    assert out["mem_ratio"] == pytest.approx((15 - 10) / (30 - 10))
+    assert out["peak_rss_ratio"] == pytest.approx(15 / 30)
+    assert out["loss_rel_diff"] == pytest.approx(4e-6 / (1 + 4e-6), rel=1e-6)
+    assert out["loss_steps"] == "4/4"
+    # on-policy: only steps with identical samples are compared; none identical -> not applicable
+    records["hf_distill"] = [dict(r, sampled=[[1, 2]]) for r in records["hf_distill"]]
+    records["trl"] = [dict(r, sampled=[[1, 3]]) for r in records["trl"]]
+    out = vs_trl.summarize("on_policy", records, "cpu")
+    assert out["loss_rel_diff"] is None and "not applicable" in out["loss_note"]
+
+
+def test_worker_process_protocol_runs_the_hf_distill_side():
+    cfg = workers.BenchConfig(**TINY)
+    records = vs_trl.run_mode("off_policy", cfg, steps=1, warmup=1, systems=("hf_distill",))
+    steps = records["hf_distill"]
+    assert [r["timed"] for r in steps] == [False, True]
+    assert steps[0]["loss"] > 0 and steps[1]["loss"] > 0 and steps[0]["loss"] != steps[1]["loss"]
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        vs_trl.parse_args(["--modes", "sideways"])
+    with pytest.raises(SystemExit):
+        vs_trl.parse_args(["--seq", "8", "--max_new_tokens", "8"])
+    opts = vs_trl.parse_args(["--modes", "on_policy", "--steps", "2", "--vocab", "300"])
+    assert opts.modes == ["on_policy"] and opts.steps == 2 and opts.vocab == 300
