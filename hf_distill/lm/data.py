@@ -39,6 +39,7 @@ Public API::
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,9 @@ __all__ = [
 IGNORE_INDEX = -100
 #: format name -> the columns it needs
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class PromptTooLongError(ValueError):
@@ -191,7 +195,7 @@ def _chat_tokens(tokenizer, messages: list[dict], first_counted: int) -> tuple[l
             raise ValueError("the chat has no assistant turn, so no token would count; every messages row needs "
                              "at least one message with role 'assistant'")
         return _tokens_in_spans(tokenizer, full, spans)
-    if "generation" in (tokenizer.chat_template or "") and first_counted == 0:
+    if _GENERATION_TAG.search(tokenizer.chat_template or "") and first_counted == 0:
         return _generation_mask(tokenizer, messages)
     raise ValueError("the chat template does not render a conversation as a prefix of its continuation (it "
                      "rewrites earlier turns), so assistant turns cannot be located; use a template that marks "
