@@ -11,4 +11,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "hf_distill.lm.assets": ("smollm2_gguf", "smollm2_folder", "gemma3_gguf", "gemma3_folder"),
     "hf_distill.lm.data": ("pack_text_blocks", "tokenize_completion", "prepare_lm_dataset", "detect_lm_format"),
     "hf_distill.lm.collators": ("CompletionCollator",),
+    "hf_distill.lm.arguments": ("CausalLMDistillationArguments",),
+    "hf_distill.lm.trainer": ("CausalLMDistillationTrainer",),
+    "hf_distill.lm.on_policy": ("sample_completions", "rebuild_batch", "choose_source"),
 })
