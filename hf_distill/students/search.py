@@ -43,6 +43,7 @@ class Candidate:
     parameters: int = 0
     latency_ms: float = math.nan
     score: float = math.nan
+    tiebreak: float = 0.0  # orders equal scores (higher first), e.g. minus a held-out loss
     steps: int = 0
     rounds: int = 0
     model: Any = field(default=None, repr=False)
@@ -54,7 +55,7 @@ class Candidate:
     def row(self) -> dict:
         return {"name": self.name, "layers": self.layers, "heads": self.heads, "intermediate": self.intermediate,
                 "hidden": self.hidden, "parameters": self.parameters, "latency_ms": round(self.latency_ms, 3),
-                "score": self.score, "steps": self.steps, "rounds": self.rounds}
+                "score": self.score, "tiebreak": self.tiebreak, "steps": self.steps, "rounds": self.rounds}
 
 
 def candidate_shapes(teacher, *, layers: Sequence[int], heads: Sequence[int], intermediate: Sequence[int],
@@ -131,10 +132,12 @@ def within_budget(candidates: list[Candidate], *, max_latency_ms: float | None =
 
 def successive_halving(candidates: list[Candidate], train: Callable[[Candidate, int], None],
                        score: Callable[[Candidate], float], *, min_steps: int, eta: int = 2,
-                       rounds: int | None = None, log: Callable[[str], None] | None = None) -> list[Candidate]:
+                       rounds: int | None = None, log: Callable[[str], None] | None = None,
+                       tiebreak: Callable[[Candidate], float] | None = None) -> list[Candidate]:
     """Train every candidate ``min_steps`` steps, keep the best ``1/eta`` (higher score is better), train
     those ``eta`` times longer, and so on. Returns every candidate with its last score and steps; the winner
-    is the one with the most rounds and the best score."""
+    is the one with the most rounds and the best score. ``tiebreak`` (higher is better, read after each
+    score) orders candidates with equal scores, e.g. minus a held-out loss when the score is an accuracy."""
     if eta < 2 or min_steps < 1:
         raise ValueError(f"successive halving needs eta >= 2 and min_steps >= 1, got eta={eta}, min_steps={min_steps}")
     alive = list(candidates)
@@ -145,15 +148,16 @@ def successive_halving(candidates: list[Candidate], train: Callable[[Candidate, 
             train(c, steps - c.steps)  # continue from where it stopped
             c.steps = steps
             c.score = float(score(c))
+            c.tiebreak = float(tiebreak(c)) if tiebreak else 0.0
             c.rounds = r + 1
-        alive.sort(key=lambda c: c.score, reverse=True)
+        alive.sort(key=lambda c: (c.score, c.tiebreak), reverse=True)
         if log:
             log(f"round {r + 1}: {len(alive)} candidates at {steps} steps, best {alive[0].name} = {alive[0].score:.4f}")
         if len(alive) == 1:
             break
         alive = alive[:max(1, len(alive) // eta)]
         steps *= eta
-    return sorted(candidates, key=lambda c: (-c.rounds, -c.score))
+    return sorted(candidates, key=lambda c: (-c.rounds, -c.score, -c.tiebreak))
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
@@ -177,9 +181,12 @@ def describe(candidates: list[Candidate], front: list[Candidate]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_candidates(teacher, candidates: list[Candidate], calibration: list[dict], latency_batch: dict) -> None:
-    """Build every candidate and measure its parameters and latency (in place)."""
+def prepare_candidates(teacher, candidates: list[Candidate], calibration: list[dict],
+                       latency_batch: dict | None) -> None:
+    """Build every candidate and count its parameters (in place); with ``latency_batch``, measure each one's
+    latency on its own (a caller that times them together, interleaved, passes None and sets ``latency_ms``)."""
     for c in candidates:
         c.model = build_candidate(teacher, c, calibration)
         c.parameters = count_parameters(c.model)
-        c.latency_ms = measure_latency_ms(c.model, latency_batch)
+        if latency_batch is not None:
+            c.latency_ms = measure_latency_ms(c.model, latency_batch)
