@@ -24,6 +24,8 @@ Stages:
    ``--latency_threads``) of every model, all in this run: ``results.json``, ``results.md``, ``results.png``.
 
 Hidden-state and attention terms cannot apply to a BiLSTM or CNN student: they are refused before training.
+So is ``--use_peft`` for them (nothing pretrained to adapt); with ``--students none`` it trains the transformer
+student as LoRA adapters (saved in ``transformer_distilled/adapter`` and merged).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from hf_distill.tasks.recipe_arguments import (  # noqa: E402
 from hf_distill.objectives import TERM_REGISTRY, default_terms, parse_distillation_spec  # noqa: E402
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.students.efficient import EFFICIENT_ARCHITECTURES, build_efficient_student  # noqa: E402
+from hf_distill.students.peft_students import PeftArguments, apply_peft  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
     load_classification_data,
@@ -169,6 +172,25 @@ def efficient_config(recipe, kind: str) -> dict:
     return {**common, "kernel_sizes": kernels, "num_filters": recipe.num_filters}
 
 
+def efficient_training_args(recipe, args):
+    """The efficient students' optimiser settings (their own learning rate, epochs and batch size)."""
+    return dataclasses.replace(args, learning_rate=recipe.efficient_learning_rate, num_train_epochs=recipe.efficient_epochs,
+                               per_device_train_batch_size=recipe.efficient_batch_size, teacher_name_or_path=None,
+                               push_to_hub=False)
+
+
+def distil_efficient_student(efficient_args, kind: str, config: dict, teacher, tokenizer, rows, collator, folder: Path,
+                             *, embedding_init: str = "teacher", keep_initial: bool = False):
+    """Build a ``kind`` student from the teacher, distil it on ``rows`` (cached logits) and save it to ``folder``.
+    Returns ``(student, a copy of its initial weights or None, the trainer's final state)``."""
+    student = build_efficient_student(teacher, kind, tokenizer=tokenizer, embedding_init=embedding_init,
+                                      seed=efficient_args.seed, **config)
+    initial = copy.deepcopy(student) if keep_initial else None
+    trainer = train_model(student, dataclasses.replace(efficient_args, output_dir=str(folder)), rows, collator, tokenizer)
+    save_model(student, tokenizer, folder, trainer.state.log_history)
+    return student, initial, trainer.state
+
+
 def prepare_teacher(recipe, args, teacher_path, data, train_ds, collator, tokenizer, label2id, out: Path):
     """(teacher, its folder, note): ready-made, reused from ``out/teacher``, or fine-tuned now."""
     if head_label2id(AutoConfig.from_pretrained(teacher_path), data.labels) is not None:
@@ -192,15 +214,21 @@ def prepare_teacher(recipe, args, teacher_path, data, train_ds, collator, tokeni
 
 
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((EfficientStudentArguments, DistillationArguments), argv)
+    recipe, args, peft_args = parse_config_and_args((EfficientStudentArguments, DistillationArguments, PeftArguments),
+                                                    argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     out = Path(args.output_dir)
-    kinds = [k.strip() for k in recipe.students.split(",") if k.strip()]
+    kinds = [k.strip() for k in recipe.students.split(",") if k.strip() and k.strip() != "none"]
     unknown = [k for k in kinds if k not in EFFICIENT_ARCHITECTURES]
-    if unknown or not kinds:
-        raise ValueError(f"--students must list some of {', '.join(EFFICIENT_ARCHITECTURES)}, got {recipe.students!r}")
+    if unknown or not (kinds or recipe.transformer_student_layers):
+        raise ValueError(f"--students must list some of {', '.join(EFFICIENT_ARCHITECTURES)} (or be 'none' with "
+                         f"--transformer_student_layers), got {recipe.students!r}")
+    if peft_args.use_peft and kinds:
+        raise ValueError(f"--use_peft trains LoRA adapters on the transformer student only; the {kinds[0]} student "
+                         f"cannot take them: {EFFICIENT_ARCHITECTURES[kinds[0]][1].peft_refusal}, or give --students "
+                         "none to train only the LoRA transformer student")
     if recipe.augment_copies < 0:
         raise ValueError(f"--augment_copies must be >= 0, got {recipe.augment_copies}")
     check_outputs_only(args)
@@ -247,31 +275,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     models = {"teacher": (teacher, teacher_dir)}
     histories, comparisons_of = {}, {}
-    efficient_args = dataclasses.replace(
-        args, learning_rate=recipe.efficient_learning_rate, num_train_epochs=recipe.efficient_epochs,
-        per_device_train_batch_size=recipe.efficient_batch_size, teacher_name_or_path=None, push_to_hub=False)
+    efficient_args = efficient_training_args(recipe, args)
     for kind in kinds:
         stages.start(kind, f"distil the teacher into a {kind} student"
                      + (" and train its cross-entropy baseline" if recipe.baseline else ""))
-        student = build_efficient_student(teacher, kind, tokenizer=tokenizer, embedding_init=recipe.embedding_init,
-                                          seed=args.seed, **configs[kind])
-        baseline = copy.deepcopy(student) if recipe.baseline else None
-        distill_args = dataclasses.replace(efficient_args, output_dir=str(out / f"{kind}_distilled"))
-        trainer = train_model(student, distill_args, distill_rows, collator, tokenizer)
-        steps = trainer.state.global_step
-        histories[f"{kind} distilled"] = trainer.state.log_history
-        save_model(student, tokenizer, out / f"{kind}_distilled", trainer.state.log_history)
+        student, baseline, state = distil_efficient_student(efficient_args, kind, configs[kind], teacher, tokenizer,
+                                                            distill_rows, collator, out / f"{kind}_distilled",
+                                                            embedding_init=recipe.embedding_init,
+                                                            keep_initial=recipe.baseline)
+        histories[f"{kind} distilled"] = state.log_history
         models[f"{kind} distilled"] = (student, out / f"{kind}_distilled")
         if baseline is not None:
             base_args = dataclasses.replace(
                 efficient_args, output_dir=str(out / f"{kind}_baseline"), distillation=None, kd_weight=0.0,
-                mse_weight=0.0, cos_weight=0.0, hidden_mse_weight=0.0, task_weight=1.0, max_steps=steps)
+                mse_weight=0.0, cos_weight=0.0, hidden_mse_weight=0.0, task_weight=1.0, max_steps=state.global_step)
             trainer = train_model(baseline, base_args, train_cached, collator, tokenizer)
             histories[f"{kind} hard labels"] = trainer.state.log_history
             save_model(baseline, tokenizer, out / f"{kind}_baseline", trainer.state.log_history)
             models[f"{kind} hard labels"] = (baseline, out / f"{kind}_baseline")
             comparisons_of[kind] = (f"{kind} distilled", f"{kind} hard labels")
-        del trainer
+            del trainer
         stages.end()
 
     if recipe.transformer_student_layers:
@@ -279,12 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
         stages.start("transformer student", f"distil into a student of the teacher's layers ({layers})")
         spec = {"layers": [int(x) for x in layers.split(",")]} if "," in layers else {"num_layers": int(layers)}
         set_seed(args.seed)
-        student = build_student(teacher, tokenizer=tokenizer, **spec)
+        student = apply_peft(build_student(teacher, tokenizer=tokenizer, **spec), peft_args)  # LoRA with --use_peft
         targs = dataclasses.replace(args, output_dir=str(out / "transformer_distilled"), teacher_name_or_path=None,
                                     push_to_hub=False)
         trainer = train_model(student, targs, train_cached, collator, tokenizer)
         histories["transformer distilled"] = trainer.state.log_history
-        save_model(student, tokenizer, out / "transformer_distilled", trainer.state.log_history)
+        student = save_model(student, tokenizer, out / "transformer_distilled", trainer.state.log_history,
+                             merge_adapters=peft_args.merge_adapters)
         models[f"transformer {student.config.num_hidden_layers}-layer distilled"] = (student, out / "transformer_distilled")
         del trainer
         stages.end()

@@ -10,7 +10,10 @@ Stages:
 1. **Data and teacher.** As in ``recipes/text_classification.py``: a teacher with a head for the data's
    labels is used as it is; otherwise it is fine-tuned once and saved to ``output_dir/teacher``.
 2. **fp32 student.** ``--student_layers`` of the teacher's layers, distilled on the teacher's cached
-   logits (soft-target KL at ``--temperature`` + cross-entropy).
+   logits (soft-target KL at ``--temperature`` + cross-entropy). With ``--use_peft true`` only LoRA
+   adapters (and the classifier head) train; they are saved in ``student_fp32/adapter`` and merged, and
+   PTQ / QAT start from the merged student (QAT trains all of its weights: fake quantization moves the
+   weights themselves onto the int8 grid, which adapters over frozen weights cannot do).
 3. **PTQ int8.** ``quantize_dynamic_int8``: int8 weights, activations quantized per batch at run time.
 4. **QAT int8.** A copy of the fp32 student is fake-quantized (``prepare_qat_student``: int8 weights and
    activations on every Linear of the encoder, int8 word embedding) and trained further with the same
@@ -65,6 +68,7 @@ from hf_distill.quantization import (  # noqa: E402
     save_int8,
 )
 from hf_distill.students import build_student  # noqa: E402
+from hf_distill.students.peft_students import PeftArguments, apply_peft  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
     load_classification_data,
@@ -144,6 +148,41 @@ def load_or_finetune_teacher(recipe, args, teacher_path, label2id, train_ds, col
     return teacher, saved
 
 
+def train_qat_int8(recipe, args, student, rows, collator, tokenizer, folder: Path, settings: dict, test_ds):
+    """QAT of a copy of ``student`` (``--qat_epochs`` at ``--qat_learning_rate``, observers frozen for the last
+    ``--qat_freeze_fraction``), exported to a real int8 model saved in ``folder``. Returns its training log and
+    how far the int8 export's test logits are from the fake-quantized model's."""
+    from hf_distill.trainer import DistillationTrainer
+
+    qat = prepare_qat_student(copy.deepcopy(student), backend=recipe.backend)
+    qat_args = dataclasses.replace(args, output_dir=str(folder.parent / "qat_checkpoints"),
+                                   num_train_epochs=recipe.qat_epochs, learning_rate=recipe.qat_learning_rate,
+                                   teacher_name_or_path=None, push_to_hub=False)
+    steps = int(np.ceil(len(rows) / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
+                * recipe.qat_epochs)
+    set_seed(args.seed)
+    trainer = DistillationTrainer(model=qat, args=qat_args, train_dataset=rows, data_collator=collator,
+                                  processing_class=tokenizer,
+                                  callbacks=[FreezeObservers(qat, int(steps * (1 - recipe.qat_freeze_fraction)))])
+    trainer.add_resume_settings(**settings, qat_backend=recipe.backend, qat_freeze_fraction=recipe.qat_freeze_fraction)
+    trainer.train(resume_from_checkpoint=True)
+    history = trainer.state.log_history
+    del trainer
+    qat.eval()
+    freeze_qat_observers(qat)
+    n_fake_quant = len(fake_quant_modules(qat))
+    int8 = export_int8(qat)
+    save_int8(int8, folder, tokenizer)
+    (folder / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    fake_logits = predict_logits(qat, test_ds, collator, batch_size=recipe.eval_batch_size, desc="test: fake-quant")
+    int8_logits = predict_logits(int8, test_ds, collator, batch_size=recipe.eval_batch_size, desc="test: int8")
+    return history, {"fake_quant_modules_in_training": n_fake_quant,
+                     "fake_quant_modules_after_export": len(fake_quant_modules(int8)),
+                     "max_abs_logit_diff": float(np.abs(fake_logits - int8_logits).max()),
+                     "logit_range": float(fake_logits.max() - fake_logits.min()),
+                     "argmax_agreement": float((fake_logits.argmax(-1) == int8_logits.argmax(-1)).mean())}
+
+
 def interval_status(low: float, high: float, threshold: float) -> str:
     return "met" if low > threshold else "missed" if high < threshold else "not shown"
 
@@ -193,7 +232,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((QuantizedStudentArguments, DistillationArguments), argv)
+    recipe, args, peft_args = parse_config_and_args((QuantizedStudentArguments, DistillationArguments, PeftArguments),
+                                                    argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -202,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     layer_spec = parse_layers(recipe.student_layers)
     if not 0 <= recipe.qat_freeze_fraction <= 1:
         raise ValueError(f"--qat_freeze_fraction must be within [0, 1], got {recipe.qat_freeze_fraction}")
+    if peft_args.use_peft and not peft_args.merge_adapters:
+        raise ValueError("PTQ and QAT quantize the merged student: --use_peft needs --merge_adapters true here (the "
+                         "adapters are saved in student_fp32/adapter either way)")
     if recipe.qat_epochs <= 0:
         raise ValueError(f"--qat_epochs must be > 0, got {recipe.qat_epochs}")
     from hf_distill.quantization import set_backend
@@ -232,12 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
     stages.start("fp32 student", f"distil teacher layers {recipe.student_layers} into a fp32 student")
     set_seed(args.seed)
     student = build_student(teacher, architecture="same", tokenizer=tokenizer, **layer_spec)
+    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft (merged before quantization)
     settings = {"student_layers": recipe.student_layers, "max_length": recipe.max_length,
-                "split_seed": recipe.split_seed, "teacher_weights": weights_fingerprint(teacher)}
+                "split_seed": recipe.split_seed, "teacher_weights": weights_fingerprint(teacher),
+                **{f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()}}
     fp32_args = dataclasses.replace(args, output_dir=str(out / FP32_DIR), teacher_name_or_path=None, push_to_hub=False)
     trainer = train_model(student, fp32_args, cached, collator, tokenizer, resume_settings=settings)
     fp32_history = trainer.state.log_history
-    save_model(student, tokenizer, out / FP32_DIR, fp32_history)
+    student = save_model(student, tokenizer, out / FP32_DIR, fp32_history)  # a LoRA student: merged
     del trainer
     stages.end()
 
@@ -246,35 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     stages.end()
 
     stages.start("QAT int8", f"fake-quantized training with the distillation loss ({recipe.qat_epochs:g} epoch(s))")
-    qat = prepare_qat_student(copy.deepcopy(student), backend=recipe.backend)
-    qat_args = dataclasses.replace(fp32_args, output_dir=str(out / "qat_checkpoints"),
-                                   num_train_epochs=recipe.qat_epochs, learning_rate=recipe.qat_learning_rate)
-    steps = int(np.ceil(len(cached) / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
-                * recipe.qat_epochs)
-    from hf_distill.trainer import DistillationTrainer
-
-    set_seed(args.seed)
-    trainer = DistillationTrainer(model=qat, args=qat_args, train_dataset=cached, data_collator=collator,
-                                  processing_class=tokenizer,
-                                  callbacks=[FreezeObservers(qat, int(steps * (1 - recipe.qat_freeze_fraction)))])
-    trainer.add_resume_settings(**settings, qat_backend=recipe.backend, qat_freeze_fraction=recipe.qat_freeze_fraction)
-    trainer.train(resume_from_checkpoint=True)
-    qat_history = trainer.state.log_history
-    del trainer
-    qat.eval()
-    freeze_qat_observers(qat)
-    n_fake_quant = len(fake_quant_modules(qat))
-    int8 = export_int8(qat)
-    save_int8(int8, out / QAT_DIR, tokenizer)
-    (out / QAT_DIR / "training_log.json").write_text(json.dumps(qat_history, indent=1) + "\n")
-    fake_logits = predict_logits(qat, test_ds, collator, batch_size=recipe.eval_batch_size, desc="test: fake-quant")
-    int8_logits = predict_logits(int8, test_ds, collator, batch_size=recipe.eval_batch_size, desc="test: int8")
-    qat_export = {"fake_quant_modules_in_training": n_fake_quant,
-                  "fake_quant_modules_after_export": len(fake_quant_modules(int8)),
-                  "max_abs_logit_diff": float(np.abs(fake_logits - int8_logits).max()),
-                  "logit_range": float(fake_logits.max() - fake_logits.min()),
-                  "argmax_agreement": float((fake_logits.argmax(-1) == int8_logits.argmax(-1)).mean())}
-    del qat, int8
+    qat_history, qat_export = train_qat_int8(recipe, fp32_args, student, cached, collator, tokenizer, out / QAT_DIR,
+                                             settings, test_ds)
     stages.end()
 
     stages.start("evaluation", "accuracy, size and latency of the four models (int8 ones loaded from disk)")

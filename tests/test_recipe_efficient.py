@@ -133,6 +133,8 @@ def test_recipe_fine_tunes_a_teacher_without_a_head(assets, tmp_path):
     (["--pooling", "attention"], r"pooling must be one of max, mean, last"),
     (["--kernel_sizes", "3,x"], r"--kernel_sizes must be comma-separated widths"),
     (["--augment_copies", "-1"], r"--augment_copies must be >= 0"),
+    (["--use_peft", "true"], r"--use_peft trains LoRA adapters on the transformer student only; the bilstm student "
+                             r"cannot take them: LoRA adapts the frozen weights.*--students none"),
 ])
 def test_bad_input_exits_2_before_anything_loads(assets, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -142,3 +144,22 @@ def test_bad_input_exits_2_before_anything_loads(assets, tmp_path, capsys, extra
     err = capsys.readouterr().err
     assert err.startswith("efficient_student.py: error: ") and re.search(message, err), err
     assert not out.exists()
+
+
+def test_lora_transformer_student_trains_only_adapters_and_the_head(assets, tmp_path):
+    """--students none --use_peft: only the transformer student, as LoRA adapters on q/k/v (+ its head), merged."""
+    from hf_distill.students import build_student
+    from hf_distill.students.peft_students import ADAPTER_DIR
+
+    out = tmp_path / "lora"
+    results = recipe.main(flags(assets, out, "classifier", "--students", "none", "--use_peft", "true",
+                                "--lora_r", "4", "--lora_dropout", "0", "--learning_rate", "1e-2"))
+    assert [r["name"] for r in results["models"]] == ["teacher", "transformer 1-layer distilled"]
+    folder = out / "transformer_distilled"
+    assert (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
+    teacher = AutoModelForSequenceClassification.from_pretrained(assets / "classifier")
+    initial = build_student(teacher, num_layers=1).state_dict()
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k])}
+    assert changed and all(re.search(r"\.(query|key|value)\.weight$|^classifier\.", k) for k in changed), changed
+    assert any(".query.weight" in k for k in changed) and any(k.startswith("classifier.") for k in changed)

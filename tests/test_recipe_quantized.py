@@ -115,6 +115,8 @@ def test_recipe_builds_fp32_ptq_and_qat_students_and_reports(assets, tmp_path):
     (["--qat_freeze_fraction", "2"], r"--qat_freeze_fraction must be within \[0, 1\]"),
     (["--qat_epochs", "0"], r"--qat_epochs must be > 0"),
     (["--backend", "nope"], r"quantization backend 'nope' is not available"),
+    (["--use_peft", "true", "--merge_adapters", "false"], r"PTQ and QAT quantize the merged student: --use_peft "
+                                                          r"needs --merge_adapters true"),
 ])
 def test_bad_input_is_a_one_line_error_before_any_model_loads(assets, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
@@ -127,3 +129,25 @@ def test_bad_input_is_a_one_line_error_before_any_model_loads(assets, tmp_path, 
 
     assert re.search(message, err)
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_lora_fp32_student_is_merged_then_quantized(assets, tmp_path):
+    """--use_peft: the fp32 stage trains LoRA adapters (+ the head) only; PTQ and QAT start from the merged student."""
+    import re
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_distill.students import build_student
+    from hf_distill.students.peft_students import ADAPTER_DIR
+
+    out = tmp_path / "lora"
+    results = recipe.main(flags(assets, out, "--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0",
+                                "--num_train_epochs", "2", "--qat_epochs", "0.5"))
+    assert [r["name"] for r in results["models"]][2:] == ["PTQ int8 student", "QAT int8 student"]
+    assert (out / "student_fp32" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "student_fp32").state_dict()
+    initial = build_student(AutoModelForSequenceClassification.from_pretrained(out / "teacher"), num_layers=2).state_dict()
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k])}
+    assert any(".query.weight" in k for k in changed)
+    assert all(re.search(r"\.(query|key|value)\.weight$|^classifier\.", k) for k in changed), changed
+    assert quantized_modules(load_int8(out / "student_qat_int8"))

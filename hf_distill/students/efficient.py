@@ -175,6 +175,11 @@ class EfficientClassifierPreTrainedModel(PreTrainedModel):
         "this student has no transformer layers, so it has no hidden states, attention maps or Q/K/V to match the "
         "teacher's; distil it from the teacher's outputs only: terms kl, logit_mse and task (for the default "
         "terms: --cos_weight 0 --hidden_mse_weight 0)")
+    # Why LoRA adapters do not apply (checked by hf_distill.students.peft_students.apply_peft).
+    peft_refusal = (
+        "LoRA adapts the frozen weights of a pretrained model, and this student has none to keep: its LSTM / "
+        "convolutions start from scratch (only the embeddings come from the teacher) and it is small enough to "
+        "train in full; train it without --use_peft")
 
     def _init_weights(self, module):
         if isinstance(module, nn.Embedding):

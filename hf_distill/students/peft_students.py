@@ -65,6 +65,9 @@ def apply_peft(model: nn.Module, peft_args: PeftArguments | None):
     """``model`` with LoRA adapters when ``peft_args.use_peft`` (else ``model`` unchanged)."""
     if peft_args is None or not peft_args.use_peft:
         return model
+    refusal = getattr(unwrap(model), "peft_refusal", None)
+    if refusal:
+        raise ValueError(f"--use_peft on a {type(unwrap(model)).__name__}: {refusal}")
     if peft_args.use_qlora:
         try:
             import bitsandbytes  # noqa: F401
