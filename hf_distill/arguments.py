@@ -64,6 +64,18 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Precision of the frozen teacher: float32, bfloat16, float16 or auto (as saved).",
                   "choices": list(TEACHER_DTYPES)},
     )
+    teacher_device: str | None = field(
+        default=None,
+        metadata={"help": "Device of the frozen teacher (e.g. cuda:1, cpu) when it should not share the student's; "
+                          "its inputs are moved there and its outputs back to the student's device for the loss. "
+                          "Default: the student's device."},
+    )
+    fused_vocab_threshold: int = field(
+        default=32768,
+        metadata={"help": "Response terms and the causal-LM task loss with `fused: auto` (the default) compute from "
+                          "the models' last hidden states and output projections, chunk by chunk, when the "
+                          "vocabulary has at least this many entries: neither model's full logits ever exist."},
+    )
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the soft-target KL (x T^2)."})
     kd_weight: float = field(default=5.0, metadata={"help": "Weight of the soft-target KL term (DistilBERT alpha_ce)."})
     task_weight: float = field(
@@ -125,6 +137,14 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.fused_vocab_threshold, bool) or not isinstance(self.fused_vocab_threshold, int) \
+                or self.fused_vocab_threshold < 0:
+            raise ValueError(f"fused_vocab_threshold must be an integer >= 0 (0: always fused where possible), got "
+                             f"{self.fused_vocab_threshold!r}")
+        if self.teacher_device is not None:
+            from .sources.frozen import check_device
+
+            check_device(self.teacher_device, "teacher_device")
         for name in ("kd_weight", "task_weight", "cos_weight", "mse_weight", "hidden_mse_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

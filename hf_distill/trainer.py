@@ -37,6 +37,7 @@ from .checkpoints import DistillationCheckpointMixin
 from .modeling import forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
+from .objectives.fused import fused_output_flags, settle_fused, with_head
 from .qkv import QKVRecorder
 from .sources import EmaTeacher, FrozenTeacher, PeerTeacher, SnapshotTeacher, StoredTeacher, TeacherSource
 from .teachers import check_same_vocabulary, find_teacher_tokenizer, load_teacher, teacher_mixture_weights
@@ -111,6 +112,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         # The objective validates layer maps, widths and head counts now, before any step.
         self.objective = build_objective(args, model, source.models, multi_teacher=args.multi_teacher,
                                          teacher_weights=self.teacher_weights)
+        settle_fused(self.objective, model, source.models, source.provides, args)  # fused: auto -> on or off
         source.check(self.objective)
         if "attentions" in self.objective.needs:
             for m in [model, *source.models]:
@@ -157,13 +159,16 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             kind = "frozen" if teachers else "stored"
         if args.teacher_store and kind != "stored":
             raise ValueError(f"teacher_store is read by teacher_source='stored', not {kind!r}; drop one of them")
+        if args.teacher_device is not None and kind != "frozen":
+            raise ValueError(f"teacher_device places a frozen teacher, but the teacher source is {kind!r}; drop "
+                             "teacher_device or use teacher_source='frozen'")
         if kind in ("stored", "ema", "snapshot") and teachers:
             raise ValueError(f"teacher_source={kind!r} takes no teacher model, but one was given; drop teacher= / "
                              "--teacher_name_or_path, or use teacher_source='frozen'")
         if kind == "frozen":
             if not teachers:
                 raise ValueError("teacher_source='frozen' needs a teacher: pass teacher=... or --teacher_name_or_path")
-            return FrozenTeacher(teachers, dtype=args.teacher_dtype)
+            return FrozenTeacher(teachers, dtype=args.teacher_dtype, device=args.teacher_device)
         if kind == "stored":
             if args.teacher_store or args.eval_teacher_store:
                 return StoredTeacher(store=args.teacher_store, eval_store=args.eval_teacher_store)
@@ -311,13 +316,15 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------ the loss
     def output_flags(self) -> dict:
-        """What the models must return for the configured terms (``output_hidden_states``, ...)."""
+        """What the models must return for the configured terms (``output_hidden_states``, ...; for fused terms
+        the last hidden states and one position of logits, :func:`~hf_distill.objectives.fused.fused_output_flags`)."""
         needs = self.objective.needs
         flags = {}
         if "hidden_states" in needs:
             flags["output_hidden_states"] = True
         if "attentions" in needs:
             flags["output_attentions"] = True
+        flags.update(fused_output_flags(needs))
         return flags
 
     def teacher_forward(self, index: int, inputs: dict) -> ModelTensors:
@@ -348,6 +355,8 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         else:
             student_out = model(**model_inputs, **self.output_flags())
             student = ModelTensors.from_output(student_out)
+        if "last_hidden" in self.objective.needs:  # fused terms: last hidden states + projection, no full logits
+            student = with_head(student, model)
 
         teachers = self.teacher_source.teacher_tensors(self, model_inputs, extra, student=student)
 
@@ -378,8 +387,10 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         self._record_terms(terms, scale, model.training, inputs)
         if model.training and self._undo_ga_division:
             loss = loss * getattr(self, "current_gradient_accumulation_steps", 1)
-        if return_outputs:
-            return loss, {"loss": loss, "logits": student_out.logits}
+        if return_outputs:  # fused terms alone leave one position of logits: no predictions to return
+            logits = None if "logits" not in self.objective.needs and "last_hidden" in self.objective.needs \
+                else student_out.logits
+            return loss, {"loss": loss, "logits": logits}
         return loss
 
     def _nonfinite_loss(self, model, terms, step, inputs) -> torch.Tensor:

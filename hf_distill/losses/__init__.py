@@ -3,7 +3,8 @@
 * response-based (output distributions): :func:`kl_div_loss`, :func:`reverse_kl_loss`,
   :func:`generalized_jsd_loss`, :func:`topk_kl_loss`, :func:`logit_mse_loss`;
 * memory-bounded variants for large vocabularies: :func:`chunked_kl_loss`,
-  :func:`chunked_generalized_jsd_loss`, :func:`fused_linear_kl_loss`, :func:`chunked_topk_kl_loss`;
+  :func:`chunked_generalized_jsd_loss`, :func:`fused_linear_kl_loss`, :func:`chunked_topk_kl_loss`,
+  :func:`fused_linear_cross_entropy` (hard-label CE from hidden states and the projection);
 * feature-based (hidden states, attention maps): :func:`hidden_mse_loss`, :func:`cosine_loss`,
   :func:`hidden_states_loss`, :func:`attention_mse_loss`, :func:`attention_kl_loss`, with
   :class:`LinearProjection` / :func:`make_projection` and the layer maps :func:`layer_map`,
@@ -15,6 +16,7 @@
 
 from .chunked import chunked_generalized_jsd_loss, chunked_kl_loss, fused_linear_kl_loss
 from .chunked_topk import chunked_topk_kl_loss
+from .fused_ce import fused_linear_cross_entropy
 from .feature import (
     LinearProjection,
     attention_kl_loss,
@@ -44,6 +46,7 @@ __all__ = [
     "chunked_topk_kl_loss",
     "cosine_loss",
     "cross_entropy_loss",
+    "fused_linear_cross_entropy",
     "fused_linear_kl_loss",
     "generalized_jsd_loss",
     "hidden_mse_loss",

@@ -37,11 +37,19 @@ import torch.nn.functional as F
 from ._common import check_mask, compute_dtype
 
 __all__ = [
+    "LinearGrads",
     "Workspace",
     "chunked_generalized_jsd_loss",
     "chunked_kl_loss",
     "divergence_chunk",
     "fused_linear_kl_loss",
+    "gather_rows_into",
+    "linear_into",
+    "prepare_rows",
+    "put_rows",
+    "row_chunks",
+    "scale_saved_grads",
+    "take_rows",
 ]
 
 
@@ -140,7 +148,7 @@ def divergence_chunk(
     return loss, grad
 
 
-def _row_chunks(n_rows: int, rows: torch.Tensor | None, chunk_size: int) -> Iterator[slice | torch.Tensor]:
+def row_chunks(n_rows: int, rows: torch.Tensor | None, chunk_size: int) -> Iterator[slice | torch.Tensor]:
     """Chunks of the selected rows: slices when every row counts, index tensors otherwise."""
     if rows is None:
         for start in range(0, n_rows, chunk_size):
@@ -150,11 +158,11 @@ def _row_chunks(n_rows: int, rows: torch.Tensor | None, chunk_size: int) -> Iter
             yield rows[start : start + chunk_size]
 
 
-def _take(flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+def take_rows(flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     return flat[sel] if isinstance(sel, slice) else flat.index_select(0, sel)
 
 
-def _gather_into(buffer: torch.Tensor, flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+def gather_rows_into(buffer: torch.Tensor, flat: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     """Copy the selected rows of ``flat`` into ``buffer`` (converting the dtype); return ``buffer``."""
     if isinstance(sel, slice):
         return buffer.copy_(flat[sel])
@@ -163,7 +171,7 @@ def _gather_into(buffer: torch.Tensor, flat: torch.Tensor, sel: slice | torch.Te
     return buffer.copy_(flat.index_select(0, sel))
 
 
-def _put(flat: torch.Tensor, sel: slice | torch.Tensor, value: torch.Tensor) -> None:
+def put_rows(flat: torch.Tensor, sel: slice | torch.Tensor, value: torch.Tensor) -> None:
     value = value.to(flat.dtype)
     if isinstance(sel, slice):
         flat[sel] = value
@@ -171,7 +179,7 @@ def _put(flat: torch.Tensor, sel: slice | torch.Tensor, value: torch.Tensor) -> 
         flat.index_copy_(0, sel, value)
 
 
-def _prepare(
+def prepare_rows(
     leading_shape: torch.Size,
     mask: torch.Tensor | None,
     num_items: int | float | torch.Tensor | None,
@@ -202,7 +210,7 @@ def _prepare(
     return rows, denominator
 
 
-def _grad_scale(grad_output: torch.Tensor, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def scale_saved_grads(grad_output: torch.Tensor, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Multiply the stored gradients by the incoming scalar gradient (skipped when it is 1)."""
     if torch.equal(grad_output, torch.ones_like(grad_output)):
         return grads
@@ -222,24 +230,24 @@ class _ChunkedDivergence(torch.autograd.Function):
         n_selected = s_flat.shape[0] if rows is None else rows.numel()
         workspace = Workspace(min(chunk_size, max(n_selected, 1)), vocab, dtype, student_logits.device, beta)
         scale = (1.0 / denominator).to(dtype)
-        for sel in _row_chunks(s_flat.shape[0], rows, chunk_size):
+        for sel in row_chunks(s_flat.shape[0], rows, chunk_size):
             n = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
             # Copies into the workspace: the chunk is overwritten in place, never the caller's logits.
-            s = _gather_into(workspace.student[:n], s_flat, sel)
-            t = _gather_into(workspace.teacher[:n], t_flat, sel)
+            s = gather_rows_into(workspace.student[:n], s_flat, sel)
+            t = gather_rows_into(workspace.teacher[:n], t_flat, sel)
             loss, grad = divergence_chunk(
                 s, t, beta=beta, temperature=temperature, need_grad=need_grad, workspace=workspace
             )
             total += loss.sum()
             if need_grad:
-                _put(grad_flat, sel, grad.mul_(scale))
+                put_rows(grad_flat, sel, grad.mul_(scale))
         if need_grad:
             ctx.save_for_backward(grad_flat.view(student_logits.shape))
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = _grad_scale(grad_output, list(ctx.saved_tensors))
+        (grad,) = scale_saved_grads(grad_output, list(ctx.saved_tensors))
         return grad, None, None, None, None, None, None
 
 
@@ -264,7 +272,7 @@ def chunked_generalized_jsd_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
     dtype = compute_dtype(student_logits)
-    rows, denominator = _prepare(
+    rows, denominator = prepare_rows(
         student_logits.shape[:-1], mask, num_items, chunk_size, temperature, beta, student_logits.device, dtype
     )
     if not torch.is_grad_enabled():  # evaluation: no gradient buffer (needs_input_grad ignores no_grad)
@@ -290,7 +298,7 @@ def chunked_kl_loss(
     )
 
 
-def _linear_into(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_into(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``buffer <- h @ weight.T + bias`` (the GEMM writes straight into the workspace when dtypes allow)."""
     if h.dtype == buffer.dtype and weight.dtype == buffer.dtype and (bias is None or bias.dtype == buffer.dtype):
         if bias is None:
@@ -299,60 +307,78 @@ def _linear_into(buffer: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bi
     return buffer.copy_(F.linear(h, weight, bias))  # low precision: logits in their dtype, then upcast
 
 
+class LinearGrads:
+    """Gradients of a chunked loss with respect to the input ``h``, ``weight`` and ``bias`` of ``h @ weight.T + bias``.
+
+    ``needs`` is ``(h, weight, bias)`` from ``ctx.needs_input_grad``. :meth:`add` takes a chunk's rows
+    ``sel``, their inputs ``h`` and the gradient with respect to their logits (already divided by the
+    item count) and accumulates; :meth:`saved` returns the three gradients for ``ctx.save_for_backward``.
+    The weight and bias gradients accumulate in float32 (float64 for float64 weights).
+    """
+
+    def __init__(self, h_flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs) -> None:
+        self.weight, self.bias = weight, bias
+        self.need_h, self.need_w = bool(needs[0]), bool(needs[1])
+        self.need_b = bias is not None and bool(needs[2])
+        self.acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.h = torch.zeros_like(h_flat) if self.need_h else None
+        self.w = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device) if self.need_w else None
+        self.b = torch.zeros(bias.shape, dtype=self.acc_dtype, device=bias.device) if self.need_b else None
+
+    @property
+    def any(self) -> bool:
+        return self.need_h or self.need_w or self.need_b
+
+    def add(self, sel: slice | torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        w = self.weight
+        if self.need_b:
+            self.b += grad_logits.sum(0).to(self.acc_dtype)
+        grad_mm = grad_logits.to(h.dtype)  # the dtype autograd would use for the matmuls
+        if self.need_h:
+            if isinstance(sel, slice) and self.h.dtype == grad_mm.dtype == w.dtype:
+                torch.mm(grad_mm, w, out=self.h[sel])
+            else:
+                put_rows(self.h, sel, grad_mm @ w)
+        if self.need_w:
+            if self.w.dtype == grad_mm.dtype == h.dtype:
+                self.w.addmm_(grad_mm.T, h)
+            else:
+                self.w += (grad_mm.T @ h).to(self.acc_dtype)
+
+    def saved(self, h_shape: torch.Size) -> tuple[torch.Tensor | None, ...]:
+        return (self.h.view(h_shape) if self.need_h else None,
+                self.w.to(self.weight.dtype) if self.need_w else None,
+                self.b.to(self.bias.dtype) if self.need_b else None)
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, denominator, chunk_size, temperature, beta):
         hs_flat = h_s.reshape(-1, h_s.shape[-1])
         ht_flat = h_t.reshape(-1, h_t.shape[-1])
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = b_s is not None and ctx.needs_input_grad[2]
-        need_grad = need_h or need_w or need_b
+        grads = LinearGrads(hs_flat, w_s, b_s, ctx.needs_input_grad[:3])
         dtype = compute_dtype(h_s)
-        acc_dtype = torch.float64 if w_s.dtype == torch.float64 else torch.float32
-        vocab = w_s.shape[0]
-        grad_h = torch.zeros_like(hs_flat) if need_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=w_s.device) if need_w else None
-        grad_b = torch.zeros(b_s.shape, dtype=acc_dtype, device=b_s.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=h_s.device)
         n_selected = hs_flat.shape[0] if rows is None else rows.numel()
-        workspace = Workspace(min(chunk_size, max(n_selected, 1)), vocab, dtype, h_s.device, beta)
+        workspace = Workspace(min(chunk_size, max(n_selected, 1)), w_s.shape[0], dtype, h_s.device, beta)
         scale = (1.0 / denominator).to(dtype)
-        for sel in _row_chunks(hs_flat.shape[0], rows, chunk_size):
-            hs = _take(hs_flat, sel)
+        for sel in row_chunks(hs_flat.shape[0], rows, chunk_size):
+            hs = take_rows(hs_flat, sel)
             n = hs.shape[0]
-            s = _linear_into(workspace.student[:n], hs, w_s, b_s)
-            t = _linear_into(workspace.teacher[:n], _take(ht_flat, sel), w_t, b_t)
+            s = linear_into(workspace.student[:n], hs, w_s, b_s)
+            t = linear_into(workspace.teacher[:n], take_rows(ht_flat, sel), w_t, b_t)
             loss, grad = divergence_chunk(
-                s, t, beta=beta, temperature=temperature, need_grad=need_grad, workspace=workspace
+                s, t, beta=beta, temperature=temperature, need_grad=grads.any, workspace=workspace
             )
             total += loss.sum()
-            if not need_grad:
-                continue
-            grad.mul_(scale)
-            if need_b:
-                grad_b += grad.sum(0).to(acc_dtype)
-            grad_mm = grad.to(hs.dtype)  # the dtype autograd would use for the matmuls
-            if need_h:
-                if isinstance(sel, slice) and grad_h.dtype == grad_mm.dtype == w_s.dtype:
-                    torch.mm(grad_mm, w_s, out=grad_h[sel])
-                else:
-                    _put(grad_h, sel, grad_mm @ w_s)
-            if need_w:
-                if grad_w.dtype == grad_mm.dtype == hs.dtype:
-                    grad_w.addmm_(grad_mm.T, hs)
-                else:
-                    grad_w += (grad_mm.T @ hs).to(acc_dtype)
-            del grad_mm
-        ctx.save_for_backward(
-            grad_h.view(h_s.shape) if need_h else None,
-            grad_w.to(w_s.dtype) if need_w else None,
-            grad_b.to(b_s.dtype) if need_b else None,
-        )
+            if grads.any:
+                grads.add(sel, hs, grad.mul_(scale))
+        ctx.save_for_backward(*grads.saved(h_s.shape))
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b = _grad_scale(grad_output, list(ctx.saved_tensors))
+        grad_h, grad_w, grad_b = scale_saved_grads(grad_output, list(ctx.saved_tensors))
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -407,7 +433,7 @@ def fused_linear_kl_loss(
         )
     beta_value = 0.0 if beta is None else float(beta)
     dtype = compute_dtype(student_hidden)
-    rows, denominator = _prepare(
+    rows, denominator = prepare_rows(
         student_hidden.shape[:-1], mask, num_items, chunk_size, temperature, beta_value, student_hidden.device, dtype
     )
     if not torch.is_grad_enabled():  # evaluation: no gradient buffers for the hidden states and the projection

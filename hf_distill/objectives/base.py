@@ -18,8 +18,9 @@ TERM_REGISTRY: dict[str, type["Term"]] = {}
 DEFAULT_LOG_NAMES = {"kl": "kd", "hidden_cos": "cos", "logit_mse": "mse"}
 TASK_LOG_NAMES = {"masked_lm": "mlm", "causal_lm": "clm", "ctc": "ctc"}
 
-# What a term may ask the trainer to collect from the models (``Term.needs``).
-KNOWN_NEEDS = frozenset({"logits", "hidden_states", "attentions", "qkv"})
+# What a term may ask the trainer to collect from the models (``Term.needs``). ``last_hidden``: the final hidden
+# states and the output projection they feed, instead of the full logits (the fused losses).
+KNOWN_NEEDS = frozenset({"logits", "hidden_states", "attentions", "qkv", "last_hidden"})
 
 
 def register_term(name: str) -> Callable[[type["Term"]], type["Term"]]:
@@ -43,6 +44,8 @@ class ModelTensors:
     ``encoder_hidden_states`` / ``encoder_attentions`` the encoder's. A teacher whose outputs were
     stored sparsely gives ``topk_logprobs`` / ``topk_indices`` (its top-k log-probabilities at the
     distillation temperature) and ``tail_mass`` (the probability outside them) instead of logits.
+    For the fused losses, ``last_hidden_state`` holds the final hidden states and ``head`` the output
+    projection ``(weight, bias)`` they feed (the logits are ``F.linear(last_hidden_state, *head)``).
     """
 
     logits: torch.Tensor | None = None
@@ -54,6 +57,8 @@ class ModelTensors:
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def from_output(cls, out, qkv=None) -> "ModelTensors":
@@ -94,7 +99,7 @@ class ModelTensors:
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by a readable name (``logits``, ``hidden_states[2]``, ...), for diagnostics."""
         out: dict[str, torch.Tensor] = {}
-        for name in ("logits", "topk_logprobs", "tail_mass"):
+        for name in ("logits", "topk_logprobs", "tail_mass", "last_hidden_state"):
             if torch.is_tensor(getattr(self, name)):
                 out[name] = getattr(self, name)
         for name in ("hidden_states", "attentions", "encoder_hidden_states", "encoder_attentions"):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from .. import losses
-from ..losses.chunked import chunked_generalized_jsd_loss
+from ..losses.chunked import chunked_generalized_jsd_loss, fused_linear_kl_loss
 from ..losses.chunked_topk import chunked_topk_kl_loss
+from ..losses.fused_ce import fused_linear_cross_entropy
 from ..losses.task import ctc_loss
 from ..modeling import task_kind, unwrap
 from .base import TASK_LOG_NAMES, ModelTensors, StepTensors, Term, finite_number, register_term, shifted
+from .fused import FusableTerm
 
 
 class ResponseTerm(Term):
@@ -51,6 +53,19 @@ def divergence(step: StepTensors, s: torch.Tensor, t: torch.Tensor, *, beta: flo
                                         num_items=step.counts["kd"], chunk_size=chunk_rows(s.shape[-1], s.device))
 
 
+def fused_divergence(step: StepTensors, term: ResponseTerm, *, beta: float) -> torch.Tensor:
+    """:func:`divergence` from both models' last hidden states and output projections (``fused: true``): the same
+    value and student gradients, with neither model's full logits ever formed."""
+    student, teacher = step.student, step.teacher(term.teacher_index)
+    hidden = shifted(step, student.last_hidden_state)
+    weight, bias = student.head
+    t_weight, t_bias = teacher.head
+    return fused_linear_kl_loss(hidden, weight, shifted(step, teacher.last_hidden_state).to(hidden.device), t_weight,
+                                student_bias=bias, teacher_bias=t_bias, beta=beta, temperature=term.temperature,
+                                mask=step.masks["kd"], num_items=step.counts["kd"],
+                                chunk_size=chunk_rows(weight.shape[0], hidden.device))
+
+
 def sparse_kl(step: StepTensors, teacher, temperature: float) -> torch.Tensor:
     """KL against a teacher stored as top-k log-probabilities (+ tail mass) at ``temperature``, chunked (no
     full positions x vocabulary temporaries); for causal LMs the stored positions are shifted like the logits."""
@@ -64,9 +79,11 @@ def sparse_kl(step: StepTensors, teacher, temperature: float) -> torch.Tensor:
 
 
 @register_term("kl")
-class KLTerm(ResponseTerm):
+class KLTerm(FusableTerm, ResponseTerm):
     """Soft-target KL(p_T || p_S) at temperature T, x T^2 (DistilBERT, Hinton et al.); on a teacher stored as
     top-k + tail mass, the KL over the top-k and the tail (exact when k is the vocabulary)."""
+
+    options = ("temperature", "fused")
 
     def forward(self, step):
         teacher = step.teacher(self.teacher_index)
@@ -74,24 +91,30 @@ class KLTerm(ResponseTerm):
             if len(step.teachers) > 1 and self.teacher_index is None:
                 raise ValueError("several teachers stored as top-k cannot be averaged; use multi_teacher: separate")
             return sparse_kl(step, teacher, self.temperature)
+        if self.fused:
+            return fused_divergence(step, self, beta=0.0)
         s, t = self.pair(step)
         return divergence(step, s, t, beta=0.0, temperature=self.temperature)
 
 
 @register_term("reverse_kl")
-class ReverseKLTerm(ResponseTerm):
+class ReverseKLTerm(FusableTerm, ResponseTerm):
     """KL(p_S || p_T) x T^2: mode-seeking."""
 
+    options = ("temperature", "fused")
+
     def forward(self, step):
+        if self.fused:
+            return fused_divergence(step, self, beta=1.0)
         s, t = self.pair(step)
         return divergence(step, s, t, beta=1.0, temperature=self.temperature)
 
 
 @register_term("jsd")
-class JSDTerm(ResponseTerm):
+class JSDTerm(FusableTerm, ResponseTerm):
     """Generalized Jensen-Shannon divergence with mixture weight ``beta`` (0: forward KL, 1: reverse KL)."""
 
-    options = ("temperature", "beta")
+    options = ("temperature", "beta", "fused")
 
     def setup(self, student, teachers, args):
         super().setup(student, teachers, args)
@@ -100,6 +123,8 @@ class JSDTerm(ResponseTerm):
             raise ValueError(f"term 'jsd': beta must be between 0 and 1, got {self.beta:g}")
 
     def forward(self, step):
+        if self.fused:
+            return fused_divergence(step, self, beta=self.beta)
         s, t = self.pair(step)
         return divergence(step, s, t, beta=self.beta, temperature=self.temperature)
 
@@ -140,11 +165,12 @@ class TopKKLTerm(Term):
 
 
 @register_term("task")
-class TaskTerm(Term):
-    """Cross-entropy on the hard labels (masked-LM, causal-LM or classification; CTC loss for CTC heads)."""
+class TaskTerm(FusableTerm):
+    """Cross-entropy on the hard labels (masked-LM, causal-LM or classification; CTC loss for CTC heads); fused
+    (from the last hidden states and the output projection, chunk by chunk) for causal LMs with ``fused``."""
 
     count_key = "task"
-    options = ("label_smoothing",)
+    options = ("label_smoothing", "fused")
     uses_teacher = False
 
     @property
@@ -162,6 +188,13 @@ class TaskTerm(Term):
         self.blank = getattr(unwrap(student).config, "pad_token_id", 0) or 0
 
     def forward(self, step):
+        if self.fused:
+            hidden, (weight, bias) = shifted(step, step.student.last_hidden_state), step.student.head
+            if step.labels is None:
+                return hidden.sum() * 0.0
+            return fused_linear_cross_entropy(hidden, weight, step.labels[..., 1:], bias=bias,
+                                              num_items=step.counts["task"], label_smoothing=self.label_smoothing,
+                                              chunk_size=chunk_rows(weight.shape[0], hidden.device))
         if step.labels is None:
             return step.student.logits.sum() * 0.0
         if step.task == "ctc":
