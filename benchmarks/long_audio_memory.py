@@ -2,8 +2,8 @@
 
 Builds a tiny random Whisper teacher (d_model 32: the teacher is not what is measured), a long 16 kHz
 mono WAV made by repeating the committed test clips (``tests/data/harvard_festival``, 20 Harvard
-sentences, 50 s) with 0.5-s pauses, and runs ``hf-distill pseudo-label`` and ``hf-distill
-pseudo-label-packed`` on it, on the 20 short clips, and on as many short clips as the long file has 30-s windows (the
+sentences, 50 s) with 0.5-s pauses, and runs ``hf-distill pseudo-label --no-pack`` and ``hf-distill
+pseudo-label --pack`` on it, on the 20 short clips, and on as many short clips as the long file has 30-s windows (the
 manifest repeats the 20 files: the same work for the teacher). Each run is a fresh ``python -m hf_distill.cli``
 process; its peak resident memory is the ``ru_maxrss`` the kernel reports for that child alone.
 
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hours", type=float, default=3.0, help="length of the long recording")
     p.add_argument("--work_dir", default=None, help="teacher, audio and outputs (default: a temporary folder)")
-    p.add_argument("--labellers", default="pseudo-label,pseudo-label-packed")
+    p.add_argument("--labellers", default="pseudo-label --no-pack,pseudo-label --pack",
+                   help="comma-separated commands with their flags")
     p.add_argument("--max_new_tokens", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--pythonpath", default=None, help="import hf_distill from this folder instead")
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for labeller in args.labellers.split(","):
         for name, source in inputs.items():
-            out = work / "out" / f"{labeller}-{len(results)}"
+            out = work / "out" / f"{labeller.replace(' ', '')}-{len(results)}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "hf_distill.cli", labeller, source, "--model", str(teacher), "--output-dir",
+            cmd = [sys.executable, "-m", "hf_distill.cli", *labeller.split(), source, "--model", str(teacher), "--output-dir",
                    str(out), "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
                    "--no-progress"]
             rss, wall, code = peak_rss(cmd, env, work)  # not the repository: python -m puts the cwd first

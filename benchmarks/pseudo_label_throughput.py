@@ -12,9 +12,9 @@ default, flite with ``--engine flite``). The teacher: Whisper tiny.en from the
 Systems, each over the same files in one run (model loading and audio decoding included in every
 timing; a short warm-up on one file first, not timed):
 
-- ``hf_distill``: :func:`hf_distill.speech.fast_label.packed_pseudo_label` (clips packed into shared
+- ``hf_distill``: :func:`hf_distill.speech.labelling.pseudo_label` with ``pack=True`` (clips packed into shared
   30-s windows, long files cut at pauses), batch ``--batch_size``, writing its Parquet store;
-- ``hf_distill_unpacked``: :func:`hf_distill.speech.pseudo_label.pseudo_label` (one clip per window,
+- ``hf_distill_unpacked``: the same with ``pack=False`` (one clip per window,
   long files in overlapping chunks), same batch size (``--skip_unpacked`` to leave it out);
 - ``pipeline_per_file``: ``pipeline("automatic-speech-recognition", chunk_length_s=30)`` called on
   each file in turn (the common usage), greedy decoding like hf_distill (``num_beams=1``);
@@ -139,18 +139,14 @@ def read(path: str, sr: int = 16000) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- systems
 def run_hf_distill(rows, teacher, out_dir: Path, batch_size: int, device: str, packed: bool, manifest: Path,
                    encoder_dtype: str | None = None):
-    from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, pseudo_label
+    from hf_distill.speech.labelling import PseudoLabelConfig, load_pseudo_labels, pseudo_label
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     common = dict(input=str(manifest), model=str(teacher), output_dir=str(out_dir), batch_size=batch_size,
                   device=device, progress=False, shard_size=max(1, len(rows)), encoder_dtype=encoder_dtype)
     t0 = time.perf_counter()
-    if packed:
-        result = packed_pseudo_label(PackedLabelConfig(**common))
-    else:
-        result = pseudo_label(PseudoLabelConfig(**common))
+    result = pseudo_label(PseudoLabelConfig(**common, pack=packed))
     seconds = time.perf_counter() - t0
     ds = load_pseudo_labels(out_dir)
     by_path = {r["path"]: r["text"] for r in ds}

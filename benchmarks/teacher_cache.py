@@ -172,7 +172,7 @@ def measure_whisper_store(opts, work: Path) -> dict:
 
     from hf_distill.losses import topk_kl_loss
     from hf_distill.speech.audio import decode, list_audio
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, pseudo_label
+    from hf_distill.speech.labelling import PseudoLabelConfig, load_pseudo_labels, pseudo_label
     from hf_distill.store import unpack_topk
     from hf_distill.students.speech import build_whisper_student
 

@@ -23,7 +23,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "hf_distill.early_exit": ("EarlyExitModel", "save_exit_heads", "load_exit_heads", "export_exit_model"),
     "hf_distill.sources": ("TeacherSource", "FrozenTeacher", "StoredTeacher", "PeerTeacher", "EmaTeacher",
                            "SnapshotTeacher"),
-    "hf_distill.speech.pseudo_label": ("PseudoLabelConfig", "pseudo_label", "load_pseudo_labels"),
+    "hf_distill.speech.labelling": ("PseudoLabelConfig", "pseudo_label", "load_pseudo_labels"),
     "hf_distill.speech.convert_ct2": ("convert_ct2_whisper",),
 }, submodules=("losses",))
 __all__ = sorted([*__all__, "losses"]) + ["__version__"]

@@ -21,9 +21,9 @@ class CommandError(Exception):
 COMMANDS: dict[str, tuple[str, str]] = {
     "init-student": ("hf_distill.students:cli_main", "build a smaller student from a teacher's layers"),
     "cache-teacher": ("hf_distill.store.cli:cli_main", "run a teacher once over a dataset and store its outputs"),
-    "pseudo-label": ("hf_distill.speech.pseudo_label:cli_main", "label unlabeled audio with a speech teacher"),
-    "pseudo-label-packed": ("hf_distill.speech.fast_label:cli_main",
-                            "label Whisper audio, several short clips per 30-s window"),
+    "pseudo-label": ("hf_distill.speech.labelling.cli:cli_main", "label unlabeled audio with a speech teacher"),
+    "pseudo-label-packed": ("hf_distill.speech.labelling.cli:packed_cli_main",
+                            "deprecated: runs pseudo-label --pack"),
     "synthesize": ("hf_distill.speech.synth:cli_main", "speak sentences into WAV files + manifest.csv (festival/flite)"),
     "convert-ct2": ("hf_distill.speech.convert_ct2:cli_main", "convert a CTranslate2 Whisper model to transformers"),
     "convert-gguf": ("hf_distill.lm.gguf:cli_main", "convert a GGUF causal LM into a transformers folder (cached)"),

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe, args, peft_args = parse_config_and_args((CTCSoftTargetArguments, DistillationArguments, PeftArguments), argv)
     state, out = start_run(args.output_dir, recipe.num_threads)
     from hf_distill.hub import count_parameters, distillation_metadata
-    from hf_distill.speech.pseudo_label import load_pseudo_labels
+    from hf_distill.speech.labelling import load_pseudo_labels
     from hf_distill.speech.text_normalizer import wer
     from hf_distill.speech.ctc_training import (
         CTCDistillationCollator,

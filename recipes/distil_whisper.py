@@ -14,7 +14,7 @@ Stages:
    an optional reference text column, or a ``datasets`` dataset) into a resumable store
    (``output_dir/pseudo_labels``; a rerun resumes it), or ``--pseudo_labels DIR`` reuses a store made
    earlier. ``--labeller packed`` packs short clips into shared 30-s windows (faster; see
-   ``hf_distill.speech.fast_label``). Rows with ``keep`` (WER under ``--wer_threshold`` against the
+   ``hf_distill.speech.labelling``). Rows with ``keep`` (WER under ``--wer_threshold`` against the
    reference where there is one, confidence filters otherwise) are the training set; ``--keep_only false``
    trains on every row.
 3. **Student.** ``build_whisper_student``: the teacher's encoder (``--freeze_encoder`` to freeze it) and
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     state, out = start_run(args.output_dir, recipe.num_threads)
     from hf_distill.hub import count_parameters, distillation_metadata
     from hf_distill.speech.audio import list_audio
-    from hf_distill.speech.pseudo_label import load_pseudo_labels
+    from hf_distill.speech.labelling import load_pseudo_labels
     from hf_distill.speech.training import (
         WhisperDistillationCollator,
         WhisperDistillationTrainer,

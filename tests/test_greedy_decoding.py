@@ -81,8 +81,7 @@ def test_decode_equals_stream_and_returns_first_logits(model):
 
 
 def test_bfloat16_encoder_labels_with_a_float32_decoder_and_changes_the_config_hash(tmp_path):
-    from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, load_teacher
+    from hf_distill.speech.labelling import PseudoLabelConfig, load_pseudo_labels, load_teacher, pseudo_label
     from test_pseudo_label import write_clips
 
     whisper = build_tiny_whisper(tmp_path / "w")
@@ -99,6 +98,6 @@ def test_bfloat16_encoder_labels_with_a_float32_decoder_and_changes_the_config_h
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="encoder_dtype"):
         PseudoLabelConfig(input=str(folder), model=str(whisper), output_dir="x", encoder_dtype="int8")
-    result = packed_pseudo_label(PackedLabelConfig(input=str(folder), model=str(whisper), progress=False,
-                                                   output_dir=str(tmp_path / "c"), encoder_dtype="bfloat16"))
+    result = pseudo_label(PseudoLabelConfig(input=str(folder), model=str(whisper), progress=False, pack=True,
+                                            output_dir=str(tmp_path / "c"), encoder_dtype="bfloat16"))
     assert result["rows"] == 3 and len(load_pseudo_labels(tmp_path / "c")) == 3

@@ -20,7 +20,7 @@ import torch
 from speech_assets import one_line_error
 
 from hf_distill.losses import topk_kl_loss
-from hf_distill.speech.pseudo_label import (
+from hf_distill.speech.labelling import (
     FAILPOINT_ENV,
     ConfigMismatchError,
     PseudoLabelConfig,
@@ -29,8 +29,8 @@ from hf_distill.speech.pseudo_label import (
     load_pseudo_labels,
     merge_overlapping_texts,
     pseudo_label,
-    shard_files,
 )
+from hf_distill.store.writer import shard_files
 from hf_distill.speech.soft_labels import bytes_per_position, pack_topk, topk_from_logits, unpack_topk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -703,7 +703,7 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     sys.path.insert(0, str(Path(__file__).parent))
     from speech_assets import harvard_clips, tiny_en_teacher_dir
 
-    from hf_distill.speech.pseudo_label import load_normalizer, word_error_rate
+    from hf_distill.speech.labelling import load_normalizer, word_error_rate
 
     teacher = tiny_en_teacher_dir(tmp_path_factory)
     clips = harvard_clips(20)
@@ -718,9 +718,8 @@ def test_real_whisper_long_form_stitching_loses_and_repeats_nothing(tmp_path_fac
     assert len(joined) / 16000 > 45
     sf.write(folder / "joined.wav", joined, 16000)
     out = folder / "out"
-    result = pseudo_label(
-        PseudoLabelConfig(input=str(folder), model=str(teacher), output_dir=str(out), batch_size=8, progress=False)
-    )
+    result = pseudo_label(PseudoLabelConfig(input=str(folder), model=str(teacher), output_dir=str(out), batch_size=8,
+                                            progress=False, pack=False))
     assert result["rows"] == 21 and result["failures"] == 0
     rows = {r["id"]: r for r in read_rows(out)}
     norm = load_normalizer("english")
@@ -776,12 +775,11 @@ def pausing_signal(seconds: float, sr: int = 16000, seed: int = 7) -> np.ndarray
     return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["pseudo-label", "pseudo-label-packed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_a_long_recording_is_labelled_a_window_at_a_time(whisper_dir, tmp_path, monkeypatch, packed):
     """A 100-s recording: its reader never holds more than a window and a block (memory does not grow with
     the file), and the rows are those of reading the file in one block."""
-    import hf_distill.speech.fast_label as fast_label
-    import hf_distill.speech.pseudo_label as standard
+    import hf_distill.speech.labelling.audio_thread as audio_thread
     from hf_distill.speech.audio_stream import WindowReader
 
     folder = tmp_path / "audio"
@@ -797,14 +795,9 @@ def test_a_long_recording_is_labelled_a_window_at_a_time(whisper_dir, tmp_path, 
                 super().__init__(item, sampling_rate, length, block_frames=block)
                 readers.append((item.id, self))
 
-        monkeypatch.setattr(standard, "WindowReader", RecordingReader)
-        monkeypatch.setattr(fast_label, "WindowReader", RecordingReader)
-        common = dict(input=str(folder), model=str(whisper_dir), output_dir=str(out), max_new_tokens=4, batch_size=2,
-                      progress=False)
-        if packed:
-            fast_label.packed_pseudo_label(fast_label.PackedLabelConfig(**common))
-        else:
-            pseudo_label(PseudoLabelConfig(**common))
+        monkeypatch.setattr(audio_thread, "WindowReader", RecordingReader)
+        pseudo_label(PseudoLabelConfig(input=str(folder), model=str(whisper_dir), output_dir=str(out), max_new_tokens=4,
+                                       batch_size=2, progress=False, pack=packed))
         return {r["id"]: r for r in read_rows(out)}
 
     in_blocks = label(4096, tmp_path / "blocks")
@@ -865,12 +858,12 @@ def test_wrong_paths_and_empty_inputs_fail_in_one_line_before_the_teacher_loads(
         whisper_dir, bad_paths, capsys, monkeypatch, command, case, expected):
     import re
 
-    import hf_distill.speech.pseudo_label as standard
+    import hf_distill.speech.labelling.job as job
 
     def never(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the input was checked")
 
-    monkeypatch.setattr(standard, "load_teacher", never)
+    monkeypatch.setattr(job, "load_teacher", never)
     d = bad_paths
     source, model, out = str(d / "clips"), str(whisper_dir), str(d / "out")
     if case == "missing input":
@@ -923,5 +916,5 @@ def test_peak_memory_of_a_one_hour_file_is_that_of_short_clips(tmp_path):
     peaks = {(r["labeller"], r["input"].split(" ")[0]): r["peak_rss_mib"] for r in report["results"]}
     assert all(r["exit_code"] == 0 for r in report["results"])
     windows = str(report["windows"])
-    for labeller in ("pseudo-label", "pseudo-label-packed"):
+    for labeller in ("pseudo-label --no-pack", "pseudo-label --pack"):
         assert peaks[(labeller, "one")] <= peaks[(labeller, windows)] + 100, peaks

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from hf_distill.speech.fast_label import (
-    PackedLabelConfig,
+from hf_distill.speech.greedy_decoding import GreedyWhisperDecoder
+from hf_distill.speech.labelling import PseudoLabelConfig, load_pseudo_labels, pseudo_label
+from hf_distill.speech.labelling.cli import packed_cli_main
+from hf_distill.speech.labelling.packing import (
     Segment,
     assign_segments,
     pack_units,
-    packed_pseudo_label,
     parse_timestamped,
     split_at_pauses,
     uncovered_seconds,
     voiced_frames,
 )
-from hf_distill.speech.pseudo_label import PseudoLabelConfig, load_pseudo_labels, pseudo_label
 from hf_distill.speech.training import (
     IGNORE_INDEX,
     WhisperDistillationCollator,
@@ -331,8 +331,9 @@ def test_assign_segments_accepts_clean_splits_and_rejects_doubtful_ones():
 def test_packed_labelling_writes_the_same_store_as_pseudo_label(whisper_dir, tmp_path):
     folder = write_clips(tmp_path / "audio", [1.0, 2.0, 1.5, 3.0, 0.8, 2.5, 35.0], bad=True)
     common = dict(input=str(folder), model=str(whisper_dir), batch_size=4, progress=False)
-    result = packed_pseudo_label(PackedLabelConfig(output_dir=str(tmp_path / "packed"), **common))
-    pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "plain"), **common))
+    result = pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "packed"), **common))
+    assert result["packed"]  # the default for a Whisper teacher decoding greedily without soft labels
+    pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "plain"), pack=False, **common))
     packed = {r["id"]: r for r in load_pseudo_labels(tmp_path / "packed")}
     plain = {r["id"]: r for r in load_pseudo_labels(tmp_path / "plain")}
     assert packed.keys() == plain.keys() and len(packed) == 7  # the non-audio file is a recorded failure
@@ -351,13 +352,11 @@ def test_packed_labelling_writes_the_same_store_as_pseudo_label(whisper_dir, tmp
         else:
             assert row["n_chunks"] == 2
     # resuming a finished store recomputes nothing
-    again = packed_pseudo_label(PackedLabelConfig(output_dir=str(tmp_path / "packed"), **common))
+    again = pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "packed"), pack=True, **common))
     assert again["shards_computed"] == 0 and again["shards_skipped"] == 1
-    # the command line: every pseudo-label flag plus the packing settings, recorded in the manifest
-    from hf_distill.speech.fast_label import cli_main
-
-    assert cli_main([str(folder), "--model", str(whisper_dir), "--output-dir", str(tmp_path / "cli"),
-                     "--batch-size", "4", "--no-progress", "--pack-gap-s", "0.5"]) == 0
+    # the deprecated command: every pseudo-label flag plus the packing settings, recorded in the manifest
+    assert packed_cli_main([str(folder), "--model", str(whisper_dir), "--output-dir", str(tmp_path / "cli"),
+                            "--batch-size", "4", "--no-progress", "--pack-gap-s", "0.5"]) == 0
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["config"]["pack_gap_s"] == 0.5 and manifest["packing"]["pack_gap_s"] == 0.5
     assert len(load_pseudo_labels(tmp_path / "cli")) == 7
@@ -419,8 +418,8 @@ def test_packed_labelling_keeps_the_wer_of_unpacked_labelling(tiny_en_teacher, t
         writer.writerow(["path", "text"])
         writer.writerows([str(p), t] for p, t in rows)
     common = dict(input=str(manifest), model=str(tiny_en_teacher), batch_size=8, progress=False)
-    result = packed_pseudo_label(PackedLabelConfig(output_dir=str(tmp_path / "packed"), **common))
-    pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "plain"), **common))
+    result = pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "packed"), pack=True, **common))
+    pseudo_label(PseudoLabelConfig(output_dir=str(tmp_path / "plain"), pack=False, **common))
     refs = [t for _, t in rows]
     by_path = {}
     for name in ("packed", "plain"):
@@ -436,8 +435,6 @@ def test_packed_labelling_keeps_the_wer_of_unpacked_labelling(tiny_en_teacher, t
 def test_greedy_decoder_matches_generate(whisper_dir, timestamps):
     from transformers import WhisperForConditionalGeneration
     from transformers.modeling_outputs import BaseModelOutput
-
-    from hf_distill.speech.fast_label import GreedyWhisperDecoder
 
     model = WhisperForConditionalGeneration.from_pretrained(whisper_dir).eval()
     gen = model.generation_config

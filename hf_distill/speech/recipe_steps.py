@@ -85,28 +85,23 @@ def label_store(recipe: SpeechRecipeArguments, teacher_dir: str | Path, store: P
                 packed: bool = False, **options: Any) -> dict[str, Any]:
     """Pseudo-label ``recipe.audio`` with the teacher into ``store`` (resuming it; every process takes its
     shards), then finalize the store once. ``options``: further ``PseudoLabelConfig`` fields (thresholds,
-    soft labels); ``packed``: the packed labeller (``fast_label``) instead of the standard one.
+    soft labels); ``packed``: clips packed into shared Whisper windows (``pack``), else each in its own.
 
     Returns ``seconds``, ``shards_computed``, ``shards_skipped`` and the store's ``summary``."""
     from accelerate import PartialState
 
-    from hf_distill.speech.pseudo_label import PseudoLabelConfig, finalize, pseudo_label
+    from hf_distill.speech.labelling import PseudoLabelConfig, finalize, pseudo_label
 
     config = dict(
         input=recipe.audio, model=str(teacher_dir), output_dir=str(store), teacher_type=teacher_type,
         path_column=recipe.path_column, text_column=recipe.text_column, id_column=recipe.id_column,
         audio_column=recipe.audio_column, split=recipe.split, dataset_config=recipe.dataset_config,
         batch_size=recipe.label_batch_size, wer_threshold=recipe.wer_threshold, device=recipe.label_device,
-        shard_size=recipe.label_shard_size, **options,
+        shard_size=recipe.label_shard_size, pack=packed, **options,
     )
     state = PartialState()
     t0 = time.perf_counter()
-    if packed:
-        from hf_distill.speech.fast_label import PackedLabelConfig, packed_pseudo_label
-
-        result = packed_pseudo_label(PackedLabelConfig(**config))
-    else:
-        result = pseudo_label(PseudoLabelConfig(**config))
+    result = pseudo_label(PseudoLabelConfig(**config))
     state.wait_for_everyone()
     summary_path = store / "summary.json"
     if state.is_main_process and not summary_path.is_file():
