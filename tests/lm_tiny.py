@@ -21,7 +21,7 @@ TEXTS = [
 ] * 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -32,6 +32,16 @@ def _trained_json(vocab_size: int) -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TEXTS, trainer)
     return tok.to_str()
+
+
+def byte_level_vocab(vocab_size: int = 320) -> tuple[list[str], list[str], list[str]]:
+    """(tokens in id order, merges as "a b" strings, special tokens) of the trained BPE, as a GGUF stores them."""
+    import json
+
+    model = json.loads(_trained_json(vocab_size))["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges, list(SPECIALS)
 
 
 def tiny_chat_tokenizer(vocab_size: int = 320, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:

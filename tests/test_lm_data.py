@@ -128,11 +128,11 @@ def test_pack_text_blocks(tok):
     packed = pack_text_blocks(texts, tok, 8)
     stream = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     assert len(packed) == len(stream) // 8
-    assert sum((row["input_ids"] for row in packed), []) == stream[: 8 * len(packed)]
+    assert [t for row in packed for t in row["input_ids"]] == stream[: 8 * len(packed)]
     for row in packed:
         assert len(row["input_ids"]) == 8 and row["labels"] == row["input_ids"] and set(row["attention_mask"]) == {1}
     no_eos = pack_text_blocks(datasets.Dataset.from_dict({"body": texts}), tok, 4, add_eos=False, text_column="body")
-    assert tok.eos_token_id not in sum(no_eos["input_ids"], [])
+    assert all(tok.eos_token_id not in row for row in no_eos["input_ids"])
     with pytest.raises(ValueError, match="not one string"):
         pack_text_blocks("just one text", tok, 8)
 

@@ -11,37 +11,19 @@ import json
 import os
 import time
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from lm_tiny import CHAT_TEMPLATE, byte_level_vocab
 
-gguf = pytest.importorskip("gguf")
-
-from hf_distill.lm.gguf import MARKER, cli_main, convert_gguf, default_cache_dir, gguf_architecture  # noqa: E402
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from hf_distill.lm.gguf import (
+    MARKER,
+    cli_main,
+    convert_gguf,
+    default_cache_dir,
+    gguf_architecture,
 )
-TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello tiny llama",
-         "a small model learns from a big one"] * 20
-
-
-def _byte_level_vocab(vocab_size: int = 300):
-    """(tokens in id order, merges, specials) of a byte-level BPE trained on TEXTS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TEXTS, trainer)
-    model = json.loads(tok.to_str())["model"]
-    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return tokens, merges, specials
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,7 +35,7 @@ def write_tiny_llama_gguf(path, *, tie: bool = True, seed: int = 0, layers: int 
     """Write a tiny llama GGUF (float32 tensors, BPE tokenizer, chat template); returns the source model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokens, merges, specials = _byte_level_vocab()
+    tokens, merges, specials = byte_level_vocab()
     cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
                       tie_word_embeddings=tie, bos_token_id=tokens.index("<|im_start|>"),
@@ -219,7 +201,7 @@ def test_clear_errors(tmp_path, cache):
 
 def test_default_cache_dir_follows_hf_home(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_DISTILL_CACHE", raising=False)
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
     assert default_cache_dir() == tmp_path / "hf" / "hf_distill"

@@ -92,7 +92,8 @@ def pack_text_blocks(
     from hf_distill.data.text import tokenize_and_pack
 
     if isinstance(texts_or_dataset, str):
-        raise ValueError("pack_text_blocks takes a list of texts or a Dataset, not one string; wrap it in a list")
+        raise ValueError(  # noqa: TRY004 - bad input, reported as such by the CLI
+            "pack_text_blocks takes a list of texts or a Dataset, not one string; wrap it in a list")
     if not isinstance(texts_or_dataset, (datasets.Dataset, datasets.DatasetDict)):
         texts = list(texts_or_dataset)
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]

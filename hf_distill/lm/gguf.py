@@ -110,7 +110,7 @@ def _source_key(path: Path, dtype: str) -> dict:
 
 def _cache_folder(path: Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    stem = path.name.removesuffix(".gguf")
     return default_cache_dir() / "gguf" / f"{stem}-{key['dtype']}-{digest}"
 
 
