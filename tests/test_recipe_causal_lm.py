@@ -1,0 +1,148 @@
+"""The causal-LM recipe (recipes/causal_lm.py) end to end on a tiny Llama teacher trained here, and its checks.
+
+The real offline run (SmolLM2-135M-Instruct -> 6 layers on BBC News, ~20 minutes) is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from test_lm_evaluation import byte_bpe_tokenizer, tiny_llama
+from tiny import sample_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_CONFIG = ROOT / "recipes" / "configs" / "causal_lm_smollm2.yaml"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("causal_lm_recipe", ROOT / "recipes" / "causal_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _recipe()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama teacher that has learnt the toy corpus (120 steps), its tokenizer, and the corpus."""
+    root = tmp_path_factory.mktemp("causal_lm")
+    texts = sample_texts(400, seed=3)
+    tok = byte_bpe_tokenizer(texts)
+    teacher = tiny_llama(len(tok), layers=4).train()
+    ids = [torch.tensor(tok(t)["input_ids"][:24]) for t in texts]
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for step in range(120):
+        batch = torch.nn.utils.rnn.pad_sequence([ids[i] for i in torch.randint(0, len(ids), (16,))],
+                                                batch_first=True, padding_value=-100)
+        loss = teacher(input_ids=batch.clamp(min=0), labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    teacher.eval().save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    (root / "docs.txt").write_text("\n".join(texts) + "\n")
+    return root
+
+
+def flags(assets, out, *extra):
+    return ["--teacher", str(assets / "teacher"), "--train_file", str(assets / "docs.txt"), "--eval_size", "40",
+            "--block_size", "32", "--student_layers", "2", "--max_steps", "16", "--per_device_train_batch_size", "4",
+            "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "4", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--temperature", "1",
+            "--kd_weight", "1", "--task_weight", "0", "--bootstrap_resamples", "200", "--speed_warmup", "0",
+            "--speed_repeats", "1", "--output_dir", str(out), *extra]
+
+
+def test_recipe_end_to_end_on_a_tiny_llama(assets, tmp_path):
+    out = tmp_path / "run"
+    results = recipe.main(flags(assets, out))
+    rows = {r["name"]: r for r in results["models"]}
+    assert set(rows) == {"teacher", "distilled student", "baseline student"}
+    assert rows["teacher"]["layers"] == 4 and rows["distilled student"]["layers"] == 2
+    for row in rows.values():
+        lo, hi = row["perplexity_ci"]
+        assert lo <= row["perplexity"] <= hi and row["tokens_per_second"] > 0
+        assert 0 < row["bits_per_byte"] and row["n_units"] == 40
+    assert results["training"]["teacher_outputs"] == "store" and results["training"]["steps"] == 16
+    assert (out / "teacher_store" / "summary.json").is_file()
+    comp = results["comparisons"]["distilled_minus_baseline"]
+    assert comp["diff"] == pytest.approx(rows["distilled student"]["perplexity"] - rows["baseline student"]["perplexity"])
+    assert math.isfinite(results["comparisons"]["gap_closed"]["log_space"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["models"] == json.loads(json.dumps(results["models"]))
+    assert "held-out perplexity" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0
+    # the losses were logged per step, and the distilled student trained on the divergence only
+    logged = [h for h in results["log_history"]["distilled"] if "loss_kd" in h]
+    assert [h["step"] for h in logged] == [4, 8, 12, 16] and logged[-1]["loss_kd"] < logged[0]["loss_kd"]
+    # the saved student loads, gives the reported held-out perplexity, and improved on its initial weights
+    from hf_distill.config import parse_config_and_args
+    from hf_distill.lm.arguments import CausalLMDistillationArguments
+    from hf_distill.lm.evaluation import score_units
+    from hf_distill.lm.recipe_steps import load_lm_documents, tokenize_lm_data
+    from hf_distill.students import build_student
+
+    settings, _ = parse_config_and_args((recipe.CausalLMRecipeArguments, CausalLMDistillationArguments),
+                                        flags(assets, out))
+    tok = AutoTokenizer.from_pretrained(out / "student_distilled")
+    _, windows = tokenize_lm_data(load_lm_documents(settings), tok, settings)
+    saved = AutoModelForCausalLM.from_pretrained(out / "student_distilled").eval()
+    ppl = score_units(saved, windows, pad_token_id=tok.pad_token_id).perplexity
+    assert ppl == pytest.approx(rows["distilled student"]["perplexity"], rel=1e-5)
+    initial = build_student(AutoModelForCausalLM.from_pretrained(assets / "teacher"), num_layers=2)
+    assert ppl < 0.8 * score_units(initial, windows, pad_token_id=tok.pad_token_id).perplexity
+    card = (out / "student_distilled" / "README.md").read_text()
+    assert "held-out perplexity" in card and "text-generation" in card
+    assert results["pushed_to"] is None
+
+
+def test_jsd_runs_with_the_live_teacher(assets, tmp_path):
+    results = recipe.main(flags(assets, tmp_path / "jsd", "--divergence", "jsd", "--beta", "0.5", "--max_steps", "4",
+                                "--baseline", "false", "--plot", "false", "--logging_steps", "2"))
+    assert results["training"]["teacher_outputs"] == "live" and results["training"]["beta"] == 0.5
+    assert results["training"]["distillation"] == [{"loss": "jsd", "weight": 1.0, "beta": 0.5}]
+    assert any("loss_jsd" in h for h in results["log_history"]["distilled"])
+    assert "distilled_minus_baseline" not in results["comparisons"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--divergence", "reverse_kl", "--teacher_outputs", "store"), "needs the full distribution"),
+    (("--lmbda", "0.5"), "plain text has none"),
+    (("--eval_size", "400"), "leaves rows on both sides"),
+    (("--source", "bbc_news"), "exactly one data source"),
+])
+def test_wrong_settings_are_refused_before_training(assets, tmp_path, extra, message):
+    with pytest.raises(Exception, match=message):
+        recipe.main(flags(assets, tmp_path / "bad", *extra))
+    assert not (tmp_path / "bad" / "student_distilled").exists()
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(SMOLLM2_CONFIG.read_text() + "temprature: 2\n")
+    with pytest.raises(ValueError, match="temprature.*did you mean temperature"):
+        recipe.main(["--config", str(config)])
+
+
+@pytest.mark.slow
+def test_smollm2_distilled_student_beats_the_baseline_on_bbc_news(tmp_path):
+    """The README's language-model result: SmolLM2-135M-Instruct -> 6 layers on BBC News, nothing from the Hub."""
+    results = recipe.main(["--config", str(SMOLLM2_CONFIG), "--output_dir", str(tmp_path / "smollm2")])
+    rows = {r["name"]: r for r in results["models"]}
+    comp = results["comparisons"]["distilled_minus_baseline"]
+    assert comp["high"] < 0  # the distilled student's perplexity is lower, outside the paired 95% interval
+    assert rows["teacher"]["perplexity"] < rows["distilled student"]["perplexity"]
+    assert rows["distilled student"]["tokens_per_second"] > 1.5 * rows["teacher"]["tokens_per_second"]
+    for name in ("results.json", "results.md", "results.png"):
+        assert (tmp_path / "smollm2" / name).stat().st_size > 0
