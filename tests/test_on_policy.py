@@ -207,8 +207,10 @@ def test_sampling_stops_at_end_of_sequence_and_pads_after_it():
     assert tokens.tolist() == [[4, 5, 6, 7]] and lengths.tolist() == [4] and endless.calls == 4
 
 
-def test_loss_is_the_jsd_over_completion_tokens_only(tokenizer, tmp_path):
-    trainer = run(tokenizer, tmp_path, learning_rate=0.0)
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_is_the_jsd_over_completion_tokens_only(tokenizer, tmp_path, fused):
+    spec = f'[{{"loss": "jsd", "beta": 0.5, "temperature": 1.0, "fused": {str(fused).lower()}}}]'
+    trainer = run(tokenizer, tmp_path, learning_rate=0.0, distillation=spec)
     (batch,) = trainer.seen
     student, teacher = trainer.model.eval(), trainer.teacher
     with torch.no_grad():
@@ -330,3 +332,43 @@ def test_generation_needs_a_live_teacher_and_the_right_arguments(tokenizer, tmp_
 
     with pytest.raises(TypeError, match="CausalLMDistillationArguments"):
         CausalLMDistillationTrainer(model=student, args=DistillationArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+# ---------------------------------------------------------------------------- with the library's data path
+def test_chat_data_prepared_and_collated_by_the_library(tmp_path):
+    from lm_tiny import tiny_chat_tokenizer
+    from lm_tiny import tiny_llama as chat_llama
+
+    from hf_distill.lm import prepare_lm_dataset
+
+    tok = tiny_chat_tokenizer()
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("hello world", "hello tiny llama"), ("what is the capital of france?", "paris"),
+                          ("two plus two", "is four"), ("the quick brown fox", "jumps over the lazy dog")]]
+    rows = prepare_lm_dataset(Dataset.from_dict({"messages": chats}), tok, max_length=64)
+    teacher, student = chat_llama(len(tok), layers=2, seed=1), chat_llama(len(tok), layers=1, seed=2)
+    args = make_args(tmp_path, per_device_train_batch_size=4)  # remove_unused_columns stays on
+    trainer = Recording(model=student, teacher=teacher, args=args, train_dataset=rows,
+                        data_collator=CompletionCollator(tok), processing_class=tok)
+    trainer.train()
+    (batch,) = trainer.seen
+    prompts = {tuple(r["input_ids"][: r["prompt_length"]]) for r in rows}
+    assert {tuple(split(batch, row)[0].tolist()) for row in range(4)} == prompts
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for row in range(4):
+        completion = split(batch, row)[1]
+        assert (completion[:-1] != end).all()  # nothing after the end of the turn counts
+        assert completion.numel() == 6 or completion[-1] == end
+
+
+def test_resumed_run_samples_what_the_uninterrupted_run_sampled(tokenizer, tmp_path):
+    whole = run(tokenizer, tmp_path / "whole", max_steps=2).seen
+    first = run(tokenizer, tmp_path / "cut", max_steps=2, save_strategy="steps", save_steps=1)
+    teacher, student = pair(tokenizer)
+    resumed = Recording(model=student, teacher=teacher,
+                        args=make_args(tmp_path / "cut", max_steps=2, save_strategy="steps", save_steps=1),
+                        train_dataset=completion_rows(tokenizer, 8), data_collator=CompletionCollator(tokenizer),
+                        processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-1"))
+    assert len(first.seen) == 2 and len(resumed.seen) == 1
+    assert torch.equal(resumed.seen[0]["input_ids"], whole[1]["input_ids"])
