@@ -37,6 +37,7 @@ from .checkpoints import DistillationCheckpointMixin
 from .modeling import forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
+from .objectives.cross_tokenizer import bind_tokenizers, check_cross_tokenizer_terms
 from .objectives.fused import fused_output_flags, settle_fused, with_head
 from .qkv import QKVRecorder
 from .sources import EmaTeacher, FrozenTeacher, PeerTeacher, SnapshotTeacher, StoredTeacher, TeacherSource
@@ -102,16 +103,19 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
         sources = self._teacher_sources(teacher, args)
         teachers = [self._load_teacher(t, args) for t in sources]
         student_tok = kwargs.get("processing_class")
+        teacher_toks = []
         for source, t in zip(sources, teachers):
             teacher_tok = teacher_processing_class
             if teacher_tok is None and student_tok is not None:
                 teacher_tok = find_teacher_tokenizer(source)
-            self._validate_pair(model, t, student_tok, teacher_tok)
+            self._validate_pair(model, t, student_tok, teacher_tok, args=args)
+            teacher_toks.append(teacher_tok)
         self.teacher_weights = teacher_mixture_weights(args.teacher_weight_list, len(teachers))
         source = self._build_source(teacher_source, teachers, model, args)
         # The objective validates layer maps, widths and head counts now, before any step.
         self.objective = build_objective(args, model, source.models, multi_teacher=args.multi_teacher,
                                          teacher_weights=self.teacher_weights)
+        bind_tokenizers(self.objective, student_tok, teacher_toks)
         settle_fused(self.objective, model, source.models, source.provides, args)  # fused: auto -> on or off
         source.check(self.objective)
         if "attentions" in self.objective.needs:
@@ -202,13 +206,22 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             return load_teacher(teacher, task=task, dtype=args.teacher_dtype, trust_remote_code=args.trust_remote_code)
         raise TypeError(f"teacher must be a model, a path or a Hub id (or a list of them), got {type(teacher).__name__}")
 
-    def _validate_pair(self, student, teacher, student_tok, teacher_tok) -> None:
+    def _validate_pair(self, student, teacher, student_tok, teacher_tok, args=None) -> None:
         s_kind, t_kind = task_kind(student), task_kind(teacher)
         if s_kind != t_kind and "base" not in (s_kind, t_kind):
             raise ValueError(
                 f"student is a {s_kind} model but the teacher is a {t_kind} model; their logits do not align. "
                 f"Load the teacher with the same kind of head (e.g. AutoModelFor{s_kind.title().replace('_', '')})"
             )
+        try:
+            self._check_same_outputs(student, teacher, student_tok, teacher_tok, s_kind)
+        except ValueError as exc:  # another vocabulary: only cross-tokenizer terms may compare the two
+            if s_kind != "causal_lm" or args is None:
+                raise
+            check_cross_tokenizer_terms(args, str(exc))
+
+    @staticmethod
+    def _check_same_outputs(student, teacher, student_tok, teacher_tok, s_kind) -> None:
         s_out, t_out = output_size(student), output_size(teacher)
         if s_out != t_out:
             what = "labels" if "classification" in s_kind else "vocabulary entries"

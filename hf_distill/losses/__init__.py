@@ -11,11 +11,13 @@
   :func:`attention_layer_map`, :func:`validate_layer_map`;
 * relation-based: :func:`attention_relation_loss` (MiniLMv2), :func:`rkd_distance_loss`,
   :func:`rkd_angle_loss`, :func:`similarity_preserving_loss`;
+* across tokenizers (aligned rows of two vocabularies): :func:`uld_loss`, :func:`shared_vocabulary_kl_loss`;
 * task: :func:`cross_entropy_loss`.
 """
 
 from .chunked import chunked_generalized_jsd_loss, chunked_kl_loss, fused_linear_kl_loss
 from .chunked_topk import chunked_topk_kl_loss
+from .cross_tokenizer import shared_vocabulary_kl_loss, uld_loss
 from .fused_ce import fused_linear_cross_entropy
 from .feature import (
     LinearProjection,
@@ -59,7 +61,9 @@ __all__ = [
     "reverse_kl_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
+    "shared_vocabulary_kl_loss",
     "similarity_preserving_loss",
     "topk_kl_loss",
+    "uld_loss",
     "validate_layer_map",
 ]

@@ -27,6 +27,7 @@ model's own final output), ``objective`` (the list as one callable).
 """
 
 from .base import TERM_REGISTRY, ModelTensors, StepTensors, Term, register_term
+from .cross_tokenizer import CROSS_TOKENIZER_TERMS, CrossTokenizerTerm
 from .exits import ExitHead, ExitTerm, build_exit_head
 from .feature import HiddenTerm
 from .graph import KnnGraphTerm
@@ -36,8 +37,10 @@ from .relation import SampleRelationTerm
 from .response import ResponseTerm, chunk_rows, divergence
 
 __all__ = [
+    "CROSS_TOKENIZER_TERMS",
     "TERM_REGISTRY",
     "BatchLayout",
+    "CrossTokenizerTerm",
     "ExitHead",
     "ExitTerm",
     "HiddenTerm",

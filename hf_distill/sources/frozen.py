@@ -15,6 +15,7 @@ import torch
 
 from ..modeling import forward_parameters
 from ..objectives import ModelTensors
+from ..objectives.cross_tokenizer import teacher_model_inputs
 from ..objectives.fused import with_head
 from ..qkv import QKVRecorder
 from ..teachers import place_teacher
@@ -78,6 +79,7 @@ class FrozenTeacher(TeacherSource):
                 return [stored]
         if not needs:
             return []
+        model_inputs = teacher_model_inputs(model_inputs, batch)  # the teacher's own tokenization, if any
         return [trainer.teacher_forward(i, model_inputs) for i in range(len(self.teachers))]
 
     def describe(self) -> dict:
