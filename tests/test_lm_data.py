@@ -226,3 +226,28 @@ def test_prompt_and_padding_never_count_in_the_loss(tok):
     counted[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
     assert logits.grad[~counted].abs().max() == 0 and logits.grad[counted].abs().sum() > 0
     assert CHAT_TEMPLATE == tok.chat_template
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_collator_as_trainer_data_collator(tok, tmp_path, remove_unused_columns):
+    """Works with transformers' Trainer whether or not it drops ``prompt_length`` (then read from the labels)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama(len(tok), layers=2)
+    before = model.lm_head.weight.detach().clone()
+    data = prepare_lm_dataset(datasets.Dataset.from_dict({"messages": [CHAT, CHAT[:3]] * 2}), tok, max_length=256)
+    seen = []
+    collator = CompletionCollator(tok)
+
+    def collate(features):
+        batch = collator(features)
+        seen.append(batch["prompt_input_ids"])
+        return batch
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             remove_unused_columns=remove_unused_columns, use_cpu=True, save_strategy="no")
+    result = Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.lm_head.weight, before)
+    expected = collator([data[i] for i in range(4)])["prompt_input_ids"]
+    assert sorted(map(tuple, seen[0].tolist())) == sorted(map(tuple, expected.tolist()))  # rows may be shuffled
