@@ -87,9 +87,9 @@ logger = logging.getLogger("efficient_student")
 
 
 @dataclass
-class EfficientStudentArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
-    teacher: str | None = field(default=None, metadata={"help": "Hub id, folder, or package:<module>."})
-    # ---- efficient students
+class EfficientShapeArguments:
+    """The BiLSTM / CNN students and their optimiser (shared with ``recipes/student_architectures.py``)."""
+
     students: str = field(default="bilstm,cnn", metadata={"help": "Comma-separated: bilstm, cnn."})
     embedding_dim: int = field(default=128)
     embedding_init: str = field(default="teacher", metadata={"help": "teacher (copied / PCA-projected) or random."})
@@ -103,6 +103,12 @@ class EfficientStudentArguments(ClassificationDataArguments, ClassificationEvalu
     efficient_learning_rate: float = field(default=2e-3)
     efficient_epochs: float = field(default=8.0)
     efficient_batch_size: int = field(default=32)
+
+
+@dataclass
+class EfficientStudentArguments(EfficientShapeArguments, ClassificationDataArguments,
+                                ClassificationEvaluationArguments):
+    teacher: str | None = field(default=None, metadata={"help": "Hub id, folder, or package:<module>."})
     baseline: bool = field(default=True, metadata={"help": "Also train each student with cross-entropy only."})
     # ---- Tang et al.'s transfer set
     augment_copies: int = field(default=0, metadata={"help": "Augmented copies of the train split, teacher-labelled."})
@@ -172,6 +178,20 @@ def efficient_config(recipe, kind: str) -> dict:
     return {**common, "kernel_sizes": kernels, "num_filters": recipe.num_filters}
 
 
+def efficient_students(recipe, *, allow_none: bool = False) -> tuple[list[str], dict[str, dict]]:
+    """The ``--students`` kinds and their configs; a bad kind, size or pooling fails here, before any model loads."""
+    kinds = [k.strip() for k in recipe.students.split(",") if k.strip() and k.strip() != "none"]
+    unknown = [k for k in kinds if k not in EFFICIENT_ARCHITECTURES]
+    if unknown or not (kinds or allow_none):
+        raise ValueError(f"--students must list some of {', '.join(EFFICIENT_ARCHITECTURES)}"
+                         + (" (or be 'none' with --transformer_student_layers)" if allow_none else "")
+                         + f", got {recipe.students!r}")
+    configs = {kind: efficient_config(recipe, kind) for kind in kinds}
+    for kind, cfg in configs.items():
+        EFFICIENT_ARCHITECTURES[kind][0](num_labels=2, **cfg)
+    return kinds, configs
+
+
 def efficient_training_args(recipe, args):
     """The efficient students' optimiser settings (their own learning rate, epochs and batch size)."""
     return dataclasses.replace(args, learning_rate=recipe.efficient_learning_rate, num_train_epochs=recipe.efficient_epochs,
@@ -220,11 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     out = Path(args.output_dir)
-    kinds = [k.strip() for k in recipe.students.split(",") if k.strip() and k.strip() != "none"]
-    unknown = [k for k in kinds if k not in EFFICIENT_ARCHITECTURES]
-    if unknown or not (kinds or recipe.transformer_student_layers):
-        raise ValueError(f"--students must list some of {', '.join(EFFICIENT_ARCHITECTURES)} (or be 'none' with "
-                         f"--transformer_student_layers), got {recipe.students!r}")
+    kinds, configs = efficient_students(recipe, allow_none=bool(recipe.transformer_student_layers))
     if peft_args.use_peft and kinds:
         raise ValueError(f"--use_peft trains LoRA adapters on the transformer student only; the {kinds[0]} student "
                          f"cannot take them: {EFFICIENT_ARCHITECTURES[kinds[0]][1].peft_refusal}, or give --students "
@@ -232,9 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.augment_copies < 0:
         raise ValueError(f"--augment_copies must be >= 0, got {recipe.augment_copies}")
     check_outputs_only(args)
-    configs = {kind: efficient_config(recipe, kind) for kind in kinds}
-    for kind, cfg in configs.items():  # a bad size or pooling fails here, before any model loads
-        EFFICIENT_ARCHITECTURES[kind][0](num_labels=2, **cfg)
     stages = Stages(total=4 + len(kinds) + bool(recipe.transformer_student_layers))
 
     stages.start("data", "load and check the data, tokenize")

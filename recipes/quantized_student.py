@@ -96,7 +96,29 @@ NAMES = {"teacher": "fp32 teacher", "fp32": "fp32 distilled student", "ptq": "PT
 
 
 @dataclass
-class QuantizedStudentArguments(ClassificationDataArguments, ClassificationEvaluationArguments):
+class QuantizationArguments:
+    """PTQ / QAT settings (shared with ``recipes/student_architectures.py``)."""
+
+    backend: str = field(default="x86", metadata={"help": "torch quantized engine: x86 (fbgemm), fbgemm, qnnpack."})
+    qat_epochs: float = field(default=1.0, metadata={"help": "QAT epochs after the fp32 distillation."})
+    qat_learning_rate: float = field(default=2e-5)
+    qat_freeze_fraction: float = field(default=0.25, metadata={"help": "Freeze the observers for this last "
+                                                                       "fraction of the QAT steps."})
+
+
+def check_quantization_arguments(recipe) -> None:
+    """Refuse bad QAT settings and an unavailable backend before any model loads."""
+    from hf_distill.quantization import set_backend
+
+    if not 0 <= recipe.qat_freeze_fraction <= 1:
+        raise ValueError(f"--qat_freeze_fraction must be within [0, 1], got {recipe.qat_freeze_fraction}")
+    if recipe.qat_epochs <= 0:
+        raise ValueError(f"--qat_epochs must be > 0, got {recipe.qat_epochs}")
+    set_backend(recipe.backend)
+
+
+@dataclass
+class QuantizedStudentArguments(QuantizationArguments, ClassificationDataArguments, ClassificationEvaluationArguments):
     teacher: str | None = field(default=None, metadata={"help": "Teacher: Hub id, folder, or package:<module>."})
     dataset_name: str | None = field(default=None)
     dataset_config: str | None = field(default=None)
@@ -104,12 +126,6 @@ class QuantizedStudentArguments(ClassificationDataArguments, ClassificationEvalu
     teacher_epochs: float = field(default=1.0)
     teacher_learning_rate: float = field(default=1e-4)
     teacher_batch_size: int = field(default=16)
-    # ---- quantization
-    backend: str = field(default="x86", metadata={"help": "torch quantized engine: x86 (fbgemm), fbgemm, qnnpack."})
-    qat_epochs: float = field(default=1.0, metadata={"help": "QAT epochs after the fp32 distillation."})
-    qat_learning_rate: float = field(default=2e-5)
-    qat_freeze_fraction: float = field(default=0.25, metadata={"help": "Freeze the observers for this last "
-                                                                       "fraction of the QAT steps."})
     # ---- evaluation
     goal_accuracy_drop: float = field(default=0.005, metadata={"help": "QAT int8 within this of the fp32 student."})
     goal_latency_ratio: float = field(default=0.5)
@@ -240,16 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     stages = Stages(total=6)
     layer_spec = parse_layers(recipe.student_layers)
-    if not 0 <= recipe.qat_freeze_fraction <= 1:
-        raise ValueError(f"--qat_freeze_fraction must be within [0, 1], got {recipe.qat_freeze_fraction}")
     if peft_args.use_peft and not peft_args.merge_adapters:
         raise ValueError("PTQ and QAT quantize the merged student: --use_peft needs --merge_adapters true here (the "
                          "adapters are saved in student_fp32/adapter either way)")
-    if recipe.qat_epochs <= 0:
-        raise ValueError(f"--qat_epochs must be > 0, got {recipe.qat_epochs}")
-    from hf_distill.quantization import set_backend
-
-    set_backend(recipe.backend)  # an unavailable backend is an error before any model loads
+    check_quantization_arguments(recipe)
 
     stages.start("data and teacher", "load the data and the teacher (fine-tuned once when it has no head)")
     teacher_spec = recipe.teacher or args.teacher_name_or_path
