@@ -54,3 +54,92 @@ def test_a_store_written_before_the_split_resumes_with_the_same_rows(old_inputs,
     assert (resumed / "manifest.json").read_text() == (complete / "manifest.json").read_text()
     assert summary_of(resumed) == summary_of(complete)
     assert (resumed / "failures.jsonl").read_text() == (complete / "failures.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ packing's default
+
+
+def test_packing_is_the_default_where_it_is_exact_and_refused_where_it_cannot_be(tmp_path):
+    from hf_distill.speech.labelling.config import resolve_packing
+
+    def config(**kw):
+        return PseudoLabelConfig(input="in", model="m", output_dir="out", **kw)
+
+    assert resolve_packing(config(), "whisper", None) is True
+    assert resolve_packing(config(top_k=4), "whisper", None) is False  # soft labels: each clip alone
+    assert resolve_packing(config(num_beams=2), "whisper", None) is False
+    assert resolve_packing(config(), "ctc", None) is False
+    assert resolve_packing(config(pack=False), "whisper", None) is False
+    # an existing store keeps its mode, whatever the default
+    assert resolve_packing(config(), "whisper", {"config": {}}) is False
+    assert resolve_packing(config(), "whisper", {"config": {}, "packing": {}}) is True
+    with pytest.raises(ValueError, match=r"packing gives no per-clip soft labels .*drop --pack to store --top_k"):
+        config(pack=True, top_k=4)
+    with pytest.raises(ValueError, match=r"packing decodes greedily: drop --pack for beam search"):
+        config(pack=True, num_beams=2)
+    with pytest.raises(ValueError, match=r"packing is for Whisper teachers .*: drop --pack"):
+        resolve_packing(config(pack=True), "ctc", None)
+    # the packing settings are hashed only when packing: an unpacked store's hash is the one it always had
+    assert "pack_gap_s" not in config(pack=False).hashed_fields()
+    assert config(pack=True).hashed_fields()["pack_gap_s"] == 1.0
+    assert "pack" not in config(pack=True).hashed_fields()
+
+
+def test_the_deprecated_command_warns_and_runs_pseudo_label_with_pack(old_inputs, tmp_path, capsys, caplog):
+    """``pseudo-label-packed`` on a CTC teacher: the warning, then the refusal of ``--pack`` (one line, nothing
+    written), as ``pseudo-label --pack`` gives it."""
+    from speech_assets import one_line_error
+
+    argv = [str(old_inputs / "clips"), "--model", str(old_inputs / "ctc"), "--output-dir", str(tmp_path / "o"),
+            "--no-progress"]
+    for command in (["pseudo-label-packed"], ["pseudo-label", "--pack"]):
+        line = one_line_error(capsys, [*command, *argv])
+        assert "packing is for Whisper teachers" in line and line.endswith("drop --pack"), line
+        assert not (tmp_path / "o").exists()
+    assert sum("pseudo-label-packed is deprecated" in r.getMessage() for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------------------------------ the audio thread
+
+
+def test_the_audio_thread_builds_in_order_in_its_own_thread_and_answers_while_ahead():
+    """Jobs come out in order, built by the one background thread; a job asked for ``build_now`` is built by that
+    thread too, before the jobs ahead, even while the queue ahead is full; an error comes out where it is asked."""
+    built_by = []
+
+    def build(job):
+        built_by.append((job, threading.get_ident()))
+        if job == "bad":
+            raise ValueError("cannot build bad")
+        return job * 2
+
+    with AudioThread([1, 2, 3, 4, 5], build, depth=1) as thread:
+        assert thread.next() == (1, 2)
+        deadline = time.time() + 10
+        while len(built_by) < 3 and time.time() < deadline:  # 2 waits in the queue, 3 is built and held
+            time.sleep(0.01)
+        assert thread.build_now(10) == 20  # answered while the queue ahead is full
+        with pytest.raises(ValueError, match="cannot build bad"):
+            thread.build_now("bad")
+        assert [thread.next() for _ in range(5)] == [(2, 4), (3, 6), (4, 8), (5, 10), None]
+        assert thread.next() is None and thread.build_now(7) == 14  # served after the last job too
+    assert {ident for _, ident in built_by} == {built_by[0][1]} != {threading.get_ident()}
+    assert [job for job, _ in built_by][:3] == [1, 2, 3] and 10 in [job for job, _ in built_by]
+    # an error while building ahead comes out of next(), in its place
+    with AudioThread(["bad", 1], build) as thread:
+        with pytest.raises(ValueError, match="cannot build bad"):
+            thread.next()
+        assert thread.next() == (1, 2)
+
+
+def test_closing_the_audio_thread_stops_it_mid_list():
+    started = []
+
+    def build(job):
+        started.append(job)
+        return job
+
+    thread = AudioThread(range(1000), build, depth=2)
+    assert thread.next() == (0, 0)
+    thread.close()
+    assert not thread.running and len(started) < 10

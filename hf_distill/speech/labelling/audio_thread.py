@@ -93,6 +93,10 @@ class AudioThread:
             raise value
         return value
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():

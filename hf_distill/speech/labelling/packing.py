@@ -99,14 +99,22 @@ def pause_cuts(energy: np.ndarray, n: int, sampling_rate: int, max_samples: int,
     return pieces
 
 
-def speech_extent(audio: np.ndarray, sampling_rate: int, floor_db: float = -40.0) -> tuple[int, int]:
-    """``[first, last)`` samples of the 20 ms frames louder than ``floor_db`` relative to the loudest
-    frame; the whole clip when it is silent throughout."""
+def _loud_frames(audio: np.ndarray, sampling_rate: int, floor_db: float) -> tuple[int, np.ndarray]:
+    """The 20 ms frame length and the indices of the frames louder than ``floor_db`` relative to the loudest
+    (none when the audio is silent throughout)."""
     frame = max(1, sampling_rate // 50)
     energy = frame_energy(audio, frame)
     if len(energy) == 0 or energy.max() <= 0:
+        return frame, np.zeros(0, dtype=np.int64)
+    return frame, np.nonzero(energy >= energy.max() * 10 ** (floor_db / 20))[0]
+
+
+def speech_extent(audio: np.ndarray, sampling_rate: int, floor_db: float = -40.0) -> tuple[int, int]:
+    """``[first, last)`` samples of the 20 ms frames louder than ``floor_db`` relative to the loudest
+    frame; the whole clip when it is silent throughout."""
+    frame, loud = _loud_frames(audio, sampling_rate, floor_db)
+    if not len(loud):
         return 0, len(audio)
-    loud = np.nonzero(energy >= energy.max() * 10 ** (floor_db / 20))[0]
     return int(loud[0] * frame), int(min(len(audio), (loud[-1] + 1) * frame))
 
 
@@ -179,11 +187,7 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 
 def voiced_frames(audio: np.ndarray, sampling_rate: int, floor_db: float = -35.0) -> np.ndarray:
     """Centre times (seconds) of the 20 ms frames louder than ``floor_db`` relative to the loudest."""
-    frame = max(1, sampling_rate // 50)
-    energy = frame_energy(audio, frame)
-    if len(energy) == 0 or energy.max() <= 0:
-        return np.zeros(0)
-    loud = np.nonzero(energy >= energy.max() * 10 ** (floor_db / 20))[0]
+    frame, loud = _loud_frames(audio, sampling_rate, floor_db)
     return (loud + 0.5) * frame / sampling_rate
 
 

@@ -69,6 +69,20 @@ class Teacher:
 
     min_samples: int = 1  # shorter inputs give the teacher nothing to look at
 
+    def __init__(self, config, device: str, model_class):
+        """The processor (feature extractor and tokenizer) and the model of ``config.model``, in inference mode."""
+        import torch
+        from transformers import AutoProcessor
+
+        self.config, self.device, self._torch = config, device, torch
+        self.processor = AutoProcessor.from_pretrained(config.model)
+        self.feature_extractor = getattr(self.processor, "feature_extractor", self.processor)
+        self.tokenizer = self.processor.tokenizer
+        self.model = model_class.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
+        self.model.to(device).eval().requires_grad_(False)
+        self.sampling_rate = int(self.feature_extractor.sampling_rate)
+        self.overlap = int(round(config.chunk_overlap_s * self.sampling_rate))
+
     def plan(self, num_samples: int) -> list[Chunk]:
         return plan_chunks(num_samples, self.window, self.overlap, self.hop)
 
@@ -86,19 +100,11 @@ class WhisperTeacher(Teacher):
     kind = "whisper"
 
     def __init__(self, config, device: str):
-        import torch
-        from transformers import AutoProcessor, WhisperForConditionalGeneration
+        from transformers import WhisperForConditionalGeneration
 
-        self.config = config
-        self.device = device
-        self.processor = AutoProcessor.from_pretrained(config.model)
-        self.feature_extractor = self.processor.feature_extractor
-        self.tokenizer = self.processor.tokenizer
-        self.model = WhisperForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
-        self.model.to(device).eval().requires_grad_(False)
+        super().__init__(config, device, WhisperForConditionalGeneration)
         if config.encoder_dtype is not None:  # e.g. a bfloat16 encoder (where the CPU has bf16 arithmetic) before a
             self.model.get_encoder().to(torch_dtype(config.encoder_dtype))  # float32 decoder
-        self.sampling_rate = int(self.feature_extractor.sampling_rate)
         max_window = int(getattr(self.feature_extractor, "n_samples", 30 * self.sampling_rate))
         window_s = config.chunk_length_s if config.chunk_length_s is not None else max_window / self.sampling_rate
         self.window = int(round(window_s * self.sampling_rate))
@@ -106,7 +112,6 @@ class WhisperTeacher(Teacher):
             raise ValueError(
                 f"chunk_length_s {window_s} exceeds Whisper's window of {max_window / self.sampling_rate:g} s"
             )
-        self.overlap = int(round(config.chunk_overlap_s * self.sampling_rate))
         self.hop = 1
         gen = self.model.generation_config
         self.eos_id = int(gen.eos_token_id if isinstance(gen.eos_token_id, int) else gen.eos_token_id[0])
@@ -137,7 +142,6 @@ class WhisperTeacher(Teacher):
             self.gen_kwargs["force_unique_generate_call"] = True
         if config.max_new_tokens is not None:
             self.gen_kwargs["max_new_tokens"] = config.max_new_tokens
-        self._torch = torch
         self._prompt_cache: dict[bool, list[int]] = {}
         # greedy decoding: the pool decoder (the tokens generate gives, Whisper's log-probabilities under the
         # decoding rules, soft labels from the same pass), with a draft model when given; beam search: run()
@@ -295,27 +299,17 @@ class CTCTeacher(Teacher):
     kind = "ctc"
 
     def __init__(self, config, device: str):
-        import torch
-        from transformers import AutoModelForCTC, AutoProcessor
+        from transformers import AutoModelForCTC
 
-        self.config = config
-        self.device = device
-        self.processor = AutoProcessor.from_pretrained(config.model)
-        self.feature_extractor = getattr(self.processor, "feature_extractor", self.processor)
-        self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForCTC.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
-        self.model.to(device).eval().requires_grad_(False)
-        self.sampling_rate = int(self.feature_extractor.sampling_rate)
+        super().__init__(config, device, AutoModelForCTC)
         ratio = getattr(self.model.config, "inputs_to_logits_ratio", None)
         if ratio is None:
             ratio = int(np.prod(getattr(self.model.config, "conv_stride", [320])))
         self.hop = int(ratio)
         window_s = config.chunk_length_s if config.chunk_length_s is not None else 30.0
         self.window = int(round(window_s * self.sampling_rate))
-        self.overlap = int(round(config.chunk_overlap_s * self.sampling_rate))
         self.blank_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.use_mask = bool(getattr(self.feature_extractor, "return_attention_mask", False))
-        self._torch = torch
         frames = self._frames(np.arange(1, 8 * self.hop + 1, dtype=np.int64))
         self.min_samples = int(np.argmax(frames >= 1)) + 1 if (frames >= 1).any() else 1
 
