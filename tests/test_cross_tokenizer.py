@@ -14,6 +14,7 @@ from hf_distill.lm.cross_tokenizer import (
     align_tokens,
     build_cross_tokenizer_dataset,
     encode_pair,
+    output_layer_restricted_to,
     shared_vocabulary,
     token_texts,
 )
@@ -190,10 +191,15 @@ def test_shared_vocabulary_compares_token_texts(pair):
 
 def test_dataset_cuts_texts_at_a_student_token_boundary_and_collates(pair):
     student, teacher = pair
-    data = build_cross_tokenizer_dataset([TEXT, "the cat sat on the mat"], student, teacher, max_length=5)
-    assert data["text"] == ["the cat sat", "the cat sat"]  # 5 tokens would end inside "sunset": cut before
+    texts = [TEXT, "the cat sat on the mat"]
+    first = build_cross_tokenizer_dataset(texts, student, teacher, max_length=5, max_pieces_per_text=1)
+    assert first["text"] == ["the cat sat", "the cat sat"]  # 5 tokens would end inside "sunset": cut before
+    data = build_cross_tokenizer_dataset(texts, student, teacher, max_length=5)
+    assert data["text"][:2] == ["the cat sat", " sunset catnap"]  # the rest of a text makes the next pieces
+    assert "".join(data["text"]) == "".join(texts)
     assert all(len(ids) <= 5 for ids in data["input_ids"])
-    batch = CrossTokenizerCollator(student, teacher)([data[0], encode_pair("the cat", student, teacher)])
+    assert data["teacher_alignment"][1] == [[1, 3, 1, 3], [3, 5, 3, 4]]  # sun|set ~ su|nset, cat|nap ~ catnap
+    batch = CrossTokenizerCollator(student, teacher)([first[0], encode_pair("the cat", student, teacher)])
     assert batch["input_ids"].shape == (2, 4) and batch["teacher_input_ids"].shape == (2, 4)
     assert batch["labels"][1].tolist() == batch["input_ids"][1, :3].tolist() + [-100]
     assert batch["teacher_alignment"][1, 2].tolist() == [-1, -1, -1, -1]
@@ -308,3 +314,22 @@ def test_uld_training_moves_the_student_towards_the_teacher(pair, tmp_path):
     trainer.train()
     after = _hand_terms(trainer, batch, pair)
     assert after[0] < 0.6 * before[0] and after[1] < 0.6 * before[1], (before, after)  # measured: 0.55 -> 0.22, 1.51 -> 0.24
+
+
+def test_span_kl_on_a_teacher_restricted_to_the_shared_tokens_is_the_same(pair, tmp_path):
+    student_tok, teacher_tok = pair
+    texts = [TEXT, "the cat sat on the mat"]
+    full = make_trainer(pair, tmp_path, [{"loss": "span_kl"}], texts=texts)
+    shared = make_trainer(pair, tmp_path, [{"loss": "span_kl", "teacher_logits": "shared"}], texts=texts)
+    batch = CrossTokenizerCollator(*pair)([full.train_dataset[i] for i in range(2)])
+    full.model.eval()
+    shared.model.eval()
+    full.compute_loss(full.model, batch)
+    with pytest.raises(ValueError, match=r"must cover the \d+ shared tokens, but they have \d+"):
+        shared.compute_loss(shared.model, batch)  # the teacher's head was not restricted
+    with output_layer_restricted_to(shared.teacher, shared_vocabulary(student_tok, teacher_tok)[1]) as teacher:
+        assert teacher.get_output_embeddings().out_features == len(shared_vocabulary(student_tok, teacher_tok)[1])
+        shared._eval_terms.clear()
+        shared.compute_loss(shared.model, batch)
+    assert shared._eval_terms["loss_span_kl"] == pytest.approx(full._eval_terms["loss_span_kl"], rel=1e-5)
+    assert shared.teacher.get_output_embeddings().out_features == len(teacher_tok)  # restored

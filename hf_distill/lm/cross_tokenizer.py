@@ -26,8 +26,9 @@ Public API::
 
     align_tokens(text, student_offsets, teacher_offsets) -> list[tuple[int, int, int, int]]
     encode_pair(text, student_tokenizer, teacher_tokenizer) -> dict
-    build_cross_tokenizer_dataset(texts, student_tokenizer, teacher_tokenizer, max_length=...) -> datasets.Dataset
+    build_cross_tokenizer_dataset(texts, student_tokenizer, teacher_tokenizer, *, max_length=128) -> datasets.Dataset
     CrossTokenizerCollator(student_tokenizer, teacher_tokenizer)
+    output_layer_restricted_to(model, token_ids)  # context manager: logits over token_ids only
     shared_vocabulary(student_tokenizer, teacher_tokenizer) -> (student_ids, teacher_ids)
     token_texts(tokenizer) -> dict[int, str]
 """
@@ -35,6 +36,7 @@ Public API::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "align_tokens",
     "build_cross_tokenizer_dataset",
     "encode_pair",
+    "output_layer_restricted_to",
     "shared_vocabulary",
     "token_texts",
 ]
@@ -121,14 +124,27 @@ def _cut(text: str, tokenizer, max_length: int, prefix: bool) -> str:
         text = text[:ends[-2] if len(ends) > 1 else 0]
 
 
+def _pieces(text: str, tokenizer, max_length: int, prefix: bool, max_pieces: int | None):
+    """Consecutive pieces of ``text`` of at most ``max_length`` tokens each, cut at token boundaries."""
+    n = 0
+    while text.strip() and (max_pieces is None or n < max_pieces):
+        cut = _cut(text, tokenizer, max_length, prefix)
+        if not cut.strip():  # a single token longer than the budget: nothing more to cut
+            return
+        yield cut
+        n += 1
+        text = text[len(cut):]
+
+
 def build_cross_tokenizer_dataset(texts: Sequence[str], student_tokenizer, teacher_tokenizer, *,
-                                  max_length: int = 128, prefix: bool = True):
+                                  max_length: int = 128, prefix: bool = True, max_pieces_per_text: int | None = None):
     """A ``datasets.Dataset`` of :func:`encode_pair` rows (plus the ``text`` each row encodes).
 
-    Each text is first cut (at a student token boundary, one token early so that a token merged across
-    the cut cannot differ) to at most ``max_length`` student tokens; both tokenizers then encode the same
-    cut text, so the two sequences cover exactly the same characters. The teacher's sequence is as long
-    as its tokenizer makes that text.
+    Each text is cut into consecutive pieces of at most ``max_length`` student tokens (at a student token
+    boundary, one token early so that a token merged across the cut cannot differ; the first
+    ``max_pieces_per_text`` pieces, default all); both tokenizers then encode the same piece, so the two
+    sequences cover exactly the same characters. The teacher's sequence is as long as its tokenizer makes
+    that piece.
     """
     import datasets
 
@@ -136,15 +152,13 @@ def build_cross_tokenizer_dataset(texts: Sequence[str], student_tokenizer, teach
         raise ValueError(f"max_length must be at least 2 (a start token and one token of text), got {max_length}")
     rows: dict[str, list[Any]] = {"text": [], "input_ids": [], "teacher_input_ids": [], "teacher_alignment": []}
     for text in texts:
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
             continue
-        cut = _cut(text, student_tokenizer, max_length, prefix)
-        if not cut.strip():
-            continue
-        row = encode_pair(cut, student_tokenizer, teacher_tokenizer, prefix=prefix)
-        rows["text"].append(cut)
-        for key, value in row.items():
-            rows[key].append(value)
+        for cut in _pieces(text, student_tokenizer, max_length, prefix, max_pieces_per_text):
+            row = encode_pair(cut, student_tokenizer, teacher_tokenizer, prefix=prefix)
+            rows["text"].append(cut)
+            for key, value in row.items():
+                rows[key].append(value)
     if not rows["text"]:
         raise ValueError("no non-empty text to build the cross-tokenizer dataset from")
     return datasets.Dataset.from_dict(rows)
@@ -191,6 +205,30 @@ class CrossTokenizerCollator:
                 alignment[i, :len(g)] = torch.as_tensor(g, dtype=torch.long).reshape(-1, 4)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "teacher_input_ids": t_ids,
                 "teacher_attention_mask": t_mask, "teacher_alignment": alignment}
+
+
+@contextmanager
+def output_layer_restricted_to(model, token_ids: torch.Tensor):
+    """Within the block, ``model``'s logits cover only ``token_ids`` (in that order): its output projection is
+    replaced by those rows. For a teacher read by ``span_kl`` with ``teacher_logits: shared`` (the shared
+    tokens are all it reads): Gemma 3's 262,144-entry head then computes 46,025 rows. Restored on exit."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"the model's output projection is a {type(head).__name__}, not a torch.nn.Linear; "
+                         "it cannot be restricted to the shared tokens (use teacher_logits: full)")
+    ids = token_ids.to(head.weight.device)
+    small = torch.nn.Linear(head.in_features, len(ids), bias=head.bias is not None,
+                            device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[ids])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[ids])
+    small.requires_grad_(False)
+    model.set_output_embeddings(small)
+    try:
+        yield model
+    finally:
+        model.set_output_embeddings(head)
 
 
 # ---------------------------------------------------------------------------------------------- vocabularies

@@ -175,7 +175,15 @@ class ULDTerm(CrossTokenizerTerm):
 class SpanKLTerm(CrossTokenizerTerm):
     """Forward KL over the shared tokens between the next-token distributions at aligned span starts."""
 
+    options = ("temperature", "teacher_logits")
     shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def setup(self, student, teachers, args):
+        super().setup(student, teachers, args)
+        self.teacher_logits = str(self.config.get("teacher_logits", "full"))
+        if self.teacher_logits not in ("full", "shared"):
+            raise ValueError(f"term 'span_kl': teacher_logits must be full (the teacher's whole vocabulary) or shared "
+                             f"(a teacher whose output layer covers only the shared tokens), got {self.teacher_logits!r}")
 
     def bind_tokenizers(self, student_tokenizer, teacher_tokenizer) -> None:
         if student_tokenizer is None or teacher_tokenizer is None:
@@ -194,5 +202,11 @@ class SpanKLTerm(CrossTokenizerTerm):
         if rows.numel() == 0:
             return step.student.logits.sum() * 0.0
         s_ids, t_ids = self.shared
+        if self.teacher_logits == "shared":  # hf_distill.lm.cross_tokenizer.output_layer_restricted_to(teacher, t_ids)
+            if t_rows.shape[-1] != t_ids.numel():
+                raise ValueError(f"term 'span_kl' has teacher_logits: shared, so the teacher's logits must cover the "
+                                 f"{t_ids.numel()} shared tokens, but they have {t_rows.shape[-1]} entries; restrict its "
+                                 "output layer with output_layer_restricted_to(teacher, shared teacher ids)")
+            t_ids = torch.arange(t_ids.numel(), device=t_rows.device)
         return shared_vocabulary_kl_loss(s_rows, t_rows, s_ids, t_ids, temperature=self.temperature,
                                          num_items=step.counts["kd"])
