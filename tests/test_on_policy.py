@@ -27,12 +27,17 @@ PAD, EOS = 0, 1
 JSD = '[{"loss": "jsd", "beta": 0.5, "temperature": 1.0}]'
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over tiny.WORDS: <pad> 0, <eos> 1, <unk> 2."""
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
 
 
 def tiny_llama(vocab: int, layers: int, seed: int, init: float = 0.02) -> LlamaForCausalLM:
@@ -372,3 +377,30 @@ def test_resumed_run_samples_what_the_uninterrupted_run_sampled(tokenizer, tmp_p
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-1"))
     assert len(first.seen) == 2 and len(resumed.seen) == 1
     assert torch.equal(resumed.seen[0]["input_ids"], whole[1]["input_ids"])
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_update_as_one_large_batch(tmp_path):
+    """2 processes x batch 2 (gloo) == 1 process x batch 4: the same completions, loss, grad norm and update."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    logs = {}
+    for nproc, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"log_{nproc}.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(here / "ddp_on_policy.py"), str(out), str(batch)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[nproc] = json.loads(out.read_text())
+    single, double = logs[1], logs[2]
+    assert double["world_size"] == 2 and double["rows"] == single["rows"]
+    for key in ("loss", "grad_norm"):
+        assert double[key] == pytest.approx(single[key], rel=1e-4), key
+    assert double["generated_tokens"] * 2 == pytest.approx(single["generated_tokens"])  # logged per process
+    assert double["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6, abs=1e-5)

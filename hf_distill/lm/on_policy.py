@@ -11,7 +11,7 @@ Both need three pieces, kept here as plain functions of tensors and models:
   the prompts (logits of the last position only) then one token per step, stopping as soon as every
   row has emitted an end-of-sequence token. Each row samples from its own generator
   (:func:`row_generators`), so a row's completion does not depend on which other rows share its
-  micro-batch (batch 2 and 2 micro-batches of 1 sample the same tokens). The draws are those of
+  micro-batch or process (batch 4, 2 micro-batches of 2 and 2 processes x 2 sample the same tokens). The draws are those of
   ``model.generate(do_sample=True, top_k=..., top_p=..., temperature=...)`` after
   ``torch.manual_seed(row_seed(...))`` for a batch of one prompt (tested);
 * :func:`rebuild_batch`: prompt + completion, right-padded to the longest row; ``labels`` are -100
@@ -20,8 +20,8 @@ Both need three pieces, kept here as plain functions of tensors and models:
 Public API::
 
     choose_source(lmbda, seq_kd, seed, step, micro_batch) -> str
-    row_seed(seed, step, row, process=0) -> int
-    row_generators(seed, step, first_row, rows, device, process=0) -> list[torch.Generator]
+    row_seed(seed, step, row) -> int
+    row_generators(seed, step, first_row, rows, device) -> list[torch.Generator]
     sample_completions(model, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
                        top_k=0, eos_token_ids=(), pad_token_id=0, generators=None) -> (tokens, lengths)
     left_align(ids, mask) -> (ids, mask)
@@ -66,17 +66,18 @@ def choose_source(lmbda: float, seq_kd: bool, seed: int, step: int, micro_batch:
     return "teacher" if seq_kd else "data"
 
 
-def row_seed(seed: int, step: int, row: int, process: int = 0) -> int:
-    """The seed of row ``row`` (counted over the micro-batches of the step) of optimiser step ``step``."""
-    return _mixed_seed("row", seed, step, process, row)
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The seed of row ``row`` of optimiser step ``step``; rows are counted over the whole step, as the
+    sampler orders them (micro-batch by micro-batch, process by process within one)."""
+    return _mixed_seed("row", seed, step, row)
 
 
-def row_generators(seed: int, step: int, first_row: int, rows: int, device, process: int = 0) -> list[torch.Generator]:
+def row_generators(seed: int, step: int, first_row: int, rows: int, device) -> list[torch.Generator]:
     """One generator per row, seeded with :func:`row_seed` for rows ``first_row`` .. ``first_row + rows - 1``."""
     generators = []
     for row in range(first_row, first_row + rows):
         generator = torch.Generator(device=device)
-        generator.manual_seed(row_seed(seed, step, row, process))
+        generator.manual_seed(row_seed(seed, step, row))
         generators.append(generator)
     return generators
 

@@ -12,9 +12,10 @@ The usual :class:`~hf_distill.DistillationTrainer` loss then runs on the rebuilt
 teacher see the same ``input_ids``, so the teacher scores exactly the sampled tokens.
 
 Generation happens when the optimiser step's micro-batches are fetched, before the trainer counts
-the items of the step, so the global normalisation covers the rebuilt batches (batch 2 equals 2
-micro-batches of 1). Draws are seeded from ``args.seed``, the optimiser step and the row's index in
-the step: a rerun or a run resumed from a checkpoint samples the same completions.
+the items of the step, so the global normalisation covers the rebuilt batches. Draws are seeded
+from ``args.seed``, the optimiser step and the row's index in the step: a rerun or a run resumed
+from a checkpoint samples the same completions, and batch 4, 2 micro-batches of 2 and 2 processes
+x 2 sample the same tokens and give the same update.
 
 Logged with the loss terms (per optimiser step, averaged over the logging window):
 ``generation_seconds`` (wall time spent generating), ``generated_tokens`` (tokens generated, each
@@ -139,11 +140,15 @@ class CausalLMDistillationTrainer(DistillationTrainer):
             except StopIteration:
                 return
             source = choose_source(self.args.lmbda, self.args.seq_kd, self.args.seed, step, micro_batch)
+            rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
             if source != "data":
-                batch = self.generate_completions(batch, source, step=step, first_row=first_row)
+                # Rows are numbered as one process with the whole micro-batch would see them (the sampler gives
+                # process p the p-th slice of each global micro-batch), so the draws do not depend on the layout.
+                batch = self.generate_completions(batch, source, step=step,
+                                                  first_row=first_row + self.args.process_index * rows)
             self._generation["micro_batches"] += 1
             self._generation[f"{source}_batches"] = self._generation.get(f"{source}_batches", 0.0) + 1
-            first_row += next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+            first_row += rows * self.args.world_size
             yield batch
 
     def generate_completions(self, batch: dict, source: str = "student", *, step: int = 0, first_row: int = 0) -> dict:
@@ -157,8 +162,7 @@ class CausalLMDistillationTrainer(DistillationTrainer):
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
         model = unwrap(self.model) if source == "student" else unwrap(self.teachers[0])
-        generators = row_generators(self.args.seed, step, first_row, prompt_ids.shape[0], prompt_ids.device,
-                                    process=self.args.process_index)
+        generators = row_generators(self.args.seed, step, first_row, prompt_ids.shape[0], prompt_ids.device)
         was_training = model.training
         model.eval()
         start = time.perf_counter()
