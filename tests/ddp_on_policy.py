@@ -11,9 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
-from test_on_policy import Recording, completion_rows, make_args, pair, split, word_tokenizer  # noqa: E402
+from test_on_policy import (
+    Recording,
+    completion_rows,
+    make_args,
+    pair,
+    split,
+    word_tokenizer,
+)
 
-from hf_distill.lm import CompletionCollator  # noqa: E402
+from hf_distill.lm import CompletionCollator
 
 
 def main(out_path: str, batch_size: int) -> None:

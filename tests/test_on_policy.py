@@ -395,7 +395,7 @@ def test_two_processes_sample_and_update_as_one_large_batch(tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(here / "ddp_on_policy.py"), str(out), str(batch)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs[nproc] = json.loads(out.read_text())
     single, double = logs[1], logs[2]
