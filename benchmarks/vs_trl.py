@@ -35,9 +35,16 @@ Printed per mode (medians over the timed steps, the first ``--warmup`` steps dro
   trainer of these models; the step's own memory (logits, loss temporaries, activations,
   gradients) is what a trainer decides. ``peak_rss_ratio`` gives the ratio of the absolute peaks;
 * ``loss_rel_diff``: the largest ``|loss_hf - loss_trl| / |loss_trl|`` over all steps. On-policy
-  the two sides sample with the same seeded generator from the same weights; the comparison is
-  made on the steps whose sampled tokens are identical on both sides, and reported as not
-  applicable (with the reason) when they differ from the first step on.
+  the two samplers draw differently (hf_distill seeds one generator per row, for reproducible and
+  resumable runs; TRL draws from the global generator), so the sequences, and from step 1 on the
+  weights, differ; instead TRL scores the batch hf_distill sampled at step 0 (round 0 steps
+  hf_distill first, so both still hold the initial weights) and the two losses on that same
+  batch are compared.
+
+* ``floor_ratio`` (off-policy): a third worker, stepped in the same rotation, does only the model
+  work every exact full-vocabulary trainer must do (both forwards with the full logits, the
+  student's backward through them, AdamW) plus one elementwise product as its loss; its time over
+  TRL's is the lowest ``time_ratio`` reachable on this work without changing the models.
 
 Absolute times are printed only on a GPU (a shared CPU's are not comparable between runs).
 
@@ -58,7 +65,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vs_trl_workers import MODES, SYSTEMS, BenchConfig, config_dict, serve  # noqa: E402
+from vs_trl_workers import FLOOR, MODES, SYSTEMS, BenchConfig, config_dict, serve  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -84,6 +91,10 @@ class Worker:
         self.conn.send(("step", index))
         return self.receive("step")
 
+    def score(self, batch: dict) -> float:
+        self.conn.send(("score", batch))
+        return self.receive("score")
+
     def close(self) -> None:
         if self.process.is_alive():
             try:
@@ -104,11 +115,17 @@ def run_mode(mode: str, cfg: BenchConfig, steps: int, warmup: int, systems=SYSTE
         for worker in workers:
             worker.receive("ready")
         records: dict[str, list[dict]] = {w.system: [] for w in workers}
+        by_name = {w.system: w for w in workers}
         for i in range(warmup + steps):
             for worker in workers if i % 2 == 0 else workers[::-1]:
                 record = worker.step(i)
                 record["timed"] = i >= warmup
                 records[worker.system].append(record)
+                if i == 0 and worker.system == "hf_distill" and record["batch"] is not None and "trl" in by_name:
+                    # Round 0 steps hf_distill first, so TRL still holds the same initial weights: it scores
+                    # the very batch hf_distill sampled and trained on, before its own first step.
+                    record["trl_loss_same_batch"] = by_name["trl"].score(record["batch"])
+                record.pop("batch")
         return records
     finally:
         for worker in workers:
@@ -125,17 +142,26 @@ def summarize(mode: str, records: dict[str, list[dict]], device: str) -> dict:
     h, t = med["hf_distill"], med["trl"]
     out = {"mode": mode, "time_ratio": h[clock] / t[clock], "mem_ratio": h["mem_step"] / t["mem_step"],
            "peak_rss_ratio": h["mem_peak"] / t["mem_peak"], "medians": med, "clock": clock}
-    pairs = list(zip(records["hf_distill"], records["trl"]))
+    if FLOOR in med:
+        out["floor_ratio"] = med[FLOOR][clock] / t[clock]
+    pairs = list(zip(records["hf_distill"], records["trl"]))  # the floor's loss is not a divergence
+    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)  # noqa: E731
     same = [(a, b) for a, b in pairs if a["sampled"] == b["sampled"]]
-    if same:
-        out["loss_rel_diff"] = max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-30) for a, b in same)
-        out["loss_steps"] = f"{len(same)}/{len(pairs)}"
+    out["losses"] = [(a["loss"], b["loss"]) for a, b in pairs]
+    if len(same) == len(pairs):
+        out["loss_rel_diff"] = max(rel(a["loss"], b["loss"]) for a, b in pairs)
+        out["loss_steps"] = f"every step ({len(pairs)})"
+    elif "trl_loss_same_batch" in pairs[0][0]:
+        # The samplers differ (hf_distill seeds a generator per row, TRL draws from the global one), so after
+        # step 0 the two sides train on different sequences; step 0 is compared on hf_distill's sample.
+        first = pairs[0][0]
+        out["loss_rel_diff"] = rel(first["loss"], first["trl_loss_same_batch"])
+        out["loss_steps"] = "step 0, on the batch hf_distill sampled, scored by both"
+        out["losses"][0] = (first["loss"], first["trl_loss_same_batch"])
     else:
         out["loss_rel_diff"] = None
-        out["loss_note"] = ("not applicable: the two sides sampled different completions from step 0 on (their "
-                            "samplers draw from the seeded generator differently), so their losses are over "
+        out["loss_note"] = ("not applicable: the two sides sampled different completions, so their losses are over "
                             "different sequences")
-    out["losses"] = [(a["loss"], b["loss"]) for a, b in pairs]
     return out
 
 
@@ -143,11 +169,14 @@ def report(summary: dict, device: str) -> None:
     med, mode = summary["medians"], summary["mode"]
     h, t = med["hf_distill"], med["trl"]
     diff = summary["loss_rel_diff"]
-    diff_text = f"{diff:.2e} ({summary['loss_steps']} steps)" if diff is not None else "n/a"
+    diff_text = f"{diff:.2e} ({summary['loss_steps']})" if diff is not None else "n/a"
     print(f"[{mode}] time_ratio={summary['time_ratio']:.3f} mem_ratio={summary['mem_ratio']:.3f} "
           f"peak_rss_ratio={summary['peak_rss_ratio']:.3f} loss_rel_diff={diff_text}")
     print(f"[{mode}] step memory GiB: hf_distill {h['mem_step'] / GIB:.3f} vs trl {t['mem_step'] / GIB:.3f}; "
           f"peak GiB: hf_distill {h['mem_peak'] / GIB:.3f} vs trl {t['mem_peak'] / GIB:.3f}")
+    if "floor_ratio" in summary:
+        print(f"[{mode}] floor_ratio={summary['floor_ratio']:.3f} (model forwards, backward and AdamW alone, with the "
+              "full logits, over TRL's step: the lowest time_ratio an exact trainer can reach)")
     if mode == "on_policy":
         print(f"[{mode}] share of the step spent sampling: hf_distill {h['generate_s'] / h['wall_s']:.3f}, "
               f"trl {t['generate_s'] / t['wall_s']:.3f}")
@@ -174,6 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
                         help="hf_distill's loss path: auto (the trainer's default), on (fused hidden states x head), "
                              "off (dense logits)")
+    parser.add_argument("--no_floor", dest="floor", action="store_false",
+                        help="skip the off-policy floor worker (the model work alone; see floor_ratio)")
     parser.add_argument("--device", default="cpu")
     opts = parser.parse_args(argv)
     modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
@@ -197,7 +228,8 @@ def main(argv=None) -> None:
           f"hidden={cfg.hidden} vocab={cfg.vocab} batch={cfg.batch}x{cfg.seq} max_new_tokens={cfg.max_new_tokens} "
           f"beta={cfg.beta} fused={cfg.fused} steps={opts.steps} warmup={opts.warmup}", flush=True)
     for mode in opts.modes:
-        report(summarize(mode, run_mode(mode, cfg, opts.steps, opts.warmup), opts.device), opts.device)
+        systems = (*SYSTEMS, FLOOR) if mode == "off_policy" and opts.floor else SYSTEMS
+        report(summarize(mode, run_mode(mode, cfg, opts.steps, opts.warmup, systems), opts.device), opts.device)
         sys.stdout.flush()
 
 

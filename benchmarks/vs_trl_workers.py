@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 SYSTEMS = ("hf_distill", "trl")
+FLOOR = "floor"  # the model work any exact full-vocabulary trainer does (off-policy only); see FloorTrainer
 MODES = ("off_policy", "on_policy")
 
 
@@ -192,9 +193,38 @@ def build_hf_distill(cfg: BenchConfig, mode: str, teacher, student, tmp: str, de
     from hf_distill.lm.trainer import CausalLMDistillationArguments, CausalLMDistillationTrainer
 
     args = CausalLMDistillationArguments(**common, lmbda=1.0, max_new_tokens=cfg.max_new_tokens,
-                                         generation_temperature=1.0, top_p=1.0)
+                                         generation_temperature=1.0, top_p=1.0, top_k=0)
     return CausalLMDistillationTrainer(model=student, teacher=teacher, args=args,
                                        processing_class=word_level_tokenizer(cfg.vocab))
+
+
+class FloorTrainer:
+    """The work no trainer of these models can skip, timed like a trainer's step: the teacher's no-grad
+    forward with its full logits, the student's forward with its full logits, the backward of a loss
+    that costs one elementwise product (``sum(s * t) / n``) and the same AdamW update. A full-vocabulary
+    divergence adds only elementwise work to this (exp / log over ``positions x vocab``), so
+    ``floor / TRL`` is the lowest ``time_ratio`` an exact trainer can reach on the same work."""
+
+    def __init__(self, cfg: BenchConfig, teacher, student, device: torch.device):
+        self.model, self.teacher, self.cfg = student.to(device), teacher.to(device), cfg
+        self.optimizer = None
+
+    def create_optimizer(self):
+        fused = self.model.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=0.0,
+                                           fused=fused)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs):
+        with torch.no_grad():
+            t = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        s = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return torch.mul(s, t).sum() / s.shape[0]
+
+    def training_step(self, model, inputs):
+        loss = self.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach()
 
 
 # ---------------------------------------------------------------------------------------------- a side
@@ -202,15 +232,19 @@ class Side:
     """One system's trainer, stepped one batch at a time."""
 
     def __init__(self, system: str, mode: str, cfg: BenchConfig):
-        if system not in SYSTEMS or mode not in MODES:
-            raise ValueError(f"system must be one of {SYSTEMS} and mode one of {MODES}, got {system!r}, {mode!r}")
+        if system not in (*SYSTEMS, FLOOR) or mode not in MODES or (system == FLOOR and mode != "off_policy"):
+            raise ValueError(f"system must be one of {SYSTEMS} (or {FLOOR!r}, off-policy) and mode one of {MODES}, "
+                             f"got {system!r}, {mode!r}")
         torch.set_num_threads(1)
         self.system, self.mode, self.cfg = system, mode, cfg
         self.device = torch.device(cfg.device)
         self.tmp = tempfile.TemporaryDirectory()
         teacher, student = build_models(cfg)
-        build = build_trl if system == "trl" else build_hf_distill
-        self.trainer = build(cfg, mode, teacher, student, self.tmp.name, self.device)
+        if system == FLOOR:
+            self.trainer = FloorTrainer(cfg, teacher, student, self.device)
+        else:
+            build = build_trl if system == "trl" else build_hf_distill
+            self.trainer = build(cfg, mode, teacher, student, self.tmp.name, self.device)
         self.model = self.trainer.model
         self.generate = TimedGenerate(self.model)
         self.trainer.create_optimizer()
@@ -219,13 +253,24 @@ class Side:
         self.memory = PeakMemory(self.device)
 
     def step(self, index: int) -> dict:
+        """One optimiser step on batch ``index``; on-policy the student first samples the completions
+        (TRL: inside ``training_step``; hf_distill: ``generate_completions``, which its trainer runs when it
+        fetches the step's batches)."""
         batch = make_batch(self.cfg, self.mode, index, self.device)
-        random.seed(index)  # TRL draws lmbda from `random`; both sample completions from torch's generator
+        random.seed(index)  # TRL draws lmbda from `random` and samples from torch's global generator
         torch.manual_seed(index)
         self.generate.seconds, self.generate.sequences = 0.0, None
         optimizer = self.trainer.optimizer
         self.memory.reset()
         cpu, wall = time.process_time(), time.perf_counter()
+        sampled_batch = None
+        if self.mode == "on_policy" and self.system == "hf_distill":
+            start = time.perf_counter()
+            batch = self.trainer.generate_completions(
+                {"prompt_input_ids": batch["prompts"], "prompt_attention_mask": batch["prompt_attention_mask"]},
+                "student", step=index)
+            self.generate.seconds = time.perf_counter() - start
+            sampled_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         loss = self.trainer.training_step(self.model, batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,17 +279,28 @@ class Side:
             torch.cuda.synchronize(self.device)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         start, peak = self.memory.read()
-        sampled = self.generate.sequences
-        return {"cpu_s": cpu, "wall_s": wall, "generate_s": self.generate.seconds, "loss": loss,
-                "mem_start": start, "mem_peak": peak,
-                "sampled": None if sampled is None else sampled[:, -self.cfg.max_new_tokens:].tolist()}
+        if self.mode == "on_policy" and sampled_batch is None:  # TRL replaced the batch's tensors in place
+            sampled_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        record = {"cpu_s": cpu, "wall_s": wall, "generate_s": self.generate.seconds, "loss": loss,
+                  "mem_start": start, "mem_peak": peak, "sampled": None, "batch": None}
+        if sampled_batch is not None:
+            record["sampled"] = sampled_batch["input_ids"][:, self.cfg.prompt_len:].tolist()
+            record["batch"] = {k: v.tolist() for k, v in sampled_batch.items()}
+        return record
+
+    def score(self, batch: dict) -> float:
+        """This side's loss on a given (already sampled) batch, without gradient and without a step."""
+        inputs = {k: torch.tensor(v, device=self.device) for k, v in batch.items()}
+        with torch.no_grad():
+            return float(self.trainer.compute_loss(self.model, inputs))
 
     def close(self) -> None:
         self.tmp.cleanup()
 
 
 def serve(conn, system: str, mode: str, cfg: dict) -> None:
-    """Worker process body: build the side, then answer ``("step", i)`` until ``("stop", None)``."""
+    """Worker process body: build the side, then answer ``("step", i)`` and ``("score", batch)`` until
+    ``("stop", None)``."""
     try:
         side = Side(system, mode, BenchConfig(**cfg))
         conn.send(("ready", None))
@@ -254,7 +310,10 @@ def serve(conn, system: str, mode: str, cfg: dict) -> None:
                 side.close()
                 conn.send(("stopped", None))
                 return
-            conn.send(("step", side.step(arg)))
+            if command == "score":
+                conn.send(("score", side.score(arg)))
+            else:
+                conn.send(("step", side.step(arg)))
     except BaseException:  # noqa: BLE001 - reported to the driver, which stops the run with it
         conn.send(("error", traceback.format_exc()))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -29,16 +30,22 @@ def gkd_reference(student_logits, teacher_logits, labels, beta):
     return float(jsd[mask].sum() / mask.sum())
 
 
+def move_away(student):
+    """Move the student away from its teacher copy, so that the divergence is not ~0 (fp32 cancellation)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
 def test_off_policy_step_computes_gkd_loss_and_updates_student():
     cfg = workers.BenchConfig(**TINY, beta=0.3)
     side = workers.Side("hf_distill", "off_policy", cfg)
     try:
         batch = workers.make_batch(cfg, "off_policy", 0, side.device)
         teacher = side.trainer.teacher
-        with torch.no_grad():  # move the student away from its teacher copy, so the loss is not ~0
-            g = torch.Generator().manual_seed(1)
-            for p in side.model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        move_away(side.model)
+        with torch.no_grad():
             expected = gkd_reference(side.model(input_ids=batch["input_ids"]).logits,
                                      teacher(input_ids=batch["input_ids"]).logits, batch["labels"], cfg.beta)
         before = [p.detach().clone() for p in side.model.parameters()]
@@ -54,6 +61,46 @@ def test_off_policy_step_computes_gkd_loss_and_updates_student():
         assert not torch.equal(workers.make_batch(cfg, "off_policy", 1, side.device)["input_ids"], batch["input_ids"])
     finally:
         side.close()
+
+
+def test_on_policy_step_trains_on_the_students_samples_with_the_gkd_loss():
+    cfg = workers.BenchConfig(**TINY)
+    side = workers.Side("hf_distill", "on_policy", cfg)
+    try:
+        move_away(side.model)
+        before = copy.deepcopy(side.model).eval()
+        record = side.step(0)
+        sampled = torch.tensor(record["batch"]["input_ids"])
+        prompts = workers.make_batch(cfg, "on_policy", 0, side.device)["prompts"]
+        assert sampled.shape == (cfg.batch, cfg.seq)
+        assert torch.equal(sampled[:, :cfg.prompt_len], prompts)
+        assert torch.tensor(record["sampled"]).shape == (cfg.batch, cfg.max_new_tokens)
+        labels = torch.tensor(record["batch"]["labels"])
+        assert (labels[:, :cfg.prompt_len] == -100).all() and torch.equal(labels[:, cfg.prompt_len:],
+                                                                          sampled[:, cfg.prompt_len:])
+        # the loss is the GKD JSD over the sampled completion tokens, with the weights before the step
+        with torch.no_grad():
+            expected = gkd_reference(before(input_ids=sampled).logits, side.trainer.teacher(input_ids=sampled).logits,
+                                     labels, cfg.beta)
+        assert record["loss"] == pytest.approx(expected, rel=1e-5)
+        assert 0 < record["generate_s"] < record["wall_s"]
+        # the same step index samples the same completions (the benchmark's rounds are reproducible)
+        assert side.step(0)["sampled"] == record["sampled"]
+    finally:
+        side.close()
+
+
+def test_floor_does_the_model_work_and_takes_only_off_policy():
+    cfg = workers.BenchConfig(**TINY)
+    with pytest.raises(ValueError, match="floor"):
+        workers.Side(workers.FLOOR, "on_policy", cfg)
+    side = workers.Side(workers.FLOOR, "off_policy", cfg)
+    batch = workers.make_batch(cfg, "off_policy", 0, side.device)
+    with torch.no_grad():
+        s, t = side.model(input_ids=batch["input_ids"]).logits, side.trainer.teacher(input_ids=batch["input_ids"]).logits
+    record = side.step(0)
+    assert record["loss"] == pytest.approx(float((s * t).sum() / cfg.batch), rel=1e-5)
+    assert side.model.transformer.h[0].mlp.c_fc.weight.grad is None  # zeroed after the update
 
 
 def test_models_are_the_same_in_every_process():
@@ -94,12 +141,19 @@ def test_summary_ratios_and_loss_agreement():
     assert out["mem_ratio"] == pytest.approx((15 - 10) / (30 - 10))
     assert out["peak_rss_ratio"] == pytest.approx(15 / 30)
     assert out["loss_rel_diff"] == pytest.approx(4e-6 / (1 + 4e-6), rel=1e-6)
-    assert out["loss_steps"] == "4/4"
-    # on-policy: only steps with identical samples are compared; none identical -> not applicable
+    assert out["loss_steps"] == "every step (4)"
+    # on-policy with different samples: step 0 is compared on hf_distill's batch, as TRL scored it
     records["hf_distill"] = [dict(r, sampled=[[1, 2]]) for r in records["hf_distill"]]
     records["trl"] = [dict(r, sampled=[[1, 3]]) for r in records["trl"]]
+    records["hf_distill"][0]["trl_loss_same_batch"] = 1.0 + 2e-6
+    out = vs_trl.summarize("on_policy", records, "cpu")
+    assert out["loss_rel_diff"] == pytest.approx(2e-6 / (1 + 2e-6), rel=1e-6)
+    assert out["losses"][0] == (1.0, 1.0 + 2e-6)
+    del records["hf_distill"][0]["trl_loss_same_batch"]  # no common batch: not applicable, with the reason
     out = vs_trl.summarize("on_policy", records, "cpu")
     assert out["loss_rel_diff"] is None and "not applicable" in out["loss_note"]
+    records["floor"] = [rec(1, 0, 1, 0.0, timed=False)] + [rec(c, 0, 1, 0.0) for c in (1, 3, 2)]
+    assert vs_trl.summarize("off_policy", records, "cpu")["floor_ratio"] == pytest.approx(2 / 6)
 
 
 def test_worker_process_protocol_runs_the_hf_distill_side():
