@@ -70,6 +70,13 @@ class DistillationArguments(TrainingArguments):
                           "its inputs are moved there and its outputs back to the student's device for the loss. "
                           "Default: the student's device."},
     )
+    teacher_sharding: str = field(
+        default="auto",
+        metadata={"help": "Several processes: shard the frozen teacher across them with FSDP2 for inference instead "
+                          "of a full copy per process. auto: when the student is trained with --fsdp; fsdp: always "
+                          "(DDP included); none: a full copy per process.",
+                  "choices": ["auto", "fsdp", "none"]},
+    )
     fused_vocab_threshold: int = field(
         default=32768,
         metadata={"help": "Response terms and the causal-LM task loss with `fused: auto` (the default) compute from "
@@ -141,6 +148,8 @@ class DistillationArguments(TrainingArguments):
                 or self.fused_vocab_threshold < 0:
             raise ValueError(f"fused_vocab_threshold must be an integer >= 0 (0: always fused where possible), got "
                              f"{self.fused_vocab_threshold!r}")
+        if self.teacher_sharding not in ("auto", "fsdp", "none"):
+            raise ValueError(f"teacher_sharding must be auto, fsdp or none, got {self.teacher_sharding!r}")
         if self.teacher_device is not None:
             from .sources.frozen import check_device
 

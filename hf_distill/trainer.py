@@ -163,16 +163,19 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             kind = "frozen" if teachers else "stored"
         if args.teacher_store and kind != "stored":
             raise ValueError(f"teacher_store is read by teacher_source='stored', not {kind!r}; drop one of them")
-        if args.teacher_device is not None and kind != "frozen":
-            raise ValueError(f"teacher_device places a frozen teacher, but the teacher source is {kind!r}; drop "
-                             "teacher_device or use teacher_source='frozen'")
+        for name, value, default in (("teacher_device", args.teacher_device, None),
+                                     ("teacher_sharding", args.teacher_sharding, "auto")):
+            if value != default and kind != "frozen":
+                raise ValueError(f"{name} applies to a frozen teacher, but the teacher source is {kind!r}; drop "
+                                 f"{name} or use teacher_source='frozen'")
         if kind in ("stored", "ema", "snapshot") and teachers:
             raise ValueError(f"teacher_source={kind!r} takes no teacher model, but one was given; drop teacher= / "
                              "--teacher_name_or_path, or use teacher_source='frozen'")
         if kind == "frozen":
             if not teachers:
                 raise ValueError("teacher_source='frozen' needs a teacher: pass teacher=... or --teacher_name_or_path")
-            return FrozenTeacher(teachers, dtype=args.teacher_dtype, device=args.teacher_device)
+            return FrozenTeacher(teachers, dtype=args.teacher_dtype, device=args.teacher_device,
+                                 sharding=args.teacher_sharding)
         if kind == "stored":
             if args.teacher_store or args.eval_teacher_store:
                 return StoredTeacher(store=args.teacher_store, eval_store=args.eval_teacher_store)

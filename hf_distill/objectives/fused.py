@@ -82,6 +82,8 @@ def _term_refusal(term: FusableTerm, student, teachers: list, provides: set, arg
     """Why ``term`` cannot take the fused path in this run (None: it can)."""
     if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
         return "FSDP / DeepSpeed shard the output projection, which the fused loss reads whole"
+    if term.uses_teacher and getattr(args, "teacher_sharding", "none") == "fsdp" and getattr(args, "world_size", 1) > 1:
+        return "the teacher is sharded across processes (teacher_sharding=fsdp), so its output projection is too"
     reason = fused_model_refusal(student)
     if reason:
         return f"the student cannot: {reason}"

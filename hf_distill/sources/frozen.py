@@ -6,7 +6,9 @@ from the teacher, the stored logits are used and the teacher does not run.
 
 Big teachers: ``dtype`` (``teacher_dtype``) keeps a bfloat16 / float16 copy (the losses still
 compute in float32); ``device`` (``teacher_device``) puts the teacher on another device than the
-student (its inputs go there, its outputs come back to the student's device for the loss).
+student (its inputs go there, its outputs come back to the student's device for the loss);
+``sharding`` (``teacher_sharding``) shards it across the processes of a distributed run instead of
+one full copy per process (:mod:`hf_distill.sources.sharding`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..objectives.fused import with_head
 from ..qkv import QKVRecorder
 from ..teachers import place_teacher
 from .base import TeacherSource
+from .sharding import shard_for_inference, should_shard
 from .stored import stored_tensors
 
 
@@ -29,12 +32,15 @@ class FrozenTeacher(TeacherSource):
     kind = "frozen"
     provides = frozenset({"logits", "hidden_states", "attentions", "qkv", "last_hidden"})
 
-    def __init__(self, teachers: list[torch.nn.Module], dtype: str = "float32", device: str | None = None):
+    def __init__(self, teachers: list[torch.nn.Module], dtype: str = "float32", device: str | None = None,
+                 sharding: str = "none"):
         if not teachers:
             raise ValueError("the frozen teacher source needs at least one teacher model")
         self.teachers = list(teachers)
         self.dtype = dtype
         self.device = None if device is None else check_device(device, "teacher_device")
+        self.sharding = sharding
+        self.sharded = False
         self.recorders: list[QKVRecorder] | None = None
         self.accepted: list[set[str] | None] = []
 
@@ -45,6 +51,9 @@ class FrozenTeacher(TeacherSource):
     def bind(self, trainer) -> None:
         device = self.device or trainer.accelerator.device
         self.teachers = [place_teacher(t, device, self.dtype) for t in self.teachers]
+        if should_shard(self.sharding, trainer):
+            self.teachers = [shard_for_inference(t, torch.device(device)) for t in self.teachers]
+            self.sharded = True
         _, layers = trainer.objective.qkv_layers()
         self.recorders = [QKVRecorder(t, layers) for t in self.teachers] if layers else None
         self.accepted = [forward_parameters(t) for t in self.teachers]
@@ -84,6 +93,7 @@ class FrozenTeacher(TeacherSource):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "dtype": self.dtype, "device": None if self.device is None else str(self.device),
+                "sharded": self.sharded,
                 "teachers": [getattr(t, "name_or_path", "") or type(t).__name__ for t in self.teachers]}
 
 
