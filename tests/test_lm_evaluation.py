@@ -19,41 +19,16 @@ from hf_distill.lm.evaluation import (
     score_units,
     text_windows,
 )
-from tiny import sample_texts
+from lm_tiny import tiny_chat_tokenizer, tiny_llama
 
 DOCS = ["the cat sat on the mat and the dog ran fast to the red house .",
         "minister wins vote — prices rise in the city market, café shares fall .",
         "film star plays music"]
 
 
-def byte_bpe_tokenizer(texts=None, vocab_size: int = 300):
-    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) with <|endoftext|> as BOS, EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts or sample_texts(300) + DOCS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
-def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return byte_bpe_tokenizer()
+    return tiny_chat_tokenizer()
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -111,8 +86,6 @@ def test_score_units_match_a_hand_computed_nll_and_ignore_padding(tok):
     np.testing.assert_array_equal(scores.tokens, expected_tokens)
     assert scores.bytes.sum() == sum(len(d.encode()) for d in DOCS)
     assert scores.perplexity == pytest.approx(math.exp(expected_nll.sum() / expected_tokens.sum()), rel=1e-6)
-    # an untrained model is about uniform over the vocabulary
-    assert 0.5 * len(tok) < scores.perplexity < 2 * len(tok)
 
 
 # ------------------------------------------------------------------------------------------ intervals

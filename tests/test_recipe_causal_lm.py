@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from test_lm_evaluation import byte_bpe_tokenizer, tiny_llama
+from lm_tiny import tiny_chat_tokenizer, tiny_llama
 from tiny import sample_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
     """A tiny Llama teacher that has learnt the toy corpus (120 steps), its tokenizer, and the corpus."""
     root = tmp_path_factory.mktemp("causal_lm")
     texts = sample_texts(400, seed=3)
-    tok = byte_bpe_tokenizer(texts)
+    tok = tiny_chat_tokenizer()
     teacher = tiny_llama(len(tok), layers=4).train()
     ids = [torch.tensor(tok(t)["input_ids"][:24]) for t in texts]
     opt = torch.optim.AdamW(teacher.parameters(), lr=1e-2)
