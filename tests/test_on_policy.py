@@ -74,8 +74,8 @@ class Recording(CausalLMDistillationTrainer):
     """Keeps every training batch the loss saw."""
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        if model.training:
-            self.seen = getattr(self, "seen", []) + [{k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)}]
+        name = "seen" if model.training else "evaluated"
+        setattr(self, name, getattr(self, name, []) + [{k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)}])
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
@@ -140,6 +140,11 @@ def test_lmbda_one_trains_on_the_students_samples(tokenizer, tmp_path):
     assert log["on_policy_fraction"] == 1.0 and log["generation_seconds"] > 0
     assert log["generated_tokens"] == int((batch["labels"] != -100).sum())
     assert student.training and not any(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
+    # evaluation scores the dataset's own completions (its batches are never regenerated)
+    held_out = completion_rows(tokenizer, 4, seed=3)
+    assert trainer.evaluate(held_out)["eval_loss"] > 0
+    (evaluated,) = trainer.evaluated
+    assert torch.equal(evaluated["input_ids"], CompletionCollator(tokenizer)(list(held_out))["input_ids"])
 
 
 def test_seq_kd_trains_on_the_teachers_generations(tokenizer, tmp_path):

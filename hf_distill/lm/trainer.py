@@ -162,14 +162,15 @@ class CausalLMDistillationTrainer(DistillationTrainer):
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
         model = unwrap(self.model) if source == "student" else unwrap(self.teachers[0])
-        generators = row_generators(self.args.seed, step, first_row, prompt_ids.shape[0], prompt_ids.device)
+        device = next(model.parameters()).device  # a teacher may live elsewhere (teacher_device)
+        generators = row_generators(self.args.seed, step, first_row, prompt_ids.shape[0], device)
         was_training = model.training
         model.eval()
         start = time.perf_counter()
         try:
             with self.accelerator.autocast():
                 tokens, lengths = sample_completions(
-                    model, prompt_ids, prompt_mask, max_new_tokens=self.args.max_new_tokens,
+                    model, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=self.args.max_new_tokens,
                     temperature=self.args.generation_temperature, top_p=self.args.top_p, top_k=self.args.top_k,
                     eos_token_ids=self.eos_token_ids[source], pad_token_id=self.pad_token_id, generators=generators)
         finally:
