@@ -14,6 +14,8 @@ from transformers import default_data_collator
 
 from hf_distill import DistillationArguments, DistillationTrainer
 from hf_distill.losses import kl_div_loss
+from hf_distill.objectives import ModelTensors
+from hf_distill.objectives.fused import with_head
 from hf_distill.sources.frozen import check_device, moved
 from test_fused_trainer import rows, tiny
 
@@ -51,16 +53,20 @@ def test_half_precision_teacher_loss_in_float32(tmp_path, dtype):
 
 
 def test_teacher_device(tmp_path):
+    """teacher_device='cpu:0' is a device other than the student's torch.device('cpu') by equality, so the inputs go
+    through the move to the teacher's device and its outputs come back (the same numbers, as it is the same memory)."""
     batch = default_data_collator(rows())
-    default = kl_trainer(tmp_path / "a")
-    placed = kl_trainer(tmp_path / "b", teacher_device="cpu")
-    assert placed.teacher_source.device == torch.device("cpu")
-    assert placed.teacher_source.describe()["device"] == "cpu"
-    assert {p.device.type for p in placed.teacher.parameters()} == {"cpu"}
-    for t in (default, placed):
-        t.model.train()
-    assert float(placed.compute_loss(placed.model, dict(batch))) == float(default.compute_loss(default.model,
-                                                                                                 dict(batch)))
+    for fused in ("false", "true"):
+        default = kl_trainer(tmp_path / f"a{fused}", fused=fused)
+        placed = kl_trainer(tmp_path / f"b{fused}", fused=fused, teacher_device="cpu:0")
+        assert placed.teacher_source.device == torch.device("cpu", 0) != placed.accelerator.device
+        assert placed.teacher_source.describe()["device"] == "cpu:0"
+        assert {p.device.type for p in placed.teacher.parameters()} == {"cpu"}
+        losses = []
+        for trainer in (default, placed):
+            trainer.model.train()
+            losses.append(float(trainer.compute_loss(trainer.model, dict(batch)).detach()))
+        assert losses[1] == losses[0], fused
     nested = moved({"a": torch.ones(2), "b": (torch.zeros(1), [torch.ones(1)]), "c": 3}, torch.device("cpu"))
     assert nested["c"] == 3 and isinstance(nested["b"], tuple) and isinstance(nested["b"][1], list)
 
@@ -103,3 +109,24 @@ def test_two_processes_shard_the_teacher_and_run_fused_terms(tmp_path):
     for other in (sharded, fused):
         for key in ("loss", "grad_norm", "loss_jsd", "loss_clm", "param_sum"):
             assert other[key] == pytest.approx(full[key], rel=1e-5), key
+
+
+def test_teacher_projection_is_copied_to_the_student_device_once_per_change():
+    """with_head on another device (meta here: no data, only placement) copies the teacher's output projection once
+    and reuses the copy until the weights change in place."""
+    teacher = tiny("llama", 3, seed=1).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = teacher(input_ids=ids, output_hidden_states=[-1], logits_to_keep=1)
+    meta = torch.device("meta")
+    first = with_head(ModelTensors.from_output(out), teacher, device=meta)
+    assert first.last_hidden_state.device == meta and first.head[0].device == meta
+    assert first.head[0].shape == teacher.get_output_embeddings().weight.shape
+    again = with_head(ModelTensors.from_output(out), teacher, device=meta)
+    assert again.head[0] is first.head[0]
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight.mul_(1.0)  # an in-place update (an EMA step, a reload)
+    changed = with_head(ModelTensors.from_output(out), teacher, device=meta)
+    assert changed.head[0] is not first.head[0]
+    same_device = with_head(ModelTensors.from_output(out), teacher)
+    assert same_device.head[0] is teacher.get_output_embeddings().weight
