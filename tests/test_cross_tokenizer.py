@@ -333,3 +333,34 @@ def test_span_kl_on_a_teacher_restricted_to_the_shared_tokens_is_the_same(pair, 
         shared.compute_loss(shared.model, batch)
     assert shared._eval_terms["loss_span_kl"] == pytest.approx(full._eval_terms["loss_span_kl"], rel=1e-5)
     assert shared.teacher.get_output_embeddings().out_features == len(teacher_tok)  # restored
+
+
+def test_recipe_end_to_end_on_tiny_models(pair, tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import cross_tokenizer as recipe
+
+    student_tok, teacher_tok = pair
+    folders = {}
+    for name, tok, seed in (("teacher", teacher_tok, 1), ("student", student_tok, 0)):
+        tiny_llama(len(tok), seed, layers=2).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    out = tmp_path / "run"
+    recipe.main(["--teacher", folders["teacher"], "--student", folders["student"], "--student_layers", "1",
+                 "--eval_documents", "2", "--eval_chars", "150", "--train_documents", "3", "--max_length", "24",
+                 "--max_train_rows", "8", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--distillation", '[{"loss": "span_kl", "teacher_logits": "shared"}, {"loss": "uld", "weight": 0}]',
+                 "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
+                 "--remove_unused_columns", "false", "--bootstrap_resamples", "50", "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["teacher", "distilled student", "baseline student"]
+    assert all(m["bits_per_byte"] > 0 and m["bits_per_byte_ci"][0] <= m["bits_per_byte"] for m in results["models"])
+    assert len({m["n_bytes"] for m in results["models"]}) == 1  # every model predicts the same bytes
+    logged = results["log_history"]
+    assert "loss_span_kl" in logged["distilled"][0] and "loss_span_kl" not in logged["baseline"][0]
+    assert logged["distilled"][-1]["step"] == logged["baseline"][-1]["step"] == 2
+    assert "gap to the teacher closed" in (out / "results.md").read_text()
