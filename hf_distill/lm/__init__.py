@@ -14,4 +14,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "hf_distill.lm.arguments": ("CausalLMDistillationArguments",),
     "hf_distill.lm.trainer": ("CausalLMDistillationTrainer",),
     "hf_distill.lm.on_policy": ("sample_completions", "rebuild_batch", "choose_source"),
+    "hf_distill.lm.cross_tokenizer": ("CrossTokenizerCollator", "build_cross_tokenizer_dataset", "align_tokens",
+                                      "shared_vocabulary", "output_layer_restricted_to"),
 })
