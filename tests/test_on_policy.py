@@ -217,6 +217,29 @@ def test_sampling_stops_at_end_of_sequence_and_pads_after_it():
     assert tokens.tolist() == [[4, 5, 6, 7]] and lengths.tolist() == [4] and endless.calls == 4
 
 
+def test_ended_rows_leave_the_batch_and_every_row_samples_as_alone(tokenizer):
+    model = tiny_llama(len(tokenizer), 2, seed=1, init=0.2).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 4  # rows end after different numbers of tokens
+    ids = torch.randint(3, len(tokenizer), (8, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, :2] = 0  # half the prompts are shorter (left-padded)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    tokens, lengths = sample_completions(model, ids, mask, max_new_tokens=12, temperature=1.0, eos_token_ids=[EOS],
+                                         generators=row_generators(0, 0, 0, 8, "cpu"))
+    hook.remove()
+    assert len(set(lengths.tolist())) > 2 and lengths.max() == 12
+    # after the prompt pass, each step runs exactly the rows that have not ended
+    assert sizes == [8] + [int((lengths > t).sum()) for t in range(1, 12)]
+    for row in range(8):
+        alone, length = sample_completions(model, ids[row:row + 1][:, mask[row].bool()], max_new_tokens=12,
+                                           temperature=1.0, eos_token_ids=[EOS],
+                                           generators=row_generators(0, 0, row, 1, "cpu"))
+        assert torch.equal(alone[0, : int(length)], tokens[row, : int(lengths[row])]), row
+        assert (tokens[row, int(lengths[row]):] == PAD).all()
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_loss_is_the_jsd_over_completion_tokens_only(tokenizer, tmp_path, fused):
     spec = f'[{{"loss": "jsd", "beta": 0.5, "temperature": 1.0, "fused": {str(fused).lower()}}}]'

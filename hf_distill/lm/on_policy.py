@@ -8,12 +8,13 @@ Both need three pieces, kept here as plain functions of tensors and models:
   probability ``lmbda``, else ``"teacher"`` under ``seq_kd``, else ``"data"``), drawn from the run's
   seed, the optimiser step and the micro-batch index, so a rerun or a resumed run draws the same;
 * :func:`sample_completions`: a decoding loop with the KV cache and no gradient, one forward pass of
-  the prompts (logits of the last position only) then one token per step, stopping as soon as every
-  row has emitted an end-of-sequence token. Each row samples from its own generator
-  (:func:`row_generators`), so a row's completion does not depend on which other rows share its
-  micro-batch or process (batch 4, 2 micro-batches of 2 and 2 processes x 2 sample the same tokens). The draws are those of
-  ``model.generate(do_sample=True, top_k=..., top_p=..., temperature=...)`` after
-  ``torch.manual_seed(row_seed(...))`` for a batch of one prompt (tested);
+  the prompts (logits of the last position only) then one token per step; a row that emits an
+  end-of-sequence token leaves the batch (with its KV cache), and decoding stops when none is left.
+  Each row samples from its own generator (:func:`row_generators`), so a row's completion does not
+  depend on which other rows share its micro-batch or process (batch 4, 2 micro-batches of 2 and 2
+  processes x 2 sample the same tokens). The draws are those of ``model.generate(do_sample=True,
+  top_k=..., top_p=..., temperature=...)`` after ``torch.manual_seed(row_seed(...))`` for a batch of
+  one prompt (tested);
 * :func:`rebuild_batch`: prompt + completion, right-padded to the longest row; ``labels`` are -100
   on the prompt, on padding and after the first end-of-sequence token.
 
@@ -135,39 +136,55 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 
     Returns ``tokens`` (batch, longest completion), ``pad_token_id`` after each row's end, and
     ``lengths`` (batch,): tokens per row, the end-of-sequence token included. Runs ``model`` as it is
-    (put it in eval mode first); ``generators`` (one per row) make the draws reproducible.
+    (put it in eval mode first); ``generators`` (one per row) make the draws reproducible. Rows that
+    have ended leave the batch (their KV cache entries are dropped), so the remaining steps compute
+    only the rows still running.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows = prompt_ids.shape[0]
     if generators is not None and len(generators) != rows:
         raise ValueError(f"got {len(generators)} generators for {rows} prompts; give one per row")
-    mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask.to(prompt_ids.device).long()
+    device = prompt_ids.device
+    mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask.to(device).long()
     prompt_ids, mask = left_align(prompt_ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     accepted = forward_parameters(model)
     last_only = {"logits_to_keep": 1} if accepted is None or "logits_to_keep" in accepted else {}
     # transformers 5.24 calls the KV cache `cache` (`past_key_values` before, deprecated until 5.40).
     cache_name = "past_key_values" if accepted is not None and "past_key_values" in accepted else "cache"
-    eos = torch.tensor(sorted(set(eos_token_ids)), device=prompt_ids.device, dtype=prompt_ids.dtype)
+    eos = torch.tensor(sorted(set(eos_token_ids)), device=device, dtype=prompt_ids.dtype)
     tokens = prompt_ids.new_full((rows, max_new_tokens), pad_token_id)
-    lengths = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    running = torch.arange(rows, device=device)  # the original row of each row still in the batch
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)  # in the batch although ended (see below)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     position = positions[:, -1:]
     for t in range(max_new_tokens):
         chosen = _next_tokens(out.logits[:, -1, :], temperature, top_p, top_k, generators)
-        chosen = chosen.masked_fill(done, pad_token_id)
-        tokens[:, t] = chosen
-        lengths += (~done).long()
-        if eos.numel():
-            done |= torch.isin(chosen, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        live = running[~ended]
+        tokens[live, t] = chosen[~ended]
+        lengths[live] += 1
+        if t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        position = position + 1
         cache = getattr(out, "cache", None)
         cache = getattr(out, "past_key_values", None) if cache is None else cache
+        if eos.numel():
+            ended |= torch.isin(chosen, eos)
+            if bool(ended.all()):
+                break
+            if hasattr(cache, "batch_select_indices") and bool(ended.any()):
+                # Drop the rows that ended, KV cache included; a cache that cannot drop rows keeps them
+                # running on padding, their draws discarded.
+                keep = (~ended).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                running, chosen, mask, position, ended = running[keep], chosen[keep], mask[keep], position[keep], \
+                    ended[keep]
+                if generators is not None:
+                    generators = [generators[i] for i in keep.tolist()]
+        chosen = chosen.masked_fill(ended, pad_token_id)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position = position + 1
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                     **{cache_name: cache})
     return tokens[:, : int(lengths.max())], lengths
