@@ -432,3 +432,12 @@ def test_two_processes_sample_and_update_as_one_large_batch(tmp_path):
         assert double[key] == pytest.approx(single[key], rel=1e-4), key
     assert double["generated_tokens"] * 2 == pytest.approx(single["generated_tokens"])  # logged per process
     assert double["param_sum"] == pytest.approx(single["param_sum"], rel=1e-6, abs=1e-5)
+
+
+def test_task_loss_on_student_samples_is_warned_about(tokenizer, tmp_path, caplog):
+    teacher, student = pair(tokenizer)
+    with caplog.at_level("WARNING", logger="hf_distill.lm.trainer"):
+        CausalLMDistillationTrainer(model=student, teacher=teacher, args=make_args(tmp_path, task_weight=2.0),
+                                    train_dataset=completion_rows(tokenizer, 4),
+                                    data_collator=CompletionCollator(tokenizer), processing_class=tokenizer)
+    assert "cross-entropy on the student's own samples" in caplog.text and "task_weight=0" in caplog.text

@@ -27,6 +27,7 @@ Evaluation batches are never regenerated: evaluation measures the dataset's comp
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -43,6 +44,8 @@ from .on_policy import (
 )
 
 __all__ = ["CausalLMDistillationTrainer"]
+
+logger = logging.getLogger(__name__)
 
 _LOGGED = ("generation_seconds", "generated_tokens", "student_batches", "teacher_batches", "micro_batches")
 
@@ -103,6 +106,11 @@ class CausalLMDistillationTrainer(DistillationTrainer):
     def _check_generation_setup(self) -> None:
         what = self._what(self.args)
         self._check_live_teacher(self.args, None, self.teacher_source)
+        task = [t for t in self.objective.active_terms if t.loss_name == "task"]
+        if self.args.lmbda > 0 and task:
+            logger.warning("lmbda=%s with a task loss (weight %s): in batches sampled from the student the task loss "
+                           "is cross-entropy on the student's own samples, which GKD does not use; set task_weight=0 "
+                           "for TRL's GKD objective", self.args.lmbda, task[0].weight)
         dataset = self.train_dataset
         if dataset is None:
             return
