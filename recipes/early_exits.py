@@ -16,7 +16,9 @@ Stages:
    only the heads train and its own output does not change. With ``true`` the model and its exits
    train together (``--task_weight`` keeps its own head on the labels). The model and its heads
    are saved to ``output_dir/model_with_exits`` (``exit_heads.safetensors`` + ``exit_heads.json``
-   next to the model); ``--export_exit_layer L`` also writes ``output_dir/exit_<L>``, a plain
+   next to the model). With ``--use_peft true`` (and ``--train_backbone true``) the backbone trains as
+   LoRA adapters (its own head frozen), saved in ``model_with_exits/adapter`` and merged into the saved
+   model; ``--export_exit_layer L`` also writes ``output_dir/exit_<L>``, a plain
    transformers model of the first L layers with that exit as its head.
 3. **Evaluation.** Reloaded from disk: accuracy [bootstrap interval], macro-F1, the accuracy
    difference to the full model (paired bootstrap) and the share of answers it agrees with, for
@@ -79,6 +81,7 @@ from hf_distill.tasks.classification import (  # noqa: E402
     size_on_disk,
     tokenize_for_classification,
 )
+from hf_distill.students.peft_students import PeftArguments, apply_peft  # noqa: E402
 from hf_distill.tasks.classification_recipe import Stages, head_label2id, resolve_model_path  # noqa: E402
 from hf_distill.teachers import load_teacher  # noqa: E402
 
@@ -165,6 +168,9 @@ def exit_terms(recipe: EarlyExitArguments, args, layers: list[int]) -> list[dict
 
 
 def train_exits(recipe, args, model, layers, train_ds, collator, tokenizer, folder: Path):
+    """Train the exits; save the model (a LoRA model: its adapters in ``adapter/``, merged) and its heads.
+    Returns the log and the model ``folder`` holds."""
+    from hf_distill.students.peft_students import save_student
     from hf_distill.trainer import DistillationTrainer
 
     exit_args = dataclasses.replace(
@@ -177,10 +183,13 @@ def train_exits(recipe, args, model, layers, train_ds, collator, tokenizer, fold
     trainer = DistillationTrainer(model=model, args=exit_args, train_dataset=train_ds, data_collator=collator,
                                   processing_class=tokenizer)
     trainer.train()
-    model.requires_grad_(True)
-    trainer.save_model(str(folder))  # the model alone ...
-    save_exit_heads(trainer, folder)  # ... and, asked for, its exit heads next to it
-    return trainer.state.log_history
+    if hasattr(model, "merge_and_unload"):  # LoRA: adapters in adapter/, the merged model next to them
+        model = save_student(model, folder)
+    else:
+        model.requires_grad_(True)
+        trainer.save_model(str(folder))  # the model alone ...
+    save_exit_heads(trainer, folder, model)  # ... and, asked for, its exit heads next to it
+    return trainer.state.log_history, model
 
 
 def evaluate_exits(recipe, args, folder: Path, test_ds, collator, n_labels: int) -> tuple[list[dict], dict]:
@@ -268,7 +277,7 @@ def write_results(results: dict, out: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((EarlyExitArguments, DistillationArguments), argv)
+    recipe, args, peft_args = parse_config_and_args((EarlyExitArguments, DistillationArguments, PeftArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -284,6 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--exit_head must be one of {', '.join(HEAD_CHOICES)}, got {recipe.exit_head!r}")
     if recipe.exit_pooling not in (None, *POOLINGS):
         raise ValueError(f"--exit_pooling must be 'cls' or 'mean', got {recipe.exit_pooling!r}")
+    if peft_args.use_peft and not recipe.train_backbone:
+        raise ValueError("--use_peft trains LoRA adapters on the backbone, but with --train_backbone false the backbone "
+                         "is frozen and only the exit heads learn: add --train_backbone true, or drop --use_peft")
+    if peft_args.use_peft and not peft_args.merge_adapters:
+        raise ValueError("the exits are evaluated on the merged model: --use_peft needs --merge_adapters true here "
+                         "(the adapters are saved in model_with_exits/adapter either way)")
     if not recipe.exit_ce_weight >= 0:
         raise ValueError(f"--exit_ce_weight must be >= 0, got {recipe.exit_ce_weight}")
     if recipe.export_exit_layer is not None and recipe.exit_head == "linear":
@@ -335,7 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------ stage 2: exits
     stages.start("exits", f"exits after layers {layers}, taught by the model's own output")
-    history["exits"] = train_exits(recipe, args, model, layers, train_ds, collator, tokenizer, out / EXITS_DIR)
+    if peft_args.use_peft:  # the backbone adapts through LoRA; its own head stays as it is (the exits copy it)
+        set_seed(args.seed)
+        model = apply_peft(model, peft_args, train_heads=False)
+    history["exits"], model = train_exits(recipe, args, model, layers, train_ds, collator, tokenizer, out / EXITS_DIR)
     tokenizer.save_pretrained(str(out / EXITS_DIR))
     exported = None
     if recipe.export_exit_layer is not None:

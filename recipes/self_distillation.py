@@ -19,6 +19,10 @@ Every student starts from the encoder's layers (``--init_from``: a Hub id, folde
 weights and take the same steps, seed and learning-rate schedule, with cross-entropy only. Written to
 ``results.json`` / ``results.md``: accuracy [95% bootstrap CI], macro-F1, parameters, latency, and the
 paired difference of each distilled model vs its model trained alone [95% CI].
+
+With ``--use_peft true`` every model (student, peer and the models trained alone) trains as LoRA adapters
+with the same initial adapters (and its classifier in full); each is saved as ``adapter/`` and merged.
+The EMA teacher and the snapshots follow the trainable weights, i.e. the adapters and the classifier.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from hf_distill.tasks.recipe_arguments import (  # noqa: E402
     ClassificationDataArguments,
     ClassificationEvaluationArguments,
 )
+from hf_distill.modeling import unwrap  # noqa: E402
 from hf_distill.students import build_student  # noqa: E402
+from hf_distill.students.peft_students import PeftArguments, apply_peft  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
     load_classification_data,
@@ -106,7 +112,8 @@ def new_student(encoder, layers: str, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    recipe, args = parse_config_and_args((SelfDistillationArguments, DistillationArguments), argv)
+    recipe, args, peft_args = parse_config_and_args((SelfDistillationArguments, DistillationArguments, PeftArguments),
+                                                    argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     check_scheme(recipe, args)
     if recipe.num_threads:
@@ -134,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     student = new_student(encoder, recipe.student_layers, tokenizer)
     peer = new_student(encoder, recipe.peer_layers, tokenizer) if scheme == "mutual" else None
     del encoder
+    if peft_args.use_peft:  # LoRA students; each model alone gets the same initial adapters as its distilled twin
+        set_seed(args.seed)
+        student = apply_peft(student, peft_args)
+        if peer is not None:
+            peer = apply_peft(peer, peft_args)
     alone = {"student alone": copy.deepcopy(student)}
     if peer is not None:
         alone["peer alone"] = copy.deepcopy(peer)
@@ -150,12 +162,17 @@ def main(argv: list[str] | None = None) -> dict:
         models[DISTILLED_NAMES[scheme][1]] = source.peers[0]
     elif scheme == "ema":
         models["EMA model"] = source.teachers[0]
+        if peft_args.use_peft:  # the average holds the LoRA layers: put it back in a PeftModel, to save it merged
+            ema = copy.deepcopy(student)
+            unwrap(ema).load_state_dict(source.teachers[0].state_dict())
+            models["EMA model"] = ema
     histories = {"distilled": trainer.state.log_history}
     steps = trainer.state.global_step
     folders = {}
     for name, model in models.items():
         folders[name] = out / name.replace(" ", "_").replace("(", "").replace(")", "")
-        save_model(model, tokenizer, folders[name], trainer.state.log_history)
+        models[name] = save_model(model, tokenizer, folders[name], trainer.state.log_history,
+                                  merge_adapters=peft_args.merge_adapters)
     del trainer
     stages.end()
 
@@ -165,8 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = train_model(model, alone_args, train_ds, collator, tokenizer, distill=False)
         histories[name] = trainer.state.log_history
         folders[name] = out / name.replace(" ", "_")
-        save_model(model, tokenizer, folders[name], trainer.state.log_history)
-        models[name] = model
+        models[name] = save_model(model, tokenizer, folders[name], trainer.state.log_history,
+                                  merge_adapters=peft_args.merge_adapters)
         del trainer
     stages.end()
 

@@ -67,3 +67,16 @@ def test_without_peft_the_student_is_unchanged(tokenizer, tmp_path):
     assert apply_peft(base, PeftArguments()) is base
     save_student(base, tmp_path / "plain")
     assert not (tmp_path / "plain" / ADAPTER_DIR).exists()
+
+
+def test_without_heads_the_classifier_stays_frozen_and_unwrapped(tokenizer, tmp_path):
+    """train_heads=False (early exits copy the model's own head): only adapters train; the head is a plain Linear."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(len(tokenizer), layers=2, num_labels=3, **NO_DROPOUT))
+    student = apply_peft(model, PeftArguments(use_peft=True), train_heads=False)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert type(student.get_base_model().classifier) is torch.nn.Linear
+    save_student(student, tmp_path / "merged")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert torch.equal(reloaded.classifier.weight, model.classifier.weight)

@@ -100,11 +100,34 @@ def test_recipe_trains_exits_and_reports_accuracy_and_latency_per_exit(recipe, a
     (("--exit_pooling", "max"), r"--exit_pooling must be 'cls' or 'mean', got 'max'"),
     (("--exit_head", "mlp"), r"--exit_head must be one of auto, copy, linear, got 'mlp'"),
     (("--exit_ce_weight", "-1"), r"--exit_ce_weight must be >= 0"),
+    (("--use_peft", "true"), r"--use_peft trains LoRA adapters on the backbone, but with --train_backbone false"),
+    (("--use_peft", "true", "--train_backbone", "true", "--merge_adapters", "false"),
+     r"--use_peft needs --merge_adapters true here"),
 ])
 def test_bad_exit_settings_stop_before_training(recipe, assets, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         recipe.main(fast_flags(assets, tmp_path / "bad", *flags))
     assert not (tmp_path / "bad" / "model").exists()  # nothing was fine-tuned
+
+
+def test_lora_backbone_trains_with_its_exits(recipe, assets, tmp_path):
+    """--use_peft --train_backbone: LoRA adapters on q/k/v and the exit heads train; the model's own head and every
+    other backbone weight stay as fine-tuned; the saved model is the merged one, and exits load and run on it."""
+    import re
+
+    from hf_distill.students.peft_students import ADAPTER_DIR
+
+    out = tmp_path / "lora"
+    results = recipe.main(fast_flags(assets, out, "--train_backbone", "true", "--task_weight", "1.0", "--use_peft",
+                                     "true", "--lora_r", "4", "--lora_dropout", "0", "--export_exit_layer", "2"))
+    assert (out / "model_with_exits" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    finetuned = AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model_with_exits").state_dict()
+    changed = {k for k in finetuned if not torch.equal(finetuned[k], merged[k])}
+    assert changed and all(re.search(r"\.(query|key|value)\.weight$", k) for k in changed), changed
+    assert {"loss_exit1", "loss_exit2", "loss_exit3"} <= {k for h in results["log_history"]["exits"] for k in h}
+    assert sorted(r["exit_layer"] for r in results["exits"]) == [1, 2, 3, 4]
+    assert AutoModelForSequenceClassification.from_pretrained(out / "exit_2").config.num_hidden_layers == 2
 
 
 def test_recipe_command_line_error_is_one_line_with_exit_code_2(assets, tmp_path):

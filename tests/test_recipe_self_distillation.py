@@ -84,6 +84,37 @@ def test_born_again_snapshots(assets, tmp_path):  # noqa: F811
     assert results["teacher_source"] == "snapshot"
 
 
+@pytest.mark.parametrize("scheme, names", [
+    ("mutual", ["student (mutual)", "peer (mutual)", "student alone", "peer alone"]),
+    ("ema", ["student (EMA teacher)", "EMA model", "student alone"]),
+])
+def test_lora_students_in_each_scheme(assets, tmp_path, scheme, names):  # noqa: F811
+    """--use_peft: every model trains LoRA adapters (+ classifier) from the same initial adapters, saved merged."""
+    import re
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_distill.students.peft_students import ADAPTER_DIR
+
+    out = tmp_path / scheme
+    results = recipe.main(flags(assets, out, scheme, "--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0",
+                                "--num_train_epochs", "2", "--ema_decay", "0.9"))
+    rows = {r["name"]: r for r in results["models"]}
+    assert list(rows) == names and any("loss_kd" in h for h in results["log_history"]["distilled"])
+    folders = {"student alone": "student_alone", names[0]: names[0].replace(" ", "_").replace("(", "").replace(")", "")}
+    weights = {}
+    for name, folder in folders.items():
+        assert (out / folder / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+        weights[name] = AutoModelForSequenceClassification.from_pretrained(out / folder).state_dict()
+    ema_or_peer = AutoModelForSequenceClassification.from_pretrained(out / names[1].replace(" ", "_").replace(
+        "(", "").replace(")", "")).state_dict()
+    assert set(ema_or_peer) == set(weights["student alone"])  # a merged, plain model
+    a, b = weights[names[0]], weights["student alone"]
+    differ = {k for k in a if not torch.equal(a[k], b[k])}  # same start, same frozen base: only adapted weights move
+    assert differ and all(re.search(r"\.(query|key|value)\.weight$|^classifier\.", k) for k in differ), differ
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--scheme", "snapshot", "--num_train_epochs", "1"], r"--scheme snapshot needs at least 2 epochs"),
     (["--teacher_source", "frozen"], r"--scheme mutual uses --teacher_source peer; drop --teacher_source frozen"),

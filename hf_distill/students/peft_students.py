@@ -61,8 +61,9 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     return targets
 
 
-def apply_peft(model: nn.Module, peft_args: PeftArguments | None):
-    """``model`` with LoRA adapters when ``peft_args.use_peft`` (else ``model`` unchanged)."""
+def apply_peft(model: nn.Module, peft_args: PeftArguments | None, *, train_heads: bool = True):
+    """``model`` with LoRA adapters when ``peft_args.use_peft`` (else ``model`` unchanged). ``train_heads``: the
+    task head (e.g. ``classifier``) trains in full next to the adapters; False keeps it frozen and unwrapped."""
     if peft_args is None or not peft_args.use_peft:
         return model
     refusal = getattr(unwrap(model), "peft_refusal", None)
@@ -93,9 +94,11 @@ def apply_peft(model: nn.Module, peft_args: PeftArguments | None):
         raise ValueError(f"lora_target_modules {missing} are not modules of {type(unwrap(model)).__name__}; its "
                          f"linear layers include {sorted(default_lora_targets(model))}")
     kind = task_kind(model)
-    heads = [h for h in HEAD_MODULES.get(kind, ()) if h in present]
+    heads = [h for h in HEAD_MODULES.get(kind, ()) if h in present] if train_heads else []
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                        target_modules=targets, task_type=TASK_TYPES.get(kind), modules_to_save=heads or None)
+                        target_modules=targets, modules_to_save=heads or None,
+                        # peft's task types add the task head to the trained modules: without heads, none
+                        task_type=TASK_TYPES.get(kind) if train_heads else None)
     return get_peft_model(model, config)
 
 
