@@ -101,3 +101,105 @@ def test_bfloat16_encoder_labels_with_a_float32_decoder_and_changes_the_config_h
     result = pseudo_label(PseudoLabelConfig(input=str(folder), model=str(whisper), progress=False, pack=True,
                                             output_dir=str(tmp_path / "c"), encoder_dtype="bfloat16"))
     assert result["rows"] == 3 and len(load_pseudo_labels(tmp_path / "c")) == 3
+
+
+# ------------------------------------------------------------------------------------------------ speculative
+
+
+def _draft(model, d_model=None, layers=1, seed=5):
+    """A smaller random Whisper sharing ``model``'s tokenizer and generation config."""
+    import copy
+
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = copy.deepcopy(model.config)
+    cfg.decoder_layers, cfg.encoder_layers = layers, 1
+    if d_model:
+        cfg.d_model, cfg.decoder_ffn_dim, cfg.encoder_ffn_dim = d_model, 2 * d_model, 2 * d_model
+    torch.manual_seed(seed)
+    draft = WhisperForConditionalGeneration(cfg).eval()
+    draft.generation_config = model.generation_config
+    return draft
+
+
+@pytest.fixture(scope="module")
+def ending_model(tmp_path_factory):
+    """The tiny teacher with an end-of-text token it emits in some rows, at different steps (a random model never
+    chooses the real one): the text token that ends the most rows at the most different places."""
+    from transformers import WhisperForConditionalGeneration
+
+    m = WhisperForConditionalGeneration.from_pretrained(build_tiny_whisper(tmp_path_factory.mktemp("w_eos"))).eval()
+    gen = m.generation_config
+    gen.suppress_tokens = list(range(gen.decoder_start_token_id, gen.no_timestamps_token_id))
+    hidden, prompts = rows_of(8)
+    with torch.inference_mode():
+        results = GreedyWhisperDecoder(m, max_new_tokens=40).stream(requests_of(hidden, prompts), capacity=8)
+        plain = [r.tokens for r in sorted(results, key=lambda r: r.key)]
+    ends = {}
+    for tokens in plain:
+        for tok in set(tokens):
+            if 1 <= tok < gen.decoder_start_token_id and tokens.index(tok) > 0:
+                ends.setdefault(tok, set()).add(tokens.index(tok))
+    gen.eos_token_id = m.config.eos_token_id = max(ends, key=lambda tok: (len(ends[tok]), -tok))
+    gen.begin_suppress_tokens = [gen.eos_token_id]
+    return m
+
+
+def rows_of(n: int, seed: int = 3):
+    """Encoder outputs of ``n`` rows (varied enough that rows decode differently) and their prompts: odd rows with
+    timestamps (no ``<|notimestamps|>``)."""
+    torch.manual_seed(seed)
+    return 3 * torch.randn(n, 1500, 32), [[300, 301, 304] + ([] if i % 2 else [308]) for i in range(n)]
+
+
+def requests_of(hidden, prompts, draft_hidden=None):
+    return [DecodeRequest(i, hidden[i], prompts[i], len(prompts[i]) == 3,
+                          None if draft_hidden is None else draft_hidden[i]) for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("draft", ["teacher", "smaller", "other_encoder"])
+def test_speculative_decoding_gives_the_greedy_output_token_for_token(ending_model, draft):
+    """Rows joining late and finishing at different steps, with and without timestamps, end-of-text inside the
+    draft: the tokens, log-probabilities, first-position logits and soft labels of plain greedy decoding, whatever
+    the draft proposes (itself: all accepted; a random smaller decoder: few)."""
+    from hf_distill.speech.speculative_decoding import SpeculativeWhisperDecoder
+
+    m, k, n = ending_model, 4, 9
+    hidden, prompts = rows_of(n)
+    draft_model = {"teacher": lambda: m, "smaller": lambda: _draft(m),
+                   "other_encoder": lambda: _draft(m, d_model=16, layers=2)}[draft]()
+    draft_hidden = torch.randn(n, 1500, 16) if draft == "other_encoder" else None
+    with torch.inference_mode():
+        want = {r.key: r for r in GreedyWhisperDecoder(m, max_new_tokens=40).stream(
+            requests_of(hidden, prompts), capacity=3, refill=1, soft_labels=(3, 1.0))}
+        spec = SpeculativeWhisperDecoder(m, draft_model, draft_tokens=k, max_new_tokens=40)
+        got = {r.key: r for r in spec.stream(requests_of(hidden, prompts, draft_hidden), capacity=3, refill=1,
+                                             soft_labels=(3, 1.0))}
+    eos = m.generation_config.eos_token_id
+    lengths = {len(w.tokens) for w in want.values()}
+    ended = [len(w.tokens) for w in want.values() if w.tokens[-1] == eos]
+    assert len(lengths) >= 3 and ended and 40 in lengths  # rows finish at different steps, some at the limit
+    for i in range(n):
+        assert got[i].tokens == want[i].tokens, i
+        np.testing.assert_allclose(got[i].logprobs, want[i].logprobs, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[i].first_logits, want[i].first_logits)
+        assert torch.equal(got[i].soft[0], want[i].soft[0])
+        torch.testing.assert_close(got[i].soft[1], want[i].soft[1], rtol=1e-4, atol=1e-5)
+    stats = spec.stats
+    assert stats["tokens"] == sum(len(w.tokens) for w in want.values())
+    print(f"draft {draft}: acceptance {spec.acceptance_rate:.3f}, {stats['tokens'] / stats['teacher_passes']:.2f} "
+          f"tokens per teacher pass")
+    if draft == "teacher":
+        assert spec.acceptance_rate == 1.0 and stats["teacher_passes"] < stats["tokens"] / 3
+        assert any(length % (k + 1) != 1 for length in ended)  # end-of-text accepted inside a draft
+    else:
+        assert 0 <= spec.acceptance_rate < 1
+
+
+def test_a_draft_with_another_vocabulary_is_refused(model):
+    from hf_distill.speech.speculative_decoding import SpeculativeWhisperDecoder
+
+    other = _draft(model)
+    other.config.vocab_size += 1
+    with pytest.raises(ValueError, match=r"does not share the teacher's tokenizer \(vocabulary size"):
+        SpeculativeWhisperDecoder(model, other)

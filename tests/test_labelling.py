@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from store_fixtures import DATA, FIXTURE_ROOT, PACKED, STORES, build_inputs, rebase_store
 
@@ -143,3 +144,48 @@ def test_closing_the_audio_thread_stops_it_mid_list():
     assert thread.next() == (0, 0)
     thread.close()
     assert not thread.running and len(started) < 10
+
+
+# ------------------------------------------------------------------------------------------------ speculative decoding
+
+
+def test_a_draft_model_labels_the_same_rows_and_reports_its_acceptance(old_inputs, tmp_path, capsys):
+    """``--draft_model``: a one-layer student that shares the teacher's encoder (its encoder output is reused)
+    proposes tokens; the store holds the rows plain greedy decoding writes (soft labels included)."""
+    import copy
+
+    from transformers import WhisperForConditionalGeneration
+
+    from hf_distill.speech.labelling import cli_main
+
+    teacher = WhisperForConditionalGeneration.from_pretrained(old_inputs / "whisper")
+    cfg = copy.deepcopy(teacher.config)
+    cfg.decoder_layers = 1
+    student = WhisperForConditionalGeneration(cfg)
+    student.model.encoder.load_state_dict(teacher.model.encoder.state_dict())
+    student.model.decoder.load_state_dict(teacher.model.decoder.state_dict(), strict=False)  # its first layer
+    student.generation_config = teacher.generation_config
+    student.save_pretrained(tmp_path / "student")
+    argv = [str(old_inputs / "clips"), "--model", str(old_inputs / "whisper"), "--max-new-tokens", "12",
+            "--top-k", "3", "--batch-size", "3", "--no-progress"]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "draft"), "--draft-model", str(tmp_path / "student"),
+                     "--draft-tokens", "3"]) == 0
+    assert "draft acceptance" in capsys.readouterr().out
+    plain, drafted = rows_of(tmp_path / "plain"), rows_of(tmp_path / "draft")
+    for a, b in zip(sum(plain, []), sum(drafted, [])):
+        assert (a["id"], a["token_ids"], a["text"], a["topk_indices"]) == (b["id"], b["token_ids"], b["text"],
+                                                                             b["topk_indices"])
+        assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-5)
+    assert (tmp_path / "draft" / "manifest.json").read_text() == (tmp_path / "plain" / "manifest.json").read_text()
+    result = pseudo_label(PseudoLabelConfig(input=str(old_inputs / "clips"), model=str(old_inputs / "whisper"),
+                                            output_dir=str(tmp_path / "packed"), max_new_tokens=12,
+                                            draft_model=str(tmp_path / "student"), progress=False))
+    assert result["packed"] and 0 < result["speculative"]["acceptance_rate"] <= 1
+    assert result["speculative"]["proposed"] > 0
+    from hf_distill.speech.labelling import load_teacher
+
+    shared = load_teacher(PseudoLabelConfig(input="-", model=str(old_inputs / "whisper"), output_dir="-",
+                                            draft_model=str(tmp_path / "student")))
+    assert shared.draft_shares_encoder and shared.draft_hidden(torch.zeros(1, 80, 3000)) is None

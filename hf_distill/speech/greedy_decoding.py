@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecodeRequest", "DecodeResult", "GreedyWhisperDecoder"]
+__all__ = ["DecodeRequest", "DecodeResult", "DecoderPool", "GreedyWhisperDecoder", "as_take"]
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DecodeRequest:
     hidden: Any
     prompt: Sequence[int]
     timestamps: bool
+    draft_hidden: Any = None  # speculative decoding: the draft's encoder output (None: ``hidden``)
 
 
 @dataclass
@@ -46,7 +47,24 @@ class DecodeResult:
     soft: tuple[Any, Any, Any] | None = None  # with soft_labels: (indices [n, k], probs [n, k], tail [n]) per token
 
 
-class _Pool:
+def as_take(requests) -> Any:
+    """``requests`` as a callable ``take(n)`` returning up to ``n`` of them (a callable is returned as it is)."""
+    if callable(requests):
+        return requests
+    it = iter(requests)
+
+    def take(k: int) -> list[DecodeRequest]:
+        out = []
+        for r in it:
+            out.append(r)
+            if len(out) >= k:
+                break
+        return out
+
+    return take
+
+
+class DecoderPool:
     """The rows being decoded. Caches live in buffers of ``capacity`` rows allocated once; the live rows are
     the first ``len(pool)`` (views, no copies): a new row is written into the next free slot, a finished
     row's slot is filled by moving the last live row into it (one row copied, not the whole pool).
@@ -97,6 +115,13 @@ class _Pool:
         self.first += first
         self.pos += pos
         self.tensors = {k: torch.cat([self.tensors[k], v]) if self.tensors else v for k, v in tensors.items()}
+
+    def result(self, r: int, soft: bool) -> DecodeResult:
+        """The result of live row ``r`` (finished)."""
+        import torch
+
+        top = tuple(torch.stack([step[i] for step in self.soft[r]]) for i in range(3)) if soft else None
+        return DecodeResult(self.requests[r].key, self.tokens[r], self.logprobs[r], self.first[r], top)
 
     def keep(self, rows: list[int]) -> None:
         """Keep the live rows ``rows`` (in increasing order); the others' slots are refilled from the tail."""
@@ -155,7 +180,7 @@ class GreedyWhisperDecoder:
     def _split(self, x):  # [B, L, D] -> [B, H, L, d]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def _cross(self, hidden) -> list[tuple[Any, Any]]:
+    def cross_kv(self, hidden) -> list[tuple[Any, Any]]:
         """Cross-attention keys and values of every layer, contiguous ``[B, H, S, d]``."""
         out = []
         for layer in self.decoder.layers:
@@ -187,7 +212,7 @@ class GreedyWhisperDecoder:
             h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
         return F.linear(self.decoder.layer_norm(h), self.out_weight)
 
-    def _prefill(self, ids, cache, cross):
+    def prefill(self, ids, cache, cross):
         """All prompt positions of fresh rows (same prompt length): logits ``[B, P, V]``."""
         import torch.nn.functional as F
 
@@ -202,7 +227,7 @@ class GreedyWhisperDecoder:
 
         return self._layers(h, cache, cross, write, attend)
 
-    def _step(self, ids, pos: list[int], cache, cross):
+    def step(self, ids, pos: list[int], cache, cross):
         """One new token per row, row ``b`` at position ``pos[b]``: logits ``[B, V]``."""
         import torch
         import torch.nn.functional as F
@@ -232,9 +257,32 @@ class GreedyWhisperDecoder:
 
         return self._layers(h, cache, cross, write, attend)[:, -1]
 
+    def forward(self, ids, pos: list[int], cache, cross):
+        """``L`` new tokens per row (``ids`` [B, L]), row ``b`` at positions ``pos[b] .. pos[b] + L - 1``, each
+        attending to its row's earlier positions: logits ``[B, L, V]`` (one pass verifies several draft tokens)."""
+        import torch
+        import torch.nn.functional as F
+
+        device = ids.device
+        B, L = ids.shape
+        at = torch.as_tensor(pos, dtype=torch.long, device=device)[:, None] + torch.arange(L, device=device)
+        end = max(pos) + L
+        h = self.decoder.embed_tokens(ids) + self.decoder.embed_positions.weight[at]
+        rows = torch.arange(B, device=device)[:, None]
+
+        def write(c, new):
+            c[rows, :, at] = new.transpose(1, 2)
+
+        mask = (torch.arange(end, device=device)[None, None] <= at[:, :, None])[:, None]
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=1.0)
+
+        return self._layers(h, cache, cross, write, attend)
+
     # ------------------------------------------------------------------------------------------ rules
 
-    def _apply_rules(self, scores, t: dict[str, Any], any_first: bool, any_timestamps: bool) -> None:
+    def apply_rules(self, scores, t: dict[str, Any], any_first: bool, any_timestamps: bool) -> None:
         """In place on ``scores`` [B, V], each row by its own state (``t``: the pool's tensors). Masks are
         applied to the slices they concern (text part, timestamp part), not built over the whole vocabulary.
         ``any_first`` / ``any_timestamps``: whether some row is at its first token / decodes timestamps
@@ -278,7 +326,7 @@ class GreedyWhisperDecoder:
 
     # ------------------------------------------------------------------------------------------ decoding
 
-    def _limit(self, prompt_len: int) -> int:
+    def limit(self, prompt_len: int) -> int:
         limit = self.max_positions
         if self.max_new_tokens is not None:
             limit = min(limit, prompt_len + int(self.max_new_tokens))
@@ -288,7 +336,7 @@ class GreedyWhisperDecoder:
             raise ValueError(f"no room to generate: prompt of {prompt_len} tokens, limit {limit}")
         return limit
 
-    def _admit(self, pool: _Pool, requests: list[DecodeRequest]) -> None:
+    def admit(self, pool: DecoderPool, requests: list[DecodeRequest]) -> None:
         """Prefill new rows into the pool's free slots, ready to choose their first token."""
         import torch
 
@@ -304,7 +352,7 @@ class GreedyWhisperDecoder:
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(len(r.prompt), []).append(i)
-        cross_all = self._cross(hidden)
+        cross_all = self.cross_kv(hidden)
         for P, idx in sorted(groups.items()):
             if P < 1:
                 raise ValueError("empty decoder prompt")
@@ -319,8 +367,8 @@ class GreedyWhisperDecoder:
                 ck.copy_(nk.index_select(0, index))
                 cv.copy_(nv.index_select(0, index))
             ids = torch.as_tensor([list(requests[i].prompt) for i in idx], dtype=torch.long, device=device)
-            logits = self._prefill(ids, cache, cross)
-            limits = [self._limit(P) for _ in idx]
+            logits = self.prefill(ids, cache, cross)
+            limits = [self.limit(P) for _ in idx]
             none = torch.full((len(idx),), -1, dtype=torch.long, device=device)
             pool.append([requests[i] for i in idx], list(logits[:, 0].float().clone().unbind(0)), [P] * len(idx), {
                 "ts": torch.as_tensor([requests[i].timestamps for i in idx], dtype=torch.bool, device=device),
@@ -329,6 +377,37 @@ class GreedyWhisperDecoder:
                 "last": none, "pen": none.clone(), "last_ts": none.clone(),
                 "logits": logits[:, -1].float(),
             })
+
+    def add_soft_labels(self, pool: DecoderPool, logits, soft_labels: tuple[int, float], rows=None) -> None:
+        """Append, for each live row (or each of ``rows``), the top-k of its raw ``logits`` at temperature T."""
+        from hf_distill.speech.soft_labels import topk_from_logits
+
+        top = topk_from_logits(logits, soft_labels[0], soft_labels[1])
+        for r, row in enumerate(zip(*top)):
+            if rows is None or r in rows:
+                pool.soft[r].append(row)
+
+    def choose(self, scores, t: dict[str, Any], pool: DecoderPool, active=None):
+        """The next token of each row from its ``scores`` [B, V] (changed in place by the decoding rules), its
+        log-probability under the rules, and whether the row is done (end-of-text or its token limit); the rows'
+        state ``t`` moves on by that token (only the ``active`` rows, a [B] bool mask, when given)."""
+        import torch
+
+        self.apply_rules(scores, t, any_first=any(not tokens for tokens in pool.tokens),
+                         any_timestamps=any(r.timestamps for r in pool.requests))
+        nxt = scores.argmax(dim=-1)
+        lp = torch.log_softmax(scores, dim=-1).gather(-1, nxt[:, None])[:, 0]
+        if active is None:
+            t["n"] = t["n"] + 1
+            t["pen"], t["last"] = t["last"], nxt
+            moved = t["ts"]
+        else:
+            t["n"] = t["n"] + active.long()
+            t["pen"], t["last"] = torch.where(active, t["last"], t["pen"]), torch.where(active, nxt, t["last"])
+            moved = t["ts"] & active
+        if self.tb is not None:
+            t["last_ts"] = torch.where(moved & (nxt >= self.tb), nxt, t["last_ts"])
+        return nxt, lp, (nxt == self.eos) | (t["n"] >= t["limit"])
 
     def stream(self, requests: Iterable[DecodeRequest] | Iterator[DecodeRequest], capacity: int,
                refill: int | None = None, soft_labels: tuple[int, float] | None = None) -> Iterator[DecodeResult]:
@@ -344,57 +423,29 @@ class GreedyWhisperDecoder:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         refill = max(1, capacity // 4) if refill is None else max(1, int(refill))
-        if callable(requests):
-            take = requests
-        else:
-            it = iter(requests)
-
-            def take(k: int) -> list[DecodeRequest]:
-                out = []
-                for r in it:
-                    out.append(r)
-                    if len(out) >= k:
-                        break
-                return out
-
-        pool = _Pool(capacity)
+        take = as_take(requests)
+        pool = DecoderPool(capacity)
         while True:
             free = capacity - len(pool)
             if free > 0 and (free >= refill or not len(pool)):
                 new = take(free)  # asked again even after an empty answer: results may create more work
                 if new:
-                    self._admit(pool, list(new))
+                    self.admit(pool, list(new))
             if not len(pool):
                 return
             t = pool.tensors
             logits = t["logits"]
             if soft_labels is not None:
-                from hf_distill.speech.soft_labels import topk_from_logits
-
-                top = topk_from_logits(logits, soft_labels[0], soft_labels[1])
-                for r, row in enumerate(zip(*top)):
-                    pool.soft[r].append(row)
-            self._apply_rules(logits, t, any_first=any(not tokens for tokens in pool.tokens),
-                              any_timestamps=any(r.timestamps for r in pool.requests))
-            nxt = logits.argmax(dim=-1)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
-            t["n"] = t["n"] + 1
-            t["pen"], t["last"] = t["last"], nxt
-            if self.tb is not None:
-                t["last_ts"] = torch.where(t["ts"] & (nxt >= self.tb), nxt, t["last_ts"])
-            done = (nxt == self.eos) | (t["n"] >= t["limit"])
+                self.add_soft_labels(pool, logits, soft_labels)
+            nxt, lp, done = self.choose(logits, t, pool)
             # one device-to-host transfer per step: chosen tokens, their log-probabilities, finished rows
             host = torch.stack([nxt.double(), lp.double(), done.double()]).tolist()
             keep = []
             for r, (tok, v, d) in enumerate(zip(*host)):
-                tok, d = int(tok), bool(d)
-                pool.tokens[r].append(tok)
+                pool.tokens[r].append(int(tok))
                 pool.logprobs[r].append(v)
                 if d:
-                    soft = None
-                    if soft_labels is not None:
-                        soft = tuple(torch.stack([step[i] for step in pool.soft[r]]) for i in range(3))
-                    yield DecodeResult(pool.requests[r].key, pool.tokens[r], pool.logprobs[r], pool.first[r], soft)
+                    yield pool.result(r, soft_labels is not None)
                 else:
                     keep.append(r)
             pool.keep(keep)
@@ -402,7 +453,7 @@ class GreedyWhisperDecoder:
                 continue
             t = pool.tensors
             cache, cross = pool.views(0, len(pool))
-            t["logits"] = self._step(t["last"], pool.pos, cache, cross).float()
+            t["logits"] = self.step(t["last"], pool.pos, cache, cross).float()
             pool.pos = [p + 1 for p in pool.pos]
 
     def decode(self, encoder_hidden, prompts):

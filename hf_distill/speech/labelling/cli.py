@@ -20,92 +20,61 @@ __all__ = ["cli_main", "labelling_parser", "packed_cli_main"]
 logger = logging.getLogger(__name__)
 
 
+DTYPES = ["float32", "float16", "bfloat16"]
+#: the options of each group: (config field, argparse keywords); each is ``--field-name`` and ``--field_name``
+GROUPS = {
+    "input columns": [
+        ("path_column", {}),
+        ("text_column", {"help": "reference text column (default: text/sentence/transcript/... if present; '' for "
+                                 "none)"}),
+        ("id_column", {}), ("audio_column", {}), ("split", {}), ("dataset_config", {})],
+    "decoding": [
+        ("language", {}), ("task", {"choices": ["transcribe", "translate"]}), ("num_beams", {"type": int}),
+        ("max_new_tokens", {"type": int}), ("batch_size", {"type": int}), ("chunk_length_s", {"type": float}),
+        ("chunk_overlap_s", {"type": float}), ("top_k", {"type": int, "help": "store top-k soft labels"}),
+        ("soft_label_temperature", {"type": float}),
+        ("draft_model", {"help": "Whisper, greedy: a smaller Whisper with the teacher's tokenizer (e.g. a distilled "
+                                 "student) proposes tokens that the teacher verifies several at a time; the output "
+                                 "stays the teacher's own"}),
+        ("draft_tokens", {"type": int, "help": "tokens the draft proposes per verification step"})],
+    "packing (several short clips per 30-s Whisper window; see hf_distill.speech.labelling.config)": [
+        ("pack", {"action": argparse.BooleanOptionalAction,
+                  "help": "pack clips (default: where packing is exact: a Whisper teacher, greedy decoding, no "
+                          "--top_k; an existing store keeps its mode)"}),
+        *[(name, {"type": float}) for name in PACK_FIELDS]],
+    "filters (recorded in the store, not applied)": [
+        *[(name, {"type": float}) for name in ("wer_threshold", "logprob_threshold", "no_speech_threshold",
+                                               "compression_ratio_threshold", "min_mean_max_posterior")],
+        ("normalizer", {"choices": ["english", "basic", "none"]})],
+    "execution": [
+        ("shard_size", {"type": int}), ("device", {}), ("dtype", {"choices": DTYPES}),
+        ("encoder_dtype", {"choices": DTYPES, "help": "Whisper: run the encoder in this dtype (default: --dtype); "
+                                                      "bfloat16 speeds up CPUs with bf16 arithmetic (AVX512-BF16, AMX)"}),
+        ("rank", {"type": int, "help": "default: $RANK"}), ("world_size", {"type": int, "help": "default: $WORLD_SIZE"})],
+}
+
+
 def labelling_parser() -> argparse.ArgumentParser:
-    """The flags of ``hf-distill pseudo-label``."""
-    p = argparse.ArgumentParser(
-        prog="hf-distill pseudo-label",
-        description="Label audio with a Whisper or CTC teacher into resumable Parquet shards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "input", nargs="?", help="audio folder, manifest (.csv/.tsv/.jsonl), saved dataset folder or Hub dataset name"
-    )
+    """The flags of ``hf-distill pseudo-label``: every :class:`PseudoLabelConfig` field (defaults from it)."""
+    p = argparse.ArgumentParser(prog="hf-distill pseudo-label", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Label audio with a Whisper or CTC teacher into resumable Parquet shards.")
+    p.add_argument("input", nargs="?",
+                   help="audio folder, manifest (.csv/.tsv/.jsonl), saved dataset folder or Hub dataset name")
     p.add_argument("--model", help="teacher: a local folder (or Hub name) with the model and its processor")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
-    p.add_argument(
-        "--teacher-type", "--teacher_type", dest="teacher_type", default="auto", choices=["auto", "whisper", "ctc"]
-    )
-    g = p.add_argument_group("input columns")
-    g.add_argument("--path-column", "--path_column", dest="path_column", default="path")
-    g.add_argument(
-        "--text-column",
-        "--text_column",
-        dest="text_column",
-        default=None,
-        help="reference text column (default: text/sentence/transcript/... if present; '' for none)",
-    )
-    g.add_argument("--id-column", "--id_column", dest="id_column", default=None)
-    g.add_argument("--audio-column", "--audio_column", dest="audio_column", default="audio")
-    g.add_argument("--split", default=None)
-    g.add_argument("--dataset-config", "--dataset_config", dest="dataset_config", default=None)
-    g = p.add_argument_group("decoding")
-    g.add_argument("--language", default=None)
-    g.add_argument("--task", default=None, choices=["transcribe", "translate"])
-    g.add_argument("--timestamps", "--return_timestamps", dest="return_timestamps", action="store_true")
-    g.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1)
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=None)
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
-    g.add_argument("--chunk-length-s", "--chunk_length_s", dest="chunk_length_s", type=float, default=None)
-    g.add_argument("--chunk-overlap-s", "--chunk_overlap_s", dest="chunk_overlap_s", type=float, default=6.0)
-    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None, help="store top-k soft labels")
-    g.add_argument(
-        "--soft-label-temperature", "--soft_label_temperature", dest="soft_label_temperature", type=float, default=1.0
-    )
-    g.add_argument("--draft-model", "--draft_model", dest="draft_model", default=None,
-                   help="Whisper, greedy: a smaller Whisper with the teacher's tokenizer (e.g. a distilled student) "
-                        "proposes tokens the teacher verifies several at a time; the output is the teacher's own")
-    g.add_argument("--draft-tokens", "--draft_tokens", dest="draft_tokens", type=int, default=4,
-                   help="tokens the draft proposes per verification step")
-    g = p.add_argument_group("packing (several short clips per 30-s Whisper window; see hf_distill.speech.labelling)")
-    g.add_argument("--pack", dest="pack", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack clips (default: where packing is exact: a Whisper teacher, greedy decoding, no --top_k; "
-                        "an existing store keeps its mode)")
+    p.add_argument("--teacher-type", "--teacher_type", dest="teacher_type", default="auto",
+                   choices=["auto", "whisper", "ctc"])
     defaults = {f.name: f.default for f in dataclasses.fields(PseudoLabelConfig)}
-    for name in PACK_FIELDS:
-        g.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=float, default=defaults[name])
-    g = p.add_argument_group("filters (recorded in the store, not applied)")
-    g.add_argument("--wer-threshold", "--wer_threshold", dest="wer_threshold", type=float, default=0.1)
-    g.add_argument("--logprob-threshold", "--logprob_threshold", dest="logprob_threshold", type=float, default=-1.0)
-    g.add_argument(
-        "--no-speech-threshold", "--no_speech_threshold", dest="no_speech_threshold", type=float, default=0.6
-    )
-    g.add_argument(
-        "--compression-ratio-threshold",
-        "--compression_ratio_threshold",
-        dest="compression_ratio_threshold",
-        type=float,
-        default=2.4,
-    )
-    g.add_argument(
-        "--min-mean-max-posterior", "--min_mean_max_posterior", dest="min_mean_max_posterior", type=float, default=0.5
-    )
-    g.add_argument("--normalizer", default="english", choices=["english", "basic", "none"])
-    g = p.add_argument_group("execution")
-    g.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=256)
-    g.add_argument("--device", default=None)
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    g.add_argument("--encoder-dtype", "--encoder_dtype", dest="encoder_dtype", default=None,
-                   choices=["float32", "float16", "bfloat16"],
-                   help="Whisper: run the encoder in this dtype (default: --dtype); bfloat16 speeds up CPUs with "
-                        "bf16 arithmetic (AVX512-BF16, AMX)")
-    g.add_argument("--rank", type=int, default=None, help="default: $RANK")
-    g.add_argument(
-        "--world-size", "--world_size", dest="world_size", type=int, default=None, help="default: $WORLD_SIZE"
-    )
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    g.add_argument(
-        "--finalize", action="store_true", help="only (re)write summary.json and failures.jsonl from finished shards"
-    )
+    for title, options in GROUPS.items():
+        g = p.add_argument_group(title)
+        for name, kwargs in options:
+            flags = dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"])  # one flag where they are the same
+            g.add_argument(*flags, dest=name, default=defaults[name], **kwargs)
+        if title == "decoding":
+            g.add_argument("--timestamps", "--return_timestamps", dest="return_timestamps", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--finalize", action="store_true",
+                   help="only (re)write summary.json and failures.jsonl from finished shards")
     return p
 
 
@@ -160,6 +129,8 @@ def cli_main(argv: list[str] | None = None, prog: str = "hf-distill pseudo-label
         return 0
     msg = (f"{result['shards_computed']} shards labelled, {result['shards_skipped']} already done; "
            f"{result['rows']} rows, {result['failures']} failures in this run{' (packed)' if result['packed'] else ''}")
+    if result.get("speculative"):
+        msg += f"; draft acceptance {result['speculative']['acceptance_rate'] or 0:.1%}"
     if result["summary"] is not None:
         s = result["summary"]
         msg += (f"; store complete: {s['rows']} rows, {s['kept']} kept, {s['failures']} failures, "

@@ -192,7 +192,9 @@ class ShardLabeller:
                 ready += [(units, packed, features[i: i + 1]) for i, (units, packed) in enumerate(entries)]
             if not ready:
                 return []
-            hidden = teacher.encode_audio(torch.cat([f for _, _, f in ready])).last_hidden_state
+            features = torch.cat([f for _, _, f in ready])
+            hidden = teacher.encode_audio(features).last_hidden_state
+            draft_hidden = teacher.draft_hidden(features)
             requests = []
             for packed_group in (True, False):
                 rows = [i for i, r in enumerate(ready) if (r[1] is not None) == packed_group]
@@ -201,7 +203,8 @@ class ShardLabeller:
                 timestamps = packed_group or bool(cfg.return_timestamps)
                 for i, prompt in zip(rows, teacher.prompts(hidden[rows], timestamps)):
                     units, packed, _ = ready[i]
-                    requests.append(DecodeRequest((units, packed, list(prompt)), hidden[i], prompt, timestamps))
+                    requests.append(DecodeRequest((units, packed, list(prompt)), hidden[i], prompt, timestamps,
+                                                  None if draft_hidden is None else draft_hidden[i]))
             return requests
 
         try:
@@ -211,7 +214,7 @@ class ShardLabeller:
                     if packed is None:
                         unit = units[0]
                         part = PiecePart.alone(teacher, res, prompt) if self.packer else teacher.segment_result(
-                            res, prompt)
+                            res.tokens, prompt, res.logprobs, res.first_logits, res.soft)
                         results[(unit.item, unit.piece)] = part
                         progress.part_done(unit)
                         continue

@@ -68,8 +68,9 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
     Returns a dict with ``output_dir``, ``num_shards``, ``shards_skipped`` (already finished and verified),
     ``shards_computed``, ``rows``, ``failures`` (this call), ``packed`` (whether the run packs clips, see
     :mod:`~hf_distill.speech.labelling.config`), ``summary`` (when the store is complete after this call, the
-    dict written to ``summary.json``; else None) and, packed, ``packing``: the counters (windows, packed windows,
-    rejected windows, clips labelled packed / alone) of the shards computed in this call.
+    dict written to ``summary.json``; else None); packed, ``packing``: the counters (windows, packed windows,
+    rejected windows, clips labelled packed / alone) of the shards computed in this call; with a ``draft_model``,
+    ``speculative``: draft tokens proposed and accepted, teacher passes, tokens and the acceptance rate.
     """
     # Wrong paths and empty inputs end the job here, before the teacher is loaded or anything is written.
     out = check_output_dir(config.output_dir)
@@ -133,4 +134,10 @@ def pseudo_label(config: PseudoLabelConfig) -> dict[str, Any]:
               "summary": summary}
     if stats_name:
         result[stats_name] = dict(labeller.stats)
+    if getattr(teacher, "draft", None) is not None:  # speculative decoding: how much of the draft was kept
+        spec = teacher.greedy
+        result["speculative"] = {**spec.stats, "acceptance_rate": spec.acceptance_rate}
+        logger.info("speculative decoding: %d of %d draft tokens accepted (%.1f%%), %.2f tokens per teacher pass",
+                    spec.stats["accepted"], spec.stats["proposed"], 100 * (spec.acceptance_rate or 0.0),
+                    spec.stats["tokens"] / max(1, spec.stats["teacher_passes"]))
     return result

@@ -55,33 +55,16 @@ def shard_schema(config, teacher_kind: str, index_type: str = "int32"):
     for stores started before uint16 indices, which keep it so that every shard of a store has one schema)."""
     import pyarrow as pa
 
-    fields = [
-        pa.field("id", pa.string()),
-        pa.field("path", pa.string()),
-        pa.field("duration", pa.float64()),
-        pa.field("reference", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("token_ids", pa.list_(pa.int32())),
-        pa.field("prompt_ids", pa.list_(pa.int32())),
-        pa.field("avg_logprob", pa.float64()),
-        pa.field("no_speech_prob", pa.float64()),
-        pa.field("compression_ratio", pa.float64()),
-        pa.field("mean_max_posterior", pa.float64()),
-        pa.field("wer", pa.float64()),
-        pa.field("n_chunks", pa.int32()),
-        pa.field("pass_wer", pa.bool_()),
-        pa.field("pass_avg_logprob", pa.bool_()),
-        pa.field("pass_no_speech", pa.bool_()),
-        pa.field("pass_compression_ratio", pa.bool_()),
-        pa.field("pass_mean_max_posterior", pa.bool_()),
-        pa.field("keep", pa.bool_()),
-    ]
+    types = {"string": pa.string(), "float64": pa.float64(), "int32": pa.int32(), "bool": pa.bool_(),
+             "ids": pa.list_(pa.int32())}
+    columns = [("id", "string"), ("path", "string"), ("duration", "float64"), ("reference", "string"),
+               ("text", "string"), ("token_ids", "ids"), ("prompt_ids", "ids"), ("avg_logprob", "float64"),
+               ("no_speech_prob", "float64"), ("compression_ratio", "float64"), ("mean_max_posterior", "float64"),
+               ("wer", "float64"), ("n_chunks", "int32"), *[(c, "bool") for c in FILTER_COLUMNS], ("keep", "bool")]
+    fields = [pa.field(name, types[kind]) for name, kind in columns]
     if config.return_timestamps and teacher_kind == "whisper":
-        fields.append(
-            pa.field(
-                "segments", pa.list_(pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())]))
-            )
-        )
+        segment = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+        fields.append(pa.field("segments", pa.list_(segment)))
     if config.top_k:
         fields.extend(arrow_fields(config.top_k, index_type))
     return pa.schema(fields)
@@ -90,11 +73,8 @@ def shard_schema(config, teacher_kind: str, index_type: str = "int32"):
 def rows_to_table(rows: list[dict], schema, top_k: int | None):
     import pyarrow as pa
 
-    cols = {}
-    for f in schema:
-        if f.name.startswith("topk_"):
-            continue
-        cols[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
+    cols = {f.name: pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema
+            if not f.name.startswith("topk_")}
     if top_k:
         stored = schema.field("topk_indices").type.value_type.value_type
         index_type = "uint16" if pa.types.is_uint16(stored) else "int32"
@@ -172,6 +152,14 @@ def shard_done(path: Path, config_hash: str, shard: int, shard_items: list) -> b
         config_hash, shard, items_hash(shard_items))
 
 
+def _shard_stats(out: Path, folder: str, shard: int) -> dict[str, Any] | None:
+    """A shard's statistics (``stats/``, ``packing/``), or None when missing or unreadable."""
+    try:
+        return json.loads((out / folder / f"shard-{shard:05d}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Check every shard is present, then write ``summary.json`` and ``failures.jsonl``; returns the summary."""
     import pyarrow.compute as pc
@@ -183,24 +171,16 @@ def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
                                 "labelling job")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     n_shards = manifest["num_shards"]
-    missing = [
-        i
-        for i in range(n_shards)
-        if (read_shard_metadata(out / SHARD_PATTERN.format(i)) or {}).get("config_hash") != manifest["config_hash"]
-    ]
+    missing = [i for i in range(n_shards)
+               if (read_shard_metadata(out / SHARD_PATTERN.format(i)) or {}).get("config_hash") != manifest["config_hash"]]
     if missing:
-        raise RuntimeError(
-            f"{len(missing)} of {n_shards} shards are not finished yet (first: {missing[:5]}); "
-            "rerun the job to complete them"
-        )
+        raise RuntimeError(f"{len(missing)} of {n_shards} shards are not finished yet (first: {missing[:5]}); "
+                           "rerun the job to complete them")
     failures: list[AudioFailure] = []
     reasons: dict[str, int] = {}
-    rows = kept = 0
-    audio = audio_kept = 0.0
+    rows = kept = positions = topk_bytes = 0
+    audio = audio_kept = compute = 0.0
     filters = {c: {"applies": 0, "passed": 0} for c in FILTER_COLUMNS}
-    positions = 0
-    topk_bytes = 0
-    compute = 0.0
     compute_complete = True
     for i in range(n_shards):
         path = out / SHARD_PATTERN.format(i)
@@ -233,10 +213,9 @@ def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
                     col = md.row_group(rg).column(ci)
                     if col.path_in_schema.startswith("topk_"):
                         topk_bytes += col.total_compressed_size
-        stats_path = out / "stats" / f"shard-{i:05d}.json"
         try:
-            compute += float(json.loads(stats_path.read_text())["compute_seconds"])
-        except (OSError, ValueError, KeyError):
+            compute += float(_shard_stats(out, "stats", i)["compute_seconds"])
+        except (TypeError, KeyError):
             compute_complete = False
     cfg = manifest["config"]
     thresholds = {
@@ -264,21 +243,13 @@ def finalize(output_dir: str | os.PathLike) -> dict[str, Any]:
     }
     if manifest.get("soft_labels"):
         sl = manifest["soft_labels"]
-        summary["soft_labels"] = {
-            "k": sl["k"],
-            "temperature": sl["temperature"],
-            "positions": positions,
-            "raw_bytes_per_position": sl["raw_bytes_per_position"],
-            "stored_bytes_per_position": topk_bytes / positions if positions else None,
-        }
+        summary["soft_labels"] = {"k": sl["k"], "temperature": sl["temperature"], "positions": positions,
+                                  "raw_bytes_per_position": sl["raw_bytes_per_position"],
+                                  "stored_bytes_per_position": topk_bytes / positions if positions else None}
     if "packing" in manifest:  # the packing counters of every shard, summed
         totals: dict[str, int] = {}
         for i in range(n_shards):
-            try:
-                counts = json.loads((out / "packing" / f"shard-{i:05d}.json").read_text())
-            except (OSError, ValueError):
-                continue
-            for k, v in counts.items():
+            for k, v in (_shard_stats(out, "packing", i) or {}).items():
                 totals[k] = totals.get(k, 0) + int(v)
         summary["packing"] = totals
     write_failures(out / "failures.jsonl", failures)

@@ -87,13 +87,8 @@ class Teacher:
         return plan_chunks(num_samples, self.window, self.overlap, self.hop)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "sampling_rate": self.sampling_rate,
-            "chunk_samples": self.window,
-            "overlap_samples": self.overlap,
-            "hop": self.hop,
-        }
+        return {"type": self.kind, "sampling_rate": self.sampling_rate, "chunk_samples": self.window,
+                "overlap_samples": self.overlap, "hop": self.hop, "vocab_size": int(self.model.config.vocab_size)}
 
 
 class WhisperTeacher(Teacher):
@@ -150,13 +145,38 @@ class WhisperTeacher(Teacher):
             from hf_distill.speech.greedy_decoding import GreedyWhisperDecoder
 
             self.greedy = GreedyWhisperDecoder(self.model, max_new_tokens=config.max_new_tokens)
+        self.draft, self.draft_shares_encoder = None, False
+        if config.draft_model is not None:
+            self._load_draft(config)
+
+    def _load_draft(self, config) -> None:
+        """The draft of speculative decoding; it reads the teacher's encoder output when its encoder is the
+        teacher's (a student with the teacher's frozen encoder), else its own."""
+        from transformers import WhisperForConditionalGeneration
+
+        from hf_distill.speech.speculative_decoding import SpeculativeWhisperDecoder
+
+        try:
+            draft = WhisperForConditionalGeneration.from_pretrained(config.draft_model, dtype=torch_dtype(config.dtype))
+        except OSError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FileNotFoundError(f"cannot load the draft model {config.draft_model!r}: {first} (give a folder with "
+                                    "a Whisper model sharing the teacher's tokenizer)") from exc
+        self.draft = draft.to(self.device).eval().requires_grad_(False)
+        mine, theirs = self.model.get_encoder().state_dict(), self.draft.get_encoder().state_dict()
+        self.draft_shares_encoder = mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape and self._torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine)
+        self.greedy = SpeculativeWhisperDecoder(self.model, self.draft, config.draft_tokens, config.max_new_tokens)
+
+    def draft_hidden(self, features):
+        """The draft's encoder output for ``features``, or None where it is the teacher's."""
+        if self.draft is None or self.draft_shares_encoder:
+            return None
+        encoder = self.draft.get_encoder()
+        return encoder(features.to(self.device, dtype=next(encoder.parameters()).dtype)).last_hidden_state
 
     def describe(self):
-        d = super().describe()
-        d.update(
-            vocab_size=int(self.model.config.vocab_size), eos_token_id=self.eos_id, no_speech_token_id=self.no_speech_id
-        )
-        return d
+        return {**super().describe(), "eos_token_id": self.eos_id, "no_speech_token_id": self.no_speech_id}
 
     def prepare(self, audios: list[np.ndarray]):
         feats = self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt")
@@ -187,7 +207,7 @@ class WhisperTeacher(Teacher):
         """Beam search (``generate``) on a batch of log-mel ``features``, then one teacher-forced pass for the
         log-probabilities and soft labels."""
         torch = self._torch
-        from hf_distill.store.format import pack_topk, topk_from_logits
+        from hf_distill.store.format import topk_from_logits
 
         model = self.model
         with torch.inference_mode():
@@ -211,22 +231,10 @@ class WhisperTeacher(Teacher):
             logp = torch.log_softmax(row_logits, dim=-1)
             tok_t = torch.as_tensor(tokens, dtype=torch.long, device=logp.device)
             token_logprobs = logp.gather(-1, tok_t[:, None])[:, 0] if len(tokens) else logp.new_zeros(0)
-            no_speech = self.no_speech_prob(logits[b, 0], seq)
             soft = None
             if self.config.top_k:
-                idx, probs, tail = topk_from_logits(row_logits, self.config.top_k, self.config.soft_label_temperature)
-                soft = pack_topk(idx, probs, tail)
-            segments = self.timestamp_segments(tokens) if self.config.return_timestamps else None
-            results.append(
-                SegmentResult(
-                    token_ids=np.asarray(tokens, dtype=np.int32),
-                    prompt_ids=np.asarray(seq[:p], dtype=np.int32),
-                    logprobs=token_logprobs.cpu().numpy().astype(np.float64),
-                    no_speech_prob=no_speech,
-                    soft=soft,
-                    segments=segments,
-                )
-            )
+                soft = topk_from_logits(row_logits, self.config.top_k, self.config.soft_label_temperature)
+            results.append(self.segment_result(tokens, seq[:p], token_logprobs.cpu().numpy(), logits[b, 0], soft))
         return results
 
     def no_speech_prob(self, first_logits, prompt: Sequence[int]) -> float | None:
@@ -236,19 +244,17 @@ class WhisperTeacher(Teacher):
             return None
         return float(self._torch.softmax(first_logits.float(), dim=-1)[self.no_speech_id])
 
-    def segment_result(self, res, prompt: Sequence[int]) -> SegmentResult:
-        """The :class:`SegmentResult` of a window decoded after ``prompt`` (``res``: its
-        :class:`~hf_distill.speech.greedy_decoding.DecodeResult`)."""
+    def segment_result(self, tokens, prompt: Sequence[int], logprobs, first_logits, soft=None) -> SegmentResult:
+        """The :class:`SegmentResult` of ``tokens`` decoded after ``prompt``: their log-probabilities, the raw logits
+        at the first decoding position (for the no-speech probability) and the ``(indices, probs, tail)`` soft
+        labels."""
         from hf_distill.store.format import pack_topk
 
-        return SegmentResult(
-            token_ids=np.asarray(res.tokens, dtype=np.int32),
-            prompt_ids=np.asarray(prompt, dtype=np.int32),
-            logprobs=np.asarray(res.logprobs, dtype=np.float64),
-            no_speech_prob=self.no_speech_prob(res.first_logits, prompt),
-            soft=pack_topk(*res.soft) if res.soft is not None else None,
-            segments=self.timestamp_segments(res.tokens) if self.config.return_timestamps else None,
-        )
+        return SegmentResult(token_ids=np.asarray(tokens, dtype=np.int32), prompt_ids=np.asarray(prompt, dtype=np.int32),
+                             logprobs=np.asarray(logprobs, dtype=np.float64),
+                             no_speech_prob=self.no_speech_prob(first_logits, prompt),
+                             soft=pack_topk(*soft) if soft is not None else None,
+                             segments=self.timestamp_segments(list(tokens)) if self.config.return_timestamps else None)
 
     def prompts(self, hidden, timestamps: bool) -> list[list[int]]:
         """The decoder prompt ``model.generate`` uses (start of transcript, language, task, no-timestamps) for
@@ -301,6 +307,8 @@ class CTCTeacher(Teacher):
     def __init__(self, config, device: str):
         from transformers import AutoModelForCTC
 
+        if config.draft_model is not None:
+            raise ValueError("--draft_model speeds up Whisper decoding; a CTC teacher has none: drop --draft_model")
         super().__init__(config, device, AutoModelForCTC)
         ratio = getattr(self.model.config, "inputs_to_logits_ratio", None)
         if ratio is None:
@@ -314,18 +322,11 @@ class CTCTeacher(Teacher):
         self.min_samples = int(np.argmax(frames >= 1)) + 1 if (frames >= 1).any() else 1
 
     def describe(self):
-        d = super().describe()
-        d.update(vocab_size=int(self.model.config.vocab_size), blank_id=int(self.blank_id))
-        return d
+        return {**super().describe(), "blank_id": int(self.blank_id)}
 
     def prepare(self, audios: list[np.ndarray]):
-        inputs = self.feature_extractor(
-            audios,
-            sampling_rate=self.sampling_rate,
-            padding=True,
-            return_attention_mask=self.use_mask,
-            return_tensors="pt",
-        )
+        inputs = self.feature_extractor(audios, sampling_rate=self.sampling_rate, padding=True,
+                                        return_attention_mask=self.use_mask, return_tensors="pt")
         lengths = np.asarray([len(a) for a in audios], dtype=np.int64)
         return dict(inputs), lengths
 
@@ -359,15 +360,9 @@ class CTCTeacher(Teacher):
             maxp, arg = probs.max(dim=-1)
             soft = None
             if self.config.top_k:
-                idx, p, tail = topk_from_logits(row, self.config.top_k, self.config.soft_label_temperature)
-                soft = pack_topk(idx, p, tail)
-            results.append(
-                SegmentResult(
-                    token_ids=arg.cpu().numpy().astype(np.int32),
-                    max_posteriors=maxp.cpu().numpy().astype(np.float64),
-                    soft=soft,
-                )
-            )
+                soft = pack_topk(*topk_from_logits(row, self.config.top_k, self.config.soft_label_temperature))
+            results.append(SegmentResult(token_ids=arg.cpu().numpy().astype(np.int32),
+                                         max_posteriors=maxp.cpu().numpy().astype(np.float64), soft=soft))
         return results
 
     def collapse(self, frame_ids: np.ndarray) -> np.ndarray:
