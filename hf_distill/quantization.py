@@ -8,6 +8,17 @@ trained fake-quantized student into ``torch.ao.nn.quantized`` modules (int8 GEMM
 (``torch.ao.quantization`` warns that it is deprecated in favour of torchao; the warnings are silenced
 inside this module's calls and the path still works in torch 2.13.)
 
+Why not torchao (checked with torchao 0.18.0, the PyPI release for torch 2.13): it installs without
+pulling another torch (its wheel declares no dependency; ``pip download torchao --no-deps`` with the
+project's constraints) and imports on the CPU build, but (1) its eager int8 path is far slower than fp32
+on a CPU: a 384 -> 1536 -> 384 MLP on 2,048 tokens, one thread (two runs on a shared machine), takes
+3.9-4.7 s with ``Int8DynamicActivationInt8WeightConfig`` against 0.14-0.21 s in fp32 and 0.09-0.10 s with
+this module's fbgemm dynamic int8, which would undo the latency a quantized student is for; (2) its quantized weights are tensor subclasses that safetensors refuses to
+store ("Attempted to access the data pointer on an invalid python storage"), so the int8 students
+could only be saved as pickles. The API here (``prepare_qat_student``, ``export_int8``,
+``quantize_dynamic_int8``, ``save_int8`` / ``load_int8``) hides the toolkit, so a later port changes
+this module only.
+
 What is quantized, and why:
 
 * every ``nn.Linear`` of the base model (attention Q/K/V/output, FFN, pooler): int8 weights (per output
