@@ -47,7 +47,11 @@ from efficient_student import (  # noqa: E402
     efficient_students,
     efficient_training_args,
 )
-from quantized_student import QuantizationArguments, check_quantization_arguments, train_qat_int8  # noqa: E402
+from quantized_student import (  # noqa: E402
+    QuantizationArguments,
+    check_quantization_arguments,
+    train_qat_int8,
+)
 from student_search import (  # noqa: E402
     StudentSearchArguments,
     check_search_arguments,
@@ -66,7 +70,13 @@ from hf_distill.quantization import load_int8, quantize_dynamic_int8, save_int8 
 from hf_distill.students import build_student  # noqa: E402
 from hf_distill.students.pruning import prune_width  # noqa: E402
 from hf_distill.tasks.classification import paired_bootstrap_diff, results_markdown  # noqa: E402
-from hf_distill.tasks.classification_recipe import Stages, evaluate_models, parse_layers, save_model, train_model  # noqa: E402
+from hf_distill.tasks.classification_recipe import (  # noqa: E402
+    Stages,
+    evaluate_models,
+    parse_layers,
+    save_model,
+    train_model,
+)
 
 logger = logging.getLogger("student_architectures")
 

@@ -58,7 +58,6 @@ from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
 from hf_distill.students.search import (  # noqa: E402
     candidate_shapes,
-    describe,
     pareto_front,
     prepare_candidates,
     successive_halving,
@@ -268,8 +267,8 @@ def search(recipe, args, teacher, space: dict, rows, validation, latency_batch: 
 def search_markdown(found: dict) -> str:
     """The search table (every candidate) with the budget and the front."""
     budget = found["budget"]
-    lines = ["| candidate | params | latency (ms) | vs teacher | within budget | held-out accuracy | held-out KL | "
-             "steps | on the front |", "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = [("| candidate | params | latency (ms) | vs teacher | within budget | held-out accuracy | held-out KL | "
+              "steps | on the front |"), "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for r in found["candidates"]:
         acc = f"{100 * r['validation_accuracy']:.1f}%" if "validation_accuracy" in r else "-"
         kl = f"{r['validation_kl']:.3f}" if "validation_kl" in r else "-"

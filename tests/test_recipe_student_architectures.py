@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_recipe_student_search import assets  # noqa: F401  (the tiny encoder and CSV files)
 from test_recipe_student_search import flags as search_flags
 from transformers import AutoModelForSequenceClassification

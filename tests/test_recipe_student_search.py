@@ -35,7 +35,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("search_recipe")
     tokenizer = word_tokenizer()
     torch.manual_seed(0)
-    easy = dict(initializer_range=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    easy = {"initializer_range": 0.1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     BertModel(tiny_bert_config(len(tokenizer), layers=3, hidden=32, heads=4, **easy)).save_pretrained(root / "encoder")
     tokenizer.save_pretrained(root / "encoder")
     write_rows(root / "train.csv", 120, seed=1)
