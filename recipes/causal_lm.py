@@ -53,23 +53,29 @@ import time
 
 _START = time.perf_counter()  # the run's wall time includes the imports below
 
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import copy
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, set_seed  # noqa: E402
+import torch
+from transformers import AutoTokenizer, set_seed
 
-from hf_distill.checkpoints import weights_fingerprint  # noqa: E402
-from hf_distill.config import parse_config_and_args  # noqa: E402
-from hf_distill.lm.arguments import CausalLMDistillationArguments  # noqa: E402
-from hf_distill.lm.recipe_report import lm_comparisons, plot_lm_results, write_lm_results, write_lm_student_cards  # noqa: E402
-from hf_distill.lm.recipe_steps import (  # noqa: E402
+from hf_distill.checkpoints import weights_fingerprint
+from hf_distill.config import parse_config_and_args
+from hf_distill.lm.arguments import CausalLMDistillationArguments
+from hf_distill.lm.recipe_report import (
+    lm_comparisons,
+    plot_lm_results,
+    write_lm_results,
+    write_lm_student_cards,
+)
+from hf_distill.lm.recipe_steps import (
     DIVERGENCES,
+    LMStages,
     distillation_terms,
     evaluate_lm_models,
     freeze_embeddings,
@@ -78,10 +84,15 @@ from hf_distill.lm.recipe_steps import (  # noqa: E402
     tokenize_lm_data,
     train_lm_student,
 )
-from hf_distill.students import build_student  # noqa: E402
-from hf_distill.tasks.classification_data import DataError  # noqa: E402
-from hf_distill.tasks.classification_recipe import BASELINE_DIR, DISTILLED_DIR, Stages, parse_layers, save_model  # noqa: E402
-from hf_distill.teachers import load_teacher  # noqa: E402
+from hf_distill.students import build_student
+from hf_distill.tasks.classification_data import DataError
+from hf_distill.tasks.classification_recipe import (
+    BASELINE_DIR,
+    DISTILLED_DIR,
+    parse_layers,
+    save_model,
+)
+from hf_distill.teachers import load_teacher
 
 logger = logging.getLogger("causal_lm")
 
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError("no teacher given: set --teacher (smollm2, a .gguf file, a folder or a Hub id)")
 
     # ------------------------------------------------------------------ data (all checks before training)
-    stages = Stages(total=5 + recipe.baseline)
+    stages = LMStages(total=5 + recipe.baseline)
     stages.start("data", "load, split by document and tokenize the data")
     teacher_path = resolve_lm_teacher(teacher_spec)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)

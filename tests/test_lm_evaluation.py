@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from lm_tiny import tiny_chat_tokenizer, tiny_llama
 
 from hf_distill.lm.evaluation import (
     UnitScores,
@@ -19,7 +20,6 @@ from hf_distill.lm.evaluation import (
     score_units,
     text_windows,
 )
-from lm_tiny import tiny_chat_tokenizer, tiny_llama
 
 DOCS = ["the cat sat on the mat and the dog ran fast to the red house .",
         "minister wins vote — prices rise in the city market, café shares fall .",
@@ -65,7 +65,7 @@ def test_completion_units_count_only_completion_bytes(tok):
         " plays music", add_special_tokens=False)["input_ids"]
     row = {"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}
     (unit,) = completion_units([row, {"input_ids": prompt, "labels": [-100] * len(prompt)}], tok)
-    assert unit["n_bytes"] == len(" plays music".encode()) and unit["unit"] == 0
+    assert unit["n_bytes"] == len(b" plays music") and unit["unit"] == 0
 
 
 # ------------------------------------------------------------------------------------------ scoring

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from lm_tiny import tiny_chat_tokenizer, tiny_llama
 from tiny import sample_texts
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONFIG = ROOT / "recipes" / "configs" / "causal_lm_smollm2.yaml"

@@ -100,7 +100,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, window: int, max_tokens_per
     rows, step = [], int(window) - 1
     for unit, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"document {unit} is a {type(text).__name__}, not a string")
+            raise TypeError(f"document {unit} is a {type(text).__name__}, not a string")
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if not ids:
@@ -204,7 +204,7 @@ def perplexity_interval(scores: UnitScores, *, confidence: float = 0.95, n_resam
         raise ValueError("no predicted token in the evaluation set")
     out = {"perplexity": scores.perplexity, "perplexity_ci": list(_quantiles(np.exp(nll / tok), confidence)),
            "nll_per_token": float(scores.nll.sum() / total_tokens),
-           "n_units": int(len(scores.nll)), "n_tokens": int(total_tokens), "confidence": confidence}
+           "n_units": len(scores.nll), "n_tokens": int(total_tokens), "confidence": confidence}
     if scores.bytes.sum() > 0:
         out["bits_per_byte"] = scores.bits_per_byte
         out["bits_per_byte_ci"] = list(_quantiles(nll / (LN2 * byt), confidence))
@@ -228,7 +228,7 @@ def paired_difference(a: UnitScores, b: UnitScores, *, confidence: float = 0.95,
             "high": _quantiles(diff, confidence)[1],
             "nll_diff": float((a.nll.sum() - b.nll.sum()) / a.tokens.sum()),
             "nll_diff_ci": list(_quantiles(log_a - log_b, confidence)),
-            "p_a_not_better": float(np.mean(diff >= 0)), "confidence": confidence, "n_units": int(len(a.nll))}
+            "p_a_not_better": float(np.mean(diff >= 0)), "confidence": confidence, "n_units": len(a.nll)}
 
 
 def gap_closed(teacher_ppl: float, student_ppl: float, baseline_ppl: float, *, space: str = "log") -> float:

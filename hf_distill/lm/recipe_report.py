@@ -59,10 +59,10 @@ def _interval(value: float, ci, digits: int = 2) -> str:
 def lm_results_markdown(results: Mapping[str, Any]) -> str:
     """The results as Markdown: the models, the comparisons, the data and training, stage times and goals."""
     rows = results["models"]
-    conf = int(round(100 * rows[0].get("confidence", 0.95)))
+    conf = round(100 * rows[0].get("confidence", 0.95))
     speed = results["speed"]
-    lines = [f"| model | layers | params | held-out perplexity [{conf}% CI] | bits per byte [{conf}% CI] | "
-             f"tokens/s | vs teacher |", "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    lines = [(f"| model | layers | params | held-out perplexity [{conf}% CI] | bits per byte [{conf}% CI] | "
+              "tokens/s | vs teacher |"), "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
     for r in rows:
         bpb = _interval(r["bits_per_byte"], r["bits_per_byte_ci"], 3) if "bits_per_byte" in r else "-"
         lines.append(f"| {r['name']} | {r['layers']} | {r['params'] / 1e6:.1f}M | "
@@ -179,7 +179,12 @@ def plot_lm_results(results: Mapping[str, Any], histories: Mapping[str, list], p
 def write_lm_student_cards(args, results: Mapping[str, Any], out: Path) -> str | None:
     """A model card (held-out perplexity and bits per byte in its metadata) in each student folder;
     ``--push_to_hub`` uploads the distilled student. Returns the upload's commit URL (None without the flag)."""
-    from hf_distill.hub import distillation_metadata, eval_results_from_metrics, push_student, write_model_card
+    from hf_distill.hub import (
+        distillation_metadata,
+        eval_results_from_metrics,
+        push_student,
+        write_model_card,
+    )
     from hf_distill.tasks.classification_recipe import BASELINE_DIR, DISTILLED_DIR
 
     rows = {r["name"]: r for r in results["models"]}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hf_distill.tasks.classification_data import DataError
+from hf_distill.tasks.classification_recipe import Stages
 
-__all__ = ["BUILTIN_TEACHERS", "DIVERGENCES", "LMData", "distillation_terms", "evaluate_lm_models",
+__all__ = ["BUILTIN_TEACHERS", "DIVERGENCES", "LMData", "LMStages", "distillation_terms", "evaluate_lm_models",
            "freeze_embeddings", "load_lm_documents", "resolve_lm_teacher", "speed_batch", "tokenize_lm_data",
            "train_lm_student"]
 
@@ -24,6 +26,15 @@ logger = logging.getLogger("causal_lm")
 BUILTIN_TEACHERS = ("smollm2", "gemma3")
 #: --divergence -> the distillation term it builds
 DIVERGENCES = {"kl": "kl", "forward_kl": "kl", "reverse_kl": "reverse_kl", "jsd": "jsd"}
+
+
+class LMStages(Stages):
+    """:class:`~hf_distill.tasks.classification_recipe.Stages` that announce themselves in this recipe's log."""
+
+    def start(self, name: str, what: str):
+        self.index += 1
+        self.name, self.t0 = name, time.perf_counter()
+        logger.info("[stage %d/%d] %s", self.index, self.total, what)
 
 
 def resolve_lm_teacher(spec: str) -> str:
@@ -107,7 +118,7 @@ def load_lm_documents(recipe) -> LMData:
     if held is None:
         order = list(range(len(train)))
         random.Random(recipe.split_seed).shuffle(order)
-        n_eval = int(recipe.eval_size) if recipe.eval_size >= 1 else int(round(recipe.eval_size * len(order)))
+        n_eval = int(recipe.eval_size) if recipe.eval_size >= 1 else round(recipe.eval_size * len(order))
         if not 0 < n_eval < len(order):
             raise DataError(f"--eval_size {recipe.eval_size} holds out {n_eval} of {len(order)} rows; give a fraction "
                             "in (0, 1) or a count that leaves rows on both sides, or an --eval_file")
@@ -206,7 +217,11 @@ def speed_batch(rows: list[dict], batch_size: int, pad_token_id: int) -> dict:
 def evaluate_lm_models(models: dict, rows: list[dict], tokenizer, recipe, *, seed: int = 0):
     """Held-out perplexity and bits per byte [95% bootstrap over units], parameters and tokens/s of each of
     ``models`` (name -> model), in this run. Returns ``(table rows, scores by name, speed by name)``."""
-    from hf_distill.lm.evaluation import measure_tokens_per_second, perplexity_interval, score_units
+    from hf_distill.lm.evaluation import (
+        measure_tokens_per_second,
+        perplexity_interval,
+        score_units,
+    )
     from hf_distill.modeling import count_parameters
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
