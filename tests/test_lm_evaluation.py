@@ -63,6 +63,7 @@ def test_text_windows_refuse_bad_settings(tok):
 def test_completion_units_count_only_completion_bytes(tok):
     prompt, completion = tok("film star", add_special_tokens=False)["input_ids"], tok(
         " plays music", add_special_tokens=False)["input_ids"]
+    completion = completion + [tok.eos_token_id]  # predicted, but no text
     row = {"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion}
     (unit,) = completion_units([row, {"input_ids": prompt, "labels": [-100] * len(prompt)}], tok)
     assert unit["n_bytes"] == len(b" plays music") and unit["unit"] == 0

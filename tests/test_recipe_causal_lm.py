@@ -115,6 +115,33 @@ def test_jsd_runs_with_the_live_teacher(assets, tmp_path):
     assert "distilled_minus_baseline" not in results["comparisons"]
 
 
+def test_prompt_completion_data_on_policy(assets, tmp_path):
+    """Prompt-completion rows: only completion tokens are evaluated, and --lmbda 1 trains on the student's own
+    samples (the on-policy trainer logs its generation time)."""
+    rows = [{"prompt": " ".join(t.split()[:3]), "completion": " " + " ".join(t.split()[3:])}
+            for t in sample_texts(60, seed=5)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ("--train_file", str(data), "--eval_size", "10", "--divergence", "reverse_kl", "--lmbda", "1",
+             "--max_new_tokens", "6", "--max_steps", "2", "--logging_steps", "1", "--baseline", "false",
+             "--plot", "false")
+    args = flags(assets, tmp_path / "pc", *extra)
+    args[args.index("--train_file") + 1] = str(data)  # the last --train_file / --eval_size win
+    results = recipe.main(args)
+    assert results["data"]["format"] == "prompt_completion" and results["training"]["teacher_outputs"] == "live"
+    from hf_distill.config import parse_config_and_args
+    from hf_distill.lm.arguments import CausalLMDistillationArguments
+    from hf_distill.lm.recipe_steps import load_lm_documents
+
+    settings, _ = parse_config_and_args((recipe.CausalLMRecipeArguments, CausalLMDistillationArguments), args)
+    held = load_lm_documents(settings).eval
+    teacher = {r["name"]: r for r in results["models"]}["teacher"]
+    assert teacher["n_units"] == 10  # one unit per held-out row; its bytes are the completions' only
+    assert teacher["n_bytes"] == sum(len(c.encode()) for c in held["completion"])
+    logged = [h for h in results["log_history"]["distilled"] if "loss_reverse_kl" in h]
+    assert len(logged) == 2 and all(h["generation_seconds"] > 0 for h in logged)
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--divergence", "reverse_kl", "--teacher_outputs", "store"), "needs the full distribution"),
     (("--lmbda", "0.5"), "plain text has none"),

@@ -120,14 +120,16 @@ def text_windows(texts: Iterable[str], tokenizer, *, window: int, max_tokens_per
 
 def completion_units(rows: Iterable[Mapping[str, Any]], tokenizer) -> list[dict]:
     """Prompt-completion / chat rows (``input_ids``, ``labels`` with -100 on what does not count) as
-    evaluation rows, one unit each; ``n_bytes`` are the UTF-8 bytes of the counted tokens' text."""
+    evaluation rows, one unit each; ``n_bytes`` are the UTF-8 bytes of the counted tokens' text (special tokens
+    such as EOS count as predicted tokens, with no bytes)."""
     out = []
     for unit, row in enumerate(rows):
         ids, labels = list(row["input_ids"]), list(row["labels"])
         counted = [t for t, lab in zip(ids[1:], labels[1:]) if lab != -100]
         if not counted:
             continue
-        text = tokenizer.decode(counted, clean_up_tokenization_spaces=False)
+        # special tokens (an end-of-turn / EOS) are predicted and count as tokens, but are no text: 0 bytes
+        text = tokenizer.decode(counted, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         out.append({"input_ids": ids, "labels": labels, "unit": unit, "n_bytes": len(text.encode("utf-8"))})
     if not out:
         raise ValueError("no evaluation row has a counted (completion) token")
