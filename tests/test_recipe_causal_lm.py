@@ -106,9 +106,34 @@ def test_recipe_end_to_end_on_a_tiny_llama(assets, tmp_path):
     assert results["pushed_to"] is None
 
 
-def test_jsd_runs_with_the_live_teacher(assets, tmp_path):
-    results = recipe.main(flags(assets, tmp_path / "jsd", "--divergence", "jsd", "--beta", "0.5", "--max_steps", "4",
-                                "--baseline", "false", "--plot", "false", "--logging_steps", "2"))
+def test_jsd_runs_with_the_live_teacher_and_pushes_the_student_with_its_card(assets, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            calls.append(("upload_folder", folder_path, repo_id))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "jsd"
+    results = recipe.main(flags(assets, out, "--divergence", "jsd", "--beta", "0.5", "--max_steps", "4",
+                                "--baseline", "false", "--plot", "false", "--logging_steps", "2",
+                                "--push_to_hub", "true", "--hub_model_id", "me/tiny-lm"))
+    assert calls == [("create_repo", "me/tiny-lm"), ("upload_folder", str(out / "student_distilled"), "me/tiny-lm")]
+    assert results["pushed_to"] == "https://hub/me/tiny-lm/commit/1"
+    card = ModelCard.load(out / "student_distilled" / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and card.data.model_name == "me/tiny-lm"
+    evals = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert evals["perplexity"] == pytest.approx(results["models"][1]["perplexity"])
     assert results["training"]["teacher_outputs"] == "live" and results["training"]["beta"] == 0.5
     assert results["training"]["distillation"] == [{"loss": "jsd", "weight": 1.0, "beta": 0.5}]
     assert any("loss_jsd" in h for h in results["log_history"]["distilled"])
