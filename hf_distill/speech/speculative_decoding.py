@@ -8,7 +8,8 @@ next one is checked; at the first difference the teacher's choice is taken and t
 is the teacher's greedy output, token for token (what :class:`~hf_distill.speech.greedy_decoding.GreedyWhisperDecoder`
 gives: same rules, log-probabilities, first-position logits, soft labels); only its speed depends on the draft.
 Rows keep the pool of the greedy decoder (continuous batching): each row at its own position, both caches
-moved together. :attr:`SpeculativeWhisperDecoder.stats` counts the proposals checked (a row's proposals after a
+moved together. A draft accepted less often than ``min_acceptance`` (judged after ``judge_after`` proposals)
+stops proposing: plain greedy steps from then on, the same output. :attr:`SpeculativeWhisperDecoder.stats` counts the proposals checked (a row's proposals after a
 rejected one, or after its end, are not) and the accepted ones, the teacher's passes and the tokens.
 """
 
@@ -40,14 +41,18 @@ class SpeculativeWhisperDecoder:
     that ``draft_model`` proposed. A request's ``draft_hidden`` is the draft's encoder output (None: the teacher's,
     for a draft that shares the teacher's encoder)."""
 
-    def __init__(self, model, draft_model, draft_tokens: int = 4, max_new_tokens: int | None = None):
+    def __init__(self, model, draft_model, draft_tokens: int = 4, max_new_tokens: int | None = None,
+                 min_acceptance: float = 0.3, judge_after: int = 200):
         check_draft(model, draft_model)
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be >= 1")
         self.teacher = GreedyWhisperDecoder(model, max_new_tokens=max_new_tokens)
         self.draft = GreedyWhisperDecoder(draft_model)  # its model; the rules are the teacher's
         self.k = int(draft_tokens)
-        self.stats = {"proposed": 0, "accepted": 0, "teacher_passes": 0, "tokens": 0}
+        # a draft that is rarely right costs more than it saves: after ``judge_after`` proposals checked, one
+        # accepted less often than ``min_acceptance`` proposes no more (plain greedy steps from then on)
+        self.min_acceptance, self.judge_after = float(min_acceptance), int(judge_after)
+        self.stats = {"proposed": 0, "accepted": 0, "teacher_passes": 0, "tokens": 0, "drafting_stopped": False}
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -98,6 +103,8 @@ class SpeculativeWhisperDecoder:
         teacher, t = self.teacher, pool.tensors
         B = len(pool)
         k = max(0, min(self.k, min(teacher.max_positions, self.draft.max_positions) - 1 - max(pool.pos)))
+        if self.stats["drafting_stopped"]:
+            k = 0
         if soft_labels is not None:
             teacher.add_soft_labels(pool, t["logits"], soft_labels)
         first, lp, done = teacher.choose(t["logits"], t, pool)
@@ -106,7 +113,7 @@ class SpeculativeWhisperDecoder:
         accepted = torch.zeros(B, dtype=torch.long, device=first.device)
         cache, cross = pool.views(0, B)
         if k == 0:
-            logits = teacher.forward(first[:, None], pool.pos, cache, cross).float()
+            logits = teacher.step(first, pool.pos, cache, cross).float()[:, None]
         else:
             drafts = self._propose(pool, draft_pool, first, k, torch)
             logits = teacher.forward(torch.cat([first[:, None], drafts], dim=1), pool.pos, cache, cross).float()
@@ -136,6 +143,8 @@ class SpeculativeWhisperDecoder:
                 done = done | (match & fin)
                 active = match & ~fin
             self.stats["accepted"] += int(accepted.sum())
+            if self.stats["proposed"] >= self.judge_after and self.acceptance_rate < self.min_acceptance:
+                self.stats["drafting_stopped"] = True
         t["logits"] = logits[torch.arange(B, device=logits.device), accepted]
         self.stats["teacher_passes"] += 1
         done_rows = set()

@@ -145,8 +145,9 @@ class ShardLabeller:
                 continue
             if len(window) > 1:
                 packed = assemble_window([a for _, a in got], self.teacher.sampling_rate, self.packer.gap)
-                entries.append(([u for u, _ in got], packed))
                 clips.append(packed.audio)
+                packed.audio = None  # its features are what the teacher reads
+                entries.append(([u for u, _ in got], packed))
             else:
                 entries.append((window, None))
                 clips.append(got[0][1])

@@ -253,7 +253,7 @@ class PackedWindow:
     """A window's audio (``audio``) assembled from clips: each clip's ``offset`` (samples), speech span and voiced
     frame times (seconds in the window), and where the content ends (``content_end``, seconds)."""
 
-    audio: np.ndarray
+    audio: np.ndarray | None
     offsets: list[int]
     spans: list[tuple[float, float]]
     voiced: list[np.ndarray]
