@@ -10,10 +10,11 @@ position of logits).
 A step is ``compute_loss`` + backward + AdamW step + ``zero_grad(set_to_none=True)``, after
 ``--warmup`` steps (the optimiser state exists by then). Each method runs in its own fresh
 subprocess, and the parent alternates them (dense, fused, dense, fused, ... ``--rounds`` times) so
-that both see the same machine load. Memory is the peak resident set size over the measured steps
-minus the resident set size just before each step (Linux: the kernel's high-water mark, reset
-through ``/proc/self/clear_refs`` before every step); the largest over the steps of a worker, the
-median over the workers of a method. Time is the median step time. Ratios are fused / dense; the
+that both see the same machine load. Memory is the peak resident set size minus the resident set
+size just before the step (Linux: the kernel's high-water mark, reset through
+``/proc/self/clear_refs`` before every step), over forward+backward (``mem_ratio``: where the
+logits live) and over the whole step (``step_mem_ratio``: AdamW's own temporaries, the same for
+both, included); the largest over the steps of a worker, the median over the workers of a method. Time is the median step time. Ratios are fused / dense; the
 first step's loss of both methods is compared (same weights, same batch).
 
     python benchmarks/fused_step_memory.py                  # 2 rounds, 3 measured steps each
@@ -97,28 +98,34 @@ def run_worker(args) -> dict:
     optimizer = trainer.create_optimizer()
     student.train()
 
-    def step() -> float:
+    def step() -> tuple[float, int, int]:
+        """One step; the peaks (bytes above the resident set size before it) of forward+backward and of the
+        whole step (the optimiser's own temporaries included)."""
+        before = _status_kib("VmRSS")
+        _reset_peak()
         loss = trainer.compute_loss(student, dict(batch))
         loss.backward()
+        loss_peak = _status_kib("VmHWM") - before
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        step_peak = _status_kib("VmHWM") - before
+        return float(loss.detach()), loss_peak * 1024, step_peak * 1024
 
     first_loss = None
     for _ in range(args.warmup):
-        value = step()
+        value, _, _ = step()
         first_loss = value if first_loss is None else first_loss
-    peaks, times = [], []
+    peaks, step_peaks, times = [], [], []
     for _ in range(args.steps):
-        before = _status_kib("VmRSS")
-        _reset_peak()
         start = time.perf_counter()
-        value = step()
+        value, loss_peak, step_peak = step()
         times.append(time.perf_counter() - start)
-        peaks.append((_status_kib("VmHWM") - before) * 1024)
+        peaks.append(loss_peak)
+        step_peaks.append(step_peak)
         first_loss = value if first_loss is None else first_loss
-    return {"method": args.worker, "peak_bytes": max(peaks), "peaks_bytes": peaks, "time_s": statistics.median(times),
-            "times_s": times, "first_loss": first_loss, "threads": torch.get_num_threads(),
+    return {"method": args.worker, "peak_bytes": max(peaks), "peaks_bytes": peaks, "step_peak_bytes": max(step_peaks),
+            "time_s": statistics.median(times), "times_s": times, "first_loss": first_loss,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": T.__version__}
 
 
@@ -153,18 +160,24 @@ def main(argv=None) -> int:
         for method in METHODS:
             res = run_method(args, method)
             results[method].append(res)
-            print(f"round {r}: {method:>5}: peak {res['peak_bytes'] / 2**20:8.1f} MiB over the step, "
+            print(f"round {r}: {method:>5}: peak {res['peak_bytes'] / 2**20:8.1f} MiB over forward+backward, "
+                  f"{res['step_peak_bytes'] / 2**20:8.1f} MiB over the whole step, "
                   f"step {res['time_s']:.3f} s, first loss {res['first_loss']:.6f}", flush=True)
     peak = {m: statistics.median(r["peak_bytes"] for r in results[m]) for m in METHODS}
+    step_peak = {m: statistics.median(r["step_peak_bytes"] for r in results[m]) for m in METHODS}
     step = {m: statistics.median(r["time_s"] for r in results[m]) for m in METHODS}
     loss_d, loss_f = results["dense"][0]["first_loss"], results["fused"][0]["first_loss"]
     summary = {"dense_peak_mib": peak["dense"] / 2**20, "fused_peak_mib": peak["fused"] / 2**20,
-               "mem_ratio": peak["fused"] / peak["dense"], "dense_step_s": step["dense"],
+               "mem_ratio": peak["fused"] / peak["dense"], "dense_step_peak_mib": step_peak["dense"] / 2**20,
+               "fused_step_peak_mib": step_peak["fused"] / 2**20,
+               "step_mem_ratio": step_peak["fused"] / step_peak["dense"], "dense_step_s": step["dense"],
                "fused_step_s": step["fused"], "time_ratio": step["fused"] / step["dense"],
                "loss_rel_diff": abs(loss_f - loss_d) / abs(loss_d)}
-    print(f"dense: peak {summary['dense_peak_mib']:.1f} MiB, step {summary['dense_step_s']:.3f} s")
-    print(f"fused: peak {summary['fused_peak_mib']:.1f} MiB, step {summary['fused_step_s']:.3f} s")
-    print(f"mem_ratio {summary['mem_ratio']:.3f}  time_ratio {summary['time_ratio']:.3f}  "
+    for m in METHODS:
+        print(f"{m}: peak {summary[m + '_peak_mib']:.1f} MiB over forward+backward, "
+              f"{summary[m + '_step_peak_mib']:.1f} MiB over the step, step {summary[m + '_step_s']:.3f} s")
+    print(f"mem_ratio {summary['mem_ratio']:.3f} (forward+backward)  step_mem_ratio {summary['step_mem_ratio']:.3f}  "
+          f"time_ratio {summary['time_ratio']:.3f}  "
           f"loss_rel_diff {summary['loss_rel_diff']:.2e}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -42,6 +42,15 @@ def chunk_rows(vocab_size: int, device: torch.device | None = None) -> int:
     return max(8, budget // max(vocab_size, 1))
 
 
+def fused_chunk_rows(vocab_size: int, device: torch.device | None = None) -> int:
+    """Rows per chunk for the fused (hidden states x projection) losses. On a CPU about 2^21 logits per chunk, twice
+    :func:`chunk_rows`: each chunk's matrix products read the whole projection, so fewer, larger products are faster,
+    and a few (rows, vocab) buffers of that size are all the fused losses hold."""
+    if device is not None and device.type == "cuda":
+        return chunk_rows(vocab_size, device)
+    return max(8, (1 << 21) // max(vocab_size, 1))
+
+
 def divergence(step: StepTensors, s: torch.Tensor, t: torch.Tensor, *, beta: float, temperature: float) -> torch.Tensor:
     """Forward KL (beta 0), reverse KL (beta 1) or generalized JSD, via the chunked implementation.
 
@@ -63,7 +72,7 @@ def fused_divergence(step: StepTensors, term: ResponseTerm, *, beta: float) -> t
     return fused_linear_kl_loss(hidden, weight, shifted(step, teacher.last_hidden_state).to(hidden.device), t_weight,
                                 student_bias=bias, teacher_bias=t_bias, beta=beta, temperature=term.temperature,
                                 mask=step.masks["kd"], num_items=step.counts["kd"],
-                                chunk_size=chunk_rows(weight.shape[0], hidden.device))
+                                chunk_size=fused_chunk_rows(weight.shape[0], hidden.device))
 
 
 def sparse_kl(step: StepTensors, teacher, temperature: float) -> torch.Tensor:
@@ -194,7 +203,7 @@ class TaskTerm(FusableTerm):
                 return hidden.sum() * 0.0
             return fused_linear_cross_entropy(hidden, weight, step.labels[..., 1:], bias=bias,
                                               num_items=step.counts["task"], label_smoothing=self.label_smoothing,
-                                              chunk_size=chunk_rows(weight.shape[0], hidden.device))
+                                              chunk_size=fused_chunk_rows(weight.shape[0], hidden.device))
         if step.labels is None:
             return step.student.logits.sum() * 0.0
         if step.task == "ctc":
