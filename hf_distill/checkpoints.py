@@ -412,6 +412,9 @@ class DistillationCheckpointMixin:
         source = getattr(self, "teacher_source", None)
         if source is not None:
             source.load_checkpoint(folder)  # a source's own state (peers, EMA), safetensors
+        for term in getattr(getattr(self, "objective", None), "terms", None) or []:
+            if hasattr(term, "load_checkpoint"):  # a term's own model and optimiser (a discriminator)
+                term.load_checkpoint(folder)
         if (folder / OBJECTIVE_STATE).is_file():
             state = load_file(str(folder / OBJECTIVE_STATE), device=str(self.args.device))
         elif (folder / LEGACY_OBJECTIVE_STATE).is_file():  # older versions: a pickle, read as tensors only
@@ -472,6 +475,9 @@ class DistillationCheckpointMixin:
         source = getattr(self, "teacher_source", None)
         if source is not None:
             source.save_checkpoint(staged)
+        for term in self.objective.terms:
+            if hasattr(term, "save_checkpoint"):  # a term's own model and optimiser (a discriminator)
+                term.save_checkpoint(staged)
         state_dict = self.objective.state_dict()
         if state_dict:
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()},

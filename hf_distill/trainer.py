@@ -58,6 +58,9 @@ class _DistillationSteps(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        for term in self.trainer.objective.terms:  # terms with an optimiser of their own (a discriminator) step here
+            if hasattr(term, "on_optimizer_step"):
+                term.on_optimizer_step(self.trainer)
         for p in self.trainer.objective.parameters():
             p.grad = None
         self.trainer.teacher_source.on_optimizer_step(self.trainer)

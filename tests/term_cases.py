@@ -32,6 +32,7 @@ CASES: dict[str, list[dict]] = {
     "similarity_preserving": [{"loss": "similarity_preserving"}],
     "knn_graph": [{"loss": "knn_graph", "k": 3, "tau": 0.5}],
     "exit_kl": [{"loss": "exit_kl", "layers": [1], "ce_weight": 0.5}],
+    "adversarial": [{"loss": "adversarial", "on": "logits", "hidden_size": 16}],
 }
 
 

@@ -22,10 +22,11 @@ Add your own term by name::
             return ((step.student.logits - step.teacher().logits) ** 2).mean()
 
 Modules: ``base`` (Term, registry, step tensors), ``layout`` (masks and counts), ``response``,
-``feature``, ``relation``, ``graph`` (the teacher's k-NN sample graph) and ``exits`` (the built-in terms; ``exit_kl`` trains early-exit heads on the
+``feature``, ``relation``, ``adversarial``, ``graph`` (the teacher's k-NN sample graph) and ``exits`` (the built-in terms; ``exit_kl`` trains early-exit heads on the
 model's own final output), ``objective`` (the list as one callable).
 """
 
+from .adversarial import AdversarialTerm, Discriminator
 from .base import TERM_REGISTRY, ModelTensors, StepTensors, Term, register_term
 from .cross_tokenizer import CROSS_TOKENIZER_TERMS, CrossTokenizerTerm
 from .exits import ExitHead, ExitTerm, build_exit_head
@@ -39,8 +40,10 @@ from .response import ResponseTerm, chunk_rows, divergence
 __all__ = [
     "CROSS_TOKENIZER_TERMS",
     "TERM_REGISTRY",
+    "AdversarialTerm",
     "BatchLayout",
     "CrossTokenizerTerm",
+    "Discriminator",
     "ExitHead",
     "ExitTerm",
     "HiddenTerm",
