@@ -12,6 +12,7 @@ from hf_distill import DistillationTrainer
 from hf_distill.losses import adversarial as adv
 from hf_distill.objectives import AdversarialTerm, build_objective
 from test_peers import task
+from test_text_classification import assets  # noqa: F401 - the tiny encoder and topic CSVs (a fixture)
 from test_trainer import NO_DROPOUT, make_args
 from tiny import make_wordpiece_tokenizer, tiny_bert_config
 
@@ -223,3 +224,47 @@ def test_generator_term_pulls_student_towards_the_teacher_side(tokenizer, tmp_pa
         after = term.adversary.module(torch.log_softmax(moved, -1))
     assert float(after.mean()) > float(scores.detach().mean())
     assert F.softplus(-after).mean() < F.softplus(-scores.detach()).mean()
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+def _recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "recipes"))  # the recipe imports its sibling efficient_student
+    spec = importlib.util.spec_from_file_location("adversarial_bbc_recipe", root / "recipes" / "adversarial_bbc.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_trains_every_arm_the_same_steps_and_compares_them(assets, tmp_path):  # noqa: F811
+    recipe = _recipe()
+    out = tmp_path / "run"
+    results = recipe.main([
+        "--teacher", str(assets / "classifier"), "--student_init", str(assets / "encoder"), "--student_layers", "0,3",
+        "--train_file", str(assets / "train.csv"), "--test_file", str(assets / "test.csv"), "--label_column", "topic",
+        "--labelled_samples", "60", "--output_dir", str(out), "--max_length", "24",
+        "--distillation", '[{"loss": "kl", "weight": 0.5, "temperature": 2.0}, {"loss": "task", "weight": 0.5}]',
+        "--discriminator_hidden_size", "16", "--graph_k", "3", "--num_train_epochs", "2", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "8", "--logging_steps", "2", "--save_strategy", "no", "--report_to", "none",
+        "--seed", "0", "--disable_tqdm", "true", "--eval_batch_size", "16", "--latency_batch_size", "8",
+        "--latency_warmup", "1", "--latency_repeats", "1", "--bootstrap_resamples", "100"])
+    names = [r["name"] for r in results["models"]]
+    assert names == ["teacher", *recipe.ARMS]
+    steps = results["training"]["steps"]
+    assert steps == 2 * 8  # 2 epochs of 60 rows in batches of 8
+    assert all(h[-1]["step"] == steps for h in results["log_history"].values())
+    assert results["discriminator"]["updates"] == steps
+    assert "loss_adversarial_discriminator" in results["discriminator"]["last_log"]
+    assert any("loss_knn_graph" in h for h in results["log_history"]["KD + CE + knn_graph"])
+    assert set(results["comparisons"]) == {"KD + CE minus CE only", "KD + CE + adversarial minus KD + CE",
+                                           "KD + CE + adversarial minus CE only", "KD + CE + knn_graph minus KD + CE",
+                                           "KD + CE + knn_graph minus CE only"}
+    assert (out / "results.md").is_file() and results["data"]["n_train"] == 60
+    with pytest.raises(ValueError, match="drop them from it"):
+        recipe.main(["--teacher", "x", "--student_init", "y", "--output_dir", str(out),
+                     "--distillation", '[{"loss": "adversarial"}]'])
