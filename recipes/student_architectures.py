@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     out = Path(args.output_dir)
-    stages = Stages(total=7 + len(kinds))
+    stages = Stages(total=8 + len(kinds))
     task = load_task(recipe, args, out, stages)
     teacher, tokenizer, collator = task["teacher"], task["tokenizer"], task["collator"]
     rows, test_ds = task["search_rows"], task["test"]
