@@ -298,7 +298,7 @@ def plot_search(found: dict, path: Path, tested: dict | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     scored = [r for r in found["candidates"] if "validation_accuracy" in r]
     for r in scored:
         ax.scatter(r["latency_ms"], 100 * r["validation_accuracy"], s=20 + 8 * r["rounds"],
@@ -315,7 +315,7 @@ def plot_search(found: dict, path: Path, tested: dict | None = None) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("student search: accuracy vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
