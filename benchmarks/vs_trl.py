@@ -50,7 +50,7 @@ Absolute times are printed only on a GPU (a shared CPU's are not comparable betw
 
     python benchmarks/vs_trl.py [--steps 5] [--warmup 1] [--modes off_policy,on_policy]
         [--layers 12] [--hidden 768] [--vocab 50257] [--batch 4] [--seq 128] [--max_new_tokens 32]
-        [--fused auto|on|off] [--device cpu|cuda]
+        [--fused auto|on|off] [--no_floor] [--device cpu|cuda]
 
 Needs TRL: ``pip install -e ".[bench]"``.
 """
