@@ -12,8 +12,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from store_fixtures import DATA, FIXTURE_ROOT, PACKED, STORES, build_inputs, rebase_store
+from store_fixtures import (
+    DATA,
+    FIXTURE_ROOT,
+    PACKED,
+    STORES,
+    build_inputs,
+    rebase_store,
+)
 
 from hf_distill.speech.labelling import PseudoLabelConfig, pseudo_label
 from hf_distill.speech.labelling.audio_thread import AudioThread

@@ -16,9 +16,14 @@ rejected one, or after its end, are not) and the accepted ones, the teacher's pa
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-from hf_distill.speech.greedy_decoding import DecodeRequest, DecodeResult, DecoderPool, GreedyWhisperDecoder, as_take
+from hf_distill.speech.greedy_decoding import (
+    DecodeRequest,
+    DecodeResult,
+    DecoderPool,
+    GreedyWhisperDecoder,
+    as_take,
+)
 
 __all__ = ["SpeculativeWhisperDecoder", "check_draft"]
 

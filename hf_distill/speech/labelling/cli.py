@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 from hf_distill.speech.audio import read_failures
-from hf_distill.speech.labelling.config import PACK_FIELDS, ConfigMismatchError, PseudoLabelConfig
+from hf_distill.speech.labelling.config import (
+    PACK_FIELDS,
+    ConfigMismatchError,
+    PseudoLabelConfig,
+)
 
 __all__ = ["cli_main", "labelling_parser", "packed_cli_main"]
 

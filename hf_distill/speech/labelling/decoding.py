@@ -14,10 +14,21 @@ import logging
 from collections import deque
 from typing import Any
 
-from hf_distill.speech.audio import AudioError, AudioFailure, AudioItem, probe, resampled_length
+from hf_distill.speech.audio import (
+    AudioError,
+    AudioFailure,
+    AudioItem,
+    probe,
+    resampled_length,
+)
 from hf_distill.speech.greedy_decoding import DecodeRequest
 from hf_distill.speech.labelling.audio_thread import AudioThread, ShardAudio
-from hf_distill.speech.labelling.packing import Unit, assemble_window, assign_segments, parse_timestamped
+from hf_distill.speech.labelling.packing import (
+    Unit,
+    assemble_window,
+    assign_segments,
+    parse_timestamped,
+)
 from hf_distill.speech.labelling.planning import Packer, ShardPlan, plan_unpacked
 from hf_distill.speech.labelling.rows import PiecePart, RowBuilder
 from hf_distill.speech.labelling.teachers import WhisperTeacher

@@ -23,16 +23,38 @@ from pathlib import Path
 from typing import Any
 
 from hf_distill.speech.audio import list_audio, supported_extensions
-from hf_distill.speech.input_checks import check_listing, check_output_dir, check_speech_teacher
-from hf_distill.speech.labelling.config import FAILPOINT_ENV, FORMAT, FORMAT_VERSION, PseudoLabelConfig, items_hash
-from hf_distill.speech.labelling.config import resolve_packing
+from hf_distill.speech.input_checks import (
+    check_listing,
+    check_output_dir,
+    check_speech_teacher,
+)
+from hf_distill.speech.labelling.config import (
+    FAILPOINT_ENV,
+    FORMAT,
+    FORMAT_VERSION,
+    PseudoLabelConfig,
+    items_hash,
+    resolve_packing,
+)
 from hf_distill.speech.labelling.decoding import ShardLabeller
-from hf_distill.speech.labelling.store import (check_or_write_manifest, finalize, make_manifest, rows_to_table,
-                                               shard_done, shard_schema, store_index_type)
+from hf_distill.speech.labelling.store import (
+    check_or_write_manifest,
+    finalize,
+    make_manifest,
+    rows_to_table,
+    shard_done,
+    shard_schema,
+    store_index_type,
+)
 from hf_distill.speech.labelling.teachers import load_teacher
 from hf_distill.speech.labelling.text import load_normalizer
 from hf_distill.store.manifest import atomic_write_text
-from hf_distill.store.writer import SHARD_PATTERN, rank_and_world, remove_partial_shard, write_shard
+from hf_distill.store.writer import (
+    SHARD_PATTERN,
+    rank_and_world,
+    remove_partial_shard,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,11 @@ import numpy as np
 from hf_distill.speech.audio import AudioItem
 from hf_distill.speech.labelling.packing import Segment
 from hf_distill.speech.labelling.teachers import SegmentResult, WhisperTeacher
-from hf_distill.speech.labelling.text import compression_ratio, merge_overlapping_texts, word_error_rate
+from hf_distill.speech.labelling.text import (
+    compression_ratio,
+    merge_overlapping_texts,
+    word_error_rate,
+)
 
 __all__ = ["FILTER_COLUMNS", "PiecePart", "RowBuilder"]
 

@@ -39,11 +39,26 @@ from pathlib import Path
 from typing import Any
 
 from hf_distill.speech.audio import AudioFailure, write_failures
-from hf_distill.speech.labelling.config import (FORMAT, FORMAT_VERSION, ConfigMismatchError, items_hash,
-                                               packing_settings)
+from hf_distill.speech.labelling.config import (
+    FORMAT,
+    FORMAT_VERSION,
+    ConfigMismatchError,
+    items_hash,
+    packing_settings,
+)
 from hf_distill.speech.labelling.rows import FILTER_COLUMNS
-from hf_distill.store.format import arrow_columns, arrow_fields, bytes_per_position, index_type_for
-from hf_distill.store.manifest import atomic_write_text, create_once, sha256_json, teacher_fingerprint
+from hf_distill.store.format import (
+    arrow_columns,
+    arrow_fields,
+    bytes_per_position,
+    index_type_for,
+)
+from hf_distill.store.manifest import (
+    atomic_write_text,
+    create_once,
+    sha256_json,
+    teacher_fingerprint,
+)
 from hf_distill.store.writer import SHARD_PATTERN, read_shard_metadata, shard_files
 
 __all__ = ["check_or_write_manifest", "finalize", "load_pseudo_labels", "make_manifest", "rows_to_table",
