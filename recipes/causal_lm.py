@@ -81,6 +81,7 @@ from hf_distill.lm.recipe_steps import (
     freeze_embeddings,
     load_lm_documents,
     resolve_lm_teacher,
+    store_teacher_outputs,
     tokenize_lm_data,
     train_lm_student,
 )
@@ -196,11 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
                  else "live teacher: nothing to store")
     store_dir = out / "teacher_store"
     if mode == "store":
-        from hf_distill.store.caching import cache_teacher
-
-        cached = cache_teacher(teacher, train_ds, store_dir, tokenizer=tokenizer, k=recipe.store_k,
-                               temperature=args.temperature, batch_size=recipe.eval_batch_size,
-                               teacher_name=teacher_spec)
+        cached = store_teacher_outputs(teacher, train_ds, store_dir, tokenizer, k=recipe.store_k,
+                                       temperature=args.temperature, batch_size=recipe.eval_batch_size,
+                                       teacher_name=teacher_spec, start_fresh=args.start_fresh)
         stages.end(f"{cached['shards_computed']} shards computed, {cached['shards_skipped']} found")
     else:
         stages.end("skipped")

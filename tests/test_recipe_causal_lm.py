@@ -167,6 +167,23 @@ def test_prompt_completion_data_on_policy(assets, tmp_path):
     assert len(logged) == 2 and all(h["generation_seconds"] > 0 for h in logged)
 
 
+def test_rerun_resumes_and_other_settings_are_refused(assets, tmp_path):
+    out = tmp_path / "resume"
+    quick = ("--baseline", "false", "--plot", "false", "--save_strategy", "steps", "--save_steps", "4",
+             "--max_steps", "8", "--bootstrap_resamples", "50")
+    first = recipe.main(flags(assets, out, *quick))
+    assert (out / "student_distilled" / "checkpoint-8").is_dir()
+    again = recipe.main(flags(assets, out, *quick))  # same settings: the finished run is resumed, nothing trains
+    assert again["log_history"]["distilled"][-1]["step"] == 8 and not (out / "student_distilled" / "checkpoint-9").exists()
+    assert again["models"][1]["perplexity"] == pytest.approx(first["models"][1]["perplexity"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"max_length: 32 -> 24.*--start_fresh true"):  # the store's own check
+        recipe.main(flags(assets, out, *quick, "--block_size", "24"))
+    fresh = recipe.main(flags(assets, out, *quick, "--block_size", "24", "--start_fresh", "true"))
+    assert fresh["data"]["block_size"] == 24 and fresh["log_history"]["distilled"][-1]["step"] == 8
+    assert len(list(out.glob("_replaced-teacher_store-*"))) == 1  # the old store and checkpoints are set aside
+    assert list((out / "student_distilled").glob("_replaced-*/checkpoint-8"))
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--divergence", "reverse_kl", "--teacher_outputs", "store"), "needs the full distribution"),
     (("--lmbda", "0.5"), "plain text has none"),

@@ -17,7 +17,7 @@ from hf_distill.tasks.classification_data import DataError
 from hf_distill.tasks.classification_recipe import Stages
 
 __all__ = ["BUILTIN_TEACHERS", "DIVERGENCES", "LMData", "LMStages", "distillation_terms", "evaluate_lm_models",
-           "freeze_embeddings", "load_lm_documents", "resolve_lm_teacher", "speed_batch", "tokenize_lm_data",
+           "freeze_embeddings", "load_lm_documents", "resolve_lm_teacher", "speed_batch", "store_teacher_outputs", "tokenize_lm_data",
            "train_lm_student"]
 
 logger = logging.getLogger("causal_lm")
@@ -172,6 +172,30 @@ def freeze_embeddings(model) -> int:
     weight = model.get_input_embeddings().weight
     weight.requires_grad_(False)  # an untied output head keeps training
     return weight.numel()
+
+
+def store_teacher_outputs(teacher, train_dataset, store_dir: Path, tokenizer, *, k: int, temperature: float,
+                          batch_size: int, teacher_name: str, start_fresh: bool = False) -> dict:
+    """The teacher's top-``k`` + tail at ``temperature`` over the training rows, in the store ``store_dir``
+    (``hf-distill cache-teacher``'s format): computed once, resumed after an interruption, reused by a rerun.
+    A store made with other settings is refused, or with ``start_fresh`` moved aside (not deleted) to
+    ``_replaced-teacher_store-<UTC time>`` next to it and computed again."""
+    from hf_distill.store.caching import cache_teacher
+    from hf_distill.store.manifest import StoreMismatchError
+
+    def run():
+        return cache_teacher(teacher, train_dataset, store_dir, tokenizer=tokenizer, k=k, temperature=temperature,
+                             batch_size=batch_size, teacher_name=teacher_name)
+
+    try:
+        return run()
+    except StoreMismatchError as err:
+        if not start_fresh:
+            raise StoreMismatchError(f"{err}; or rerun with --start_fresh true to store them again") from None
+    aside = store_dir.with_name(f"_replaced-{store_dir.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    logger.warning("%s holds teacher outputs of other settings: moved to %s", store_dir, aside)
+    store_dir.rename(aside)
+    return run()
 
 
 def train_lm_student(model, args, train_dataset, tokenizer, *, teacher=None, resume_settings=None):
