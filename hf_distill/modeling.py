@@ -14,10 +14,14 @@ import torch
 from torch import nn
 
 __all__ = [
+    "check_input_pair",
+    "check_same_frames",
     "count_parameters",
+    "encoder_only",
     "find_layer_list",
     "forward_parameters",
     "hidden_size",
+    "is_audio_model",
     "layer_list",
     "num_attention_heads",
     "num_layers",
@@ -52,13 +56,61 @@ def task_kind(model) -> str:
         return "causal_lm"
     if getattr(config, "is_encoder_decoder", False) and name.endswith("ForConditionalGeneration"):
         return "seq2seq_lm"
-    if name.endswith("ForSequenceClassification"):
-        return "sequence_classification"
+    if name.endswith("ForSequenceClassification") or name.endswith("ForAudioClassification"):
+        return "sequence_classification"  # one label per text or per clip
     if name.endswith("ForTokenClassification"):
         return "token_classification"
     if name.endswith("ForCTC"):
         return "ctc"
     return "base"
+
+
+def is_audio_model(model) -> bool:
+    """Whether a model reads audio (``input_values`` samples or ``input_features`` such as log-mel frames)."""
+    return getattr(unwrap(model), "main_input_name", "input_ids") in ("input_values", "input_features")
+
+
+def encoder_only(model) -> bool:
+    """Whether a model runs only the encoder of an encoder-decoder config (e.g. ``WhisperForAudioClassification``):
+    its hidden states, layers and heads are the encoder's."""
+    base = unwrap(model)
+    if not isinstance(base, nn.Module) or not getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    return not any(n.rsplit(".", 1)[-1] == "decoder" for n, _ in base.named_modules())
+
+
+def check_input_pair(student, teacher) -> None:
+    """A live teacher runs on the student's batch: an audio model and its partner must read the same input."""
+    s_in = getattr(unwrap(student), "main_input_name", "input_ids")
+    t_in = getattr(unwrap(teacher), "main_input_name", "input_ids")
+    if s_in != t_in and (is_audio_model(student) or is_audio_model(teacher)):
+        raise ValueError(
+            f"the student ({type(unwrap(student)).__name__}) reads {s_in} but the teacher "
+            f"({type(unwrap(teacher)).__name__}) reads {t_in}; a live teacher runs on the student's batch. For a "
+            "teacher of another input kind (e.g. a text teacher for a speech student) put its outputs in a "
+            "teacher_logits column and train without a live teacher (teacher_source='stored')")
+
+
+def frames_per_clip(model) -> int | None:
+    """Encoder frames an audio model gives for a reference input (Whisper: its full 30 s window; others: 1 s of
+    16 kHz samples); None for other models."""
+    base = unwrap(model)
+    lengths = getattr(base, "_get_feat_extract_output_lengths", None)
+    if not is_audio_model(base) or lengths is None:
+        return None
+    config = base.config
+    probe = 2 * int(config.max_source_positions) if getattr(config, "max_source_positions", None) else 16000
+    return int(lengths(torch.tensor(probe)))
+
+
+def check_same_frames(student, teacher, what: str) -> None:
+    """Frame-level terms on audio models need the same number of encoder frames per clip on both sides."""
+    s_frames, t_frames = frames_per_clip(student), frames_per_clip(teacher)
+    if s_frames != t_frames:
+        raise ValueError(
+            f"term {what!r} compares encoder frames, but the student gives {s_frames} and the teacher {t_frames} "
+            "frames for the same input (another feature encoder or window); use logit terms only (kl) for this pair, "
+            "or a student with the teacher's feature encoder")
 
 
 def output_size(model) -> int | None:
@@ -86,6 +138,7 @@ def hidden_size(model) -> int | None:
 def num_attention_heads(model, side: str = "decoder") -> int | None:
     """Attention heads per layer (``side`` picks encoder or decoder heads of an encoder-decoder)."""
     config = unwrap(model).config
+    side = "encoder" if encoder_only(model) else side
     attrs = ("num_attention_heads", "n_heads", "n_head")
     if getattr(config, "is_encoder_decoder", False):
         attrs = (f"{side}_attention_heads",) + attrs
@@ -98,6 +151,7 @@ def num_attention_heads(model, side: str = "decoder") -> int | None:
 def num_layers(model_or_config, side: str | None = None) -> int:
     """Number of transformer layers (``side``: ``encoder`` or ``decoder`` of an encoder-decoder; default decoder)."""
     config = getattr(unwrap(model_or_config), "config", model_or_config)
+    side = "encoder" if side is None and encoder_only(model_or_config) else side
     if getattr(config, "is_encoder_decoder", False):
         attr = f"{side or 'decoder'}_layers"
         if isinstance(getattr(config, attr, None), int):

@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback
 
 from .arguments import DistillationArguments
 from .checkpoints import DistillationCheckpointMixin
-from .modeling import forward_parameters, output_size, task_kind, unwrap
+from .modeling import check_input_pair, forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
 from .objectives.cross_tokenizer import bind_tokenizers, check_cross_tokenizer_terms
@@ -214,6 +214,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
 
     def _validate_pair(self, student, teacher, student_tok, teacher_tok, args=None) -> None:
         s_kind, t_kind = task_kind(student), task_kind(teacher)
+        check_input_pair(student, teacher)
         if s_kind != t_kind and "base" not in (s_kind, t_kind):
             raise ValueError(
                 f"student is a {s_kind} model but the teacher is a {t_kind} model; their logits do not align. "

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..losses import feature as feature_losses
-from ..modeling import hidden_size, num_attention_heads, num_layers, parse_layer_map, task_kind
+from ..modeling import (check_same_frames, encoder_only, hidden_size, num_attention_heads, num_layers,
+                        parse_layer_map, task_kind)
 from .base import StepTensors, Term, register_term
 
 SIDES = ("decoder", "encoder")
@@ -24,7 +25,7 @@ def model_side(term: Term, student) -> str | None:
     """For encoder-decoders, which stack a feature term reads (``side: decoder`` by default, or ``encoder``)."""
     side = term.config.get("side")
     if task_kind(student) != "seq2seq_lm" and not getattr(getattr(student, "config", None), "is_encoder_decoder",
-                                                          False):
+                                                          False) or encoder_only(student):
         if side is not None:
             raise ValueError(f"term {term.loss_name!r}: side={side!r} is only for encoder-decoder models; drop it")
         return None
@@ -47,6 +48,7 @@ class HiddenTerm(Term):
         if not teachers:
             raise ValueError(f"term {self.loss_name!r} needs a live teacher's hidden states")
         teacher = teachers[self.teacher_index or 0]
+        check_same_frames(student, teacher, self.loss_name)
         self.side = model_side(self, student)
         if self.side == "encoder":
             self.count_key = "encoder_hidden"

@@ -13,6 +13,13 @@ Families (keys of ``masks`` and ``counts``):
 * ``encoder_hidden``: an encoder-decoder's encoder positions (real input tokens; every position
   when the input has no attention mask, as for Whisper's log-mel frames);
 * ``task``: labelled positions (one per sample for CTC), ``samples``: sequences.
+
+Audio classifiers (``sequence_classification`` students that read ``input_values`` or
+``input_features``): ``hidden`` holds the encoder frames that come from real audio. Their
+``attention_mask`` counts input samples (wav2vec2-style) or log-mel frames (Whisper, whose encoder
+always sees 30 s: 3000 mel frames -> 1500 encoder frames); the model's
+``_get_feat_extract_output_lengths`` turns it into encoder frames. Without an attention mask every
+frame counts (Whisper classifiers pool over all 1500 frames, padding included).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import IGNORE_INDEX
-from ..modeling import unwrap
+from ..modeling import is_audio_model, unwrap
 
 
 class BatchLayout:
@@ -32,7 +39,12 @@ class BatchLayout:
         # CTC: output frames per input length (a transformers model method); held as a function, so the
         # objective never registers the student as a submodule.
         base = unwrap(student)
-        self._frames = getattr(base, "_get_feat_extract_output_lengths", None) if task == "ctc" else None
+        audio_classifier = task == "sequence_classification" and is_audio_model(base)
+        self._frames = getattr(base, "_get_feat_extract_output_lengths", None) if task == "ctc" or audio_classifier \
+            else None
+        if audio_classifier and self._frames is None:
+            raise ValueError(f"{type(base).__name__} reads audio but has no _get_feat_extract_output_lengths: cannot "
+                             "tell which of its frames are padding")
 
     @staticmethod
     def _attention(inputs: dict) -> torch.Tensor | None:
@@ -42,7 +54,7 @@ class BatchLayout:
         return attention.bool() if attention is not None else None
 
     def frame_mask(self, inputs: dict) -> torch.Tensor:
-        """CTC models: which output frames come from real (unpadded) audio, shape (batch, frames)."""
+        """Audio models: which encoder frames come from real (unpadded) audio, shape (batch, frames)."""
         values = inputs.get("input_values", inputs.get("input_features"))
         total = int(self._frames(torch.tensor(values.shape[-1])))
         attention = inputs.get("attention_mask")
@@ -54,7 +66,8 @@ class BatchLayout:
         """Boolean masks over positions for each family of terms (None: every position counts)."""
         attention = self._attention(inputs)
         if self.task == "sequence_classification":
-            return {"kd": None, "hidden": attention}
+            audio = self._frames is not None and ("input_values" in inputs or "input_features" in inputs)
+            return {"kd": None, "hidden": self.frame_mask(inputs) if audio else attention}
         if self.task == "ctc":
             frames = self.frame_mask(inputs)
             return {"kd": frames, "hidden": frames}
