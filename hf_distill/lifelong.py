@@ -32,7 +32,7 @@ import json
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .losses.response import kl_div_loss
 from .losses.task import cross_entropy_loss
@@ -40,8 +40,17 @@ from .modeling import task_kind, unwrap
 from .objectives import Term, register_term
 from .objectives.base import finite_number
 
-__all__ = ["LifelongError", "head_predictions", "head_slices", "learn_task", "lifelong_arguments",
-           "grow_classifier", "record_previous_outputs", "task_heads", "with_heads"]
+__all__ = [
+    "LifelongError",
+    "grow_classifier",
+    "head_predictions",
+    "head_slices",
+    "learn_task",
+    "lifelong_arguments",
+    "record_previous_outputs",
+    "task_heads",
+    "with_heads",
+]
 
 HEADS_KEY = "task_heads"
 

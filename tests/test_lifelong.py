@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from tiny import make_wordpiece_tokenizer, tiny_bert_config
 from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
 from hf_distill.arguments import DistillationArguments
@@ -25,7 +26,6 @@ from hf_distill.lifelong import (
 from hf_distill.objectives import build_objective
 from hf_distill.objectives.base import ModelTensors, StepTensors
 from hf_distill.trainer import DistillationTrainer
-from tiny import make_wordpiece_tokenizer, tiny_bert_config
 
 OLD, NEW = ["cat", "dog", "tree"], ["phone", "bank"]
 FILLER = "the a sat on mat ran fast slow red blue green house river stone light dark".split()
@@ -54,9 +54,9 @@ def setup():
 
 
 def arguments(tmp_path, **kw) -> DistillationArguments:
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=10, learning_rate=3e-3, num_train_epochs=1,
-                save_strategy="no", report_to="none", logging_steps=5, seed=0, use_cpu=True, temperature=2.0,
-                weight_decay=0.0)
+    base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 10, "learning_rate": 3e-3,
+            "num_train_epochs": 1, "save_strategy": "no", "report_to": "none", "logging_steps": 5, "seed": 0,
+            "use_cpu": True, "temperature": 2.0, "weight_decay": 0.0}
     return DistillationArguments(**{**base, **kw})
 
 
@@ -179,3 +179,46 @@ def test_bad_inputs_get_clear_errors(setup, previous, tmp_path):
         build_objective(lifelong_arguments(arguments(tmp_path), kd_weight=1.0), previous, [])
     with pytest.raises(LifelongError, match="grown by one head"):
         learn_task(previous, setup["new_train"], arguments(tmp_path), setup["collator"], model=previous)
+
+
+def test_recipe_runs_end_to_end_on_a_tiny_model(setup, tmp_path):
+    import csv
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from transformers import BertModel
+
+    tokenizer = setup["tokenizer"]
+    BertModel(tiny_bert_config(len(tokenizer), layers=2)).save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    rng = random.Random(1)
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label in OLD + NEW:
+            for text in texts_of(label, 20, rng):
+                writer.writerow([text, label])
+    spec = importlib.util.spec_from_file_location("lifelong_recipe", Path(__file__).parents[1] / "recipes" /
+                                                  "lifelong_bbc.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(recipe)
+    results = recipe.main(["--model", str(tmp_path / "backbone"), "--train_file", str(tmp_path / "data.csv"),
+                           "--old_topics", ",".join(OLD), "--new_topics", ",".join(NEW), "--first_task_steps", "3",
+                           "--second_task_steps", "2", "--max_length", "16", "--output_dir", str(tmp_path / "out"),
+                           "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
+                           "--use_cpu", "true", "--bootstrap_resamples", "200"])
+    assert set(results["models"]) == {"old-task model (before the new task)", "fine-tuning", "LwF",
+                                      "joint (old + new data; upper bound)"}
+    assert results["train_rows"] == {"old_task": 48, "new_task": 32}  # 80% of 60 and 40 rows
+    lwf = results["models"]["LwF"]
+    assert lwf["old_task"]["n"] == 12 and lwf["new_task"]["n"] == 8
+    assert 0 <= lwf["old_task"]["ci"][0] <= lwf["old_task"]["accuracy"] <= lwf["old_task"]["ci"][1] <= 1
+    d = results["comparisons"]["old task: LwF - fine-tuning"]
+    assert d["low"] <= d["diff"] <= d["high"]
+    assert (tmp_path / "out" / "results.md").read_text().count("| LwF |") == 1
+    with pytest.raises(recipe.DataError, match="must split the data's labels"):
+        recipe.main(["--model", str(tmp_path / "backbone"), "--train_file", str(tmp_path / "data.csv"),
+                     "--old_topics", "cat,dog", "--new_topics", "dog,phone,bank,tree",
+                     "--output_dir", str(tmp_path / "bad"), "--report_to", "none"])
