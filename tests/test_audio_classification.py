@@ -70,6 +70,10 @@ def test_audio_classifiers_are_clip_classifiers_with_encoder_sizes():
     assert len(whisper(input_features=torch.randn(2, 8, 100), output_hidden_states=True).hidden_states) == 4
     # The encoder is the ASR model's, copied.
     assert torch.equal(whisper.encoder.layers[0].fc1.weight, asr.model.encoder.layers[0].fc1.weight)
+    short = whisper_audio_classifier(asr, 5, max_source_positions=20)  # a 0.4 s window: 40 mel frames
+    assert short.config.max_source_positions == 20
+    assert torch.equal(short.encoder.embed_positions.weight, asr.model.encoder.embed_positions.weight[:20])
+    assert short(input_features=torch.randn(1, 8, 40)).logits.shape == (1, 5)
     frozen = whisper_audio_classifier(asr, 5, freeze_encoder=True)
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("projector", "classifier")) for n in trainable)
@@ -202,5 +206,7 @@ def test_unsupported_pairs_and_inputs_have_clear_errors(tmp_path):
         collator([{"label": 1}])
     with pytest.raises(ValueError, match="30 s at most"):
         AudioClassificationCollator(whisper_fe(30))([{"audio": np.zeros(31 * RATE, np.float32)}])
+    with pytest.raises(ValueError, match="max_source_positions must be between 1 and the encoder's 50"):
+        whisper_audio_classifier(whisper_config(), 3, max_source_positions=60)
     with pytest.raises(ValueError, match="copies a Whisper encoder"):
         whisper_audio_classifier(tiny_text_classifier(), 3)

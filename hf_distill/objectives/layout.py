@@ -88,7 +88,9 @@ class BatchLayout:
         """Item counts of one micro-batch (``inputs`` with its ``labels``), as float32 tensors on the batch's device."""
         labels = inputs.get("labels")
         masks = self.masks(inputs, labels)
-        first = next(v for v in inputs.values() if torch.is_tensor(v))
+        tensors = [v for v in inputs.values() if torch.is_tensor(v)]
+        tensors += [x for v in inputs.values() if isinstance(v, tuple) for x in v if torch.is_tensor(x)]  # encoder_outputs
+        first = tensors[0]
         batch = first.shape[0]
         counts = {"samples": torch.tensor(batch)}
         for key, mask in masks.items():

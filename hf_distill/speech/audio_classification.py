@@ -39,12 +39,15 @@ TEXT_COLUMNS = ("text", "sentence", "transcript", "input_ids", "token_type_ids",
 
 
 def whisper_audio_classifier(source, num_labels: int, *, id2label: dict[int, str] | None = None,
-                             classifier_proj_size: int = 256, freeze_encoder: bool = False, seed: int = 0):
+                             classifier_proj_size: int = 256, freeze_encoder: bool = False, seed: int = 0,
+                             max_source_positions: int | None = None):
     """A ``WhisperForAudioClassification`` with ``num_labels`` outputs whose encoder is ``source``'s.
 
     ``source``: a ``WhisperForConditionalGeneration`` (or its folder), or a ``WhisperConfig`` (random encoder).
     The projector and classifier are initialised from ``seed``. ``freeze_encoder`` leaves only the projector
-    and classifier trainable."""
+    and classifier trainable. ``max_source_positions`` shortens the encoder's window to that many frames (50 per
+    second; Whisper: 1500 = 30 s), keeping the first position embeddings: cheaper for short clips; its feature
+    extractor then needs ``chunk_length = max_source_positions / 50`` seconds."""
     from transformers import WhisperConfig, WhisperForAudioClassification, WhisperForConditionalGeneration
 
     if isinstance(source, WhisperConfig):
@@ -59,7 +62,14 @@ def whisper_audio_classifier(source, num_labels: int, *, id2label: dict[int, str
     if num_labels < 2:
         raise ValueError(f"an audio classifier needs at least 2 labels, got num_labels={num_labels}")
     fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
-    config = WhisperConfig.from_dict({**fields, "num_labels": num_labels, "classifier_proj_size": classifier_proj_size})
+    window = fields["max_source_positions"]
+    if max_source_positions is not None:
+        if not 1 <= max_source_positions <= window:
+            raise ValueError(f"max_source_positions must be between 1 and the encoder's {window}, got "
+                             f"{max_source_positions}")
+        window = max_source_positions
+    config = WhisperConfig.from_dict({**fields, "num_labels": num_labels, "classifier_proj_size": classifier_proj_size,
+                                      "max_source_positions": window})
     if id2label is not None:
         if len(id2label) != num_labels:
             raise ValueError(f"id2label has {len(id2label)} entries but num_labels={num_labels}")
@@ -68,7 +78,9 @@ def whisper_audio_classifier(source, num_labels: int, *, id2label: dict[int, str
     torch.manual_seed(seed)
     model = WhisperForAudioClassification(config)
     if encoder is not None:
-        model.encoder.load_state_dict(encoder.state_dict())
+        state = encoder.state_dict()
+        state["embed_positions.weight"] = state["embed_positions.weight"][:window]
+        model.encoder.load_state_dict(state)
     if freeze_encoder:
         model.freeze_encoder()
     return model
