@@ -112,9 +112,9 @@ def summary(correct: np.ndarray, recipe) -> dict:
 
 def results_table(results: dict) -> str:
     lines = [f"# Learning without Forgetting: {results['old_task']} -> {results['new_task']}", "",
-             f"{results['steps']['first_task']} steps on the old task, then {results['steps']['second_task']} steps "
-             "per arm on the new task (same grown model, data order and seed); task-aware test accuracy "
-             "[95% bootstrap interval].", "",
+             (f"{results['steps']['first_task']} steps on the old task, then {results['steps']['second_task']} steps "
+              "per arm on the new task (same grown model, data order and seed); task-aware test accuracy "
+              "[95% bootstrap interval]."), "",
              "| model | old-task accuracy | new-task accuracy |", "|---|---|---|"]
     for name, row in results["models"].items():
         cells = [f"{100 * row[k]['accuracy']:.1f}% [{100 * row[k]['ci'][0]:.1f}, {100 * row[k]['ci'][1]:.1f}]"
