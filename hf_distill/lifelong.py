@@ -20,6 +20,9 @@ the old tasks by distilling the model's previous self on the new task's inputs:
    logits and the recorded ones, one softmax per old head). With ``kd_weight=0`` it is plain fine-tuning
    of the shared backbone and the new head.
 
+:func:`warm_up_new_head` is the paper's optional warm-up: the new head alone trains first, over the frozen
+backbone, so that a random head does not send large gradients into the shared layers.
+
 Evaluation is task-aware, as in the paper: a row of task k is predicted by the argmax over head k
 (:func:`head_predictions`).
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import numpy as np
 import torch
@@ -49,6 +53,7 @@ __all__ = [
     "lifelong_arguments",
     "record_previous_outputs",
     "task_heads",
+    "warm_up_new_head",
     "with_heads",
 ]
 
@@ -239,6 +244,32 @@ def check_new_task_rows(dataset, model) -> None:
         raise LifelongError(f"{old.size} rows of the new task's data carry labels {names} outside its head "
                             f"{heads[-1]}; LwF learns a new task from its own data only (old-task rows would be "
                             "rehearsal): drop them")
+
+
+def warm_up_new_head(model, new_task_dataset, args, data_collator, *, steps: int, tokenizer=None):
+    """LwF's warm-up: ``steps`` optimiser steps of cross-entropy on the new head with the backbone and the old heads
+    frozen (only the output layer trains; its old rows get no gradient and no weight decay, so they stay as they
+    are). A new head that starts random then sends no large gradients into the shared backbone. Returns ``model``."""
+    from .trainer import DistillationTrainer
+
+    if len(task_heads(model)) < 2:
+        raise LifelongError("warm_up_new_head trains the newest head of a grown model; grow it first (grow_classifier)")
+    check_new_task_rows(new_task_dataset, model)
+    _, _, layer = output_layer(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in layer.parameters():
+            p.requires_grad_(True)
+        warm = dataclasses.replace(args, max_steps=int(steps), weight_decay=0.0,
+                                   output_dir=os.path.join(args.output_dir, "new_head_warmup"))
+        DistillationTrainer(model=model, args=lifelong_arguments(warm, kd_weight=0.0), train_dataset=new_task_dataset,
+                            data_collator=data_collator, processing_class=tokenizer).train()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return model
 
 
 def learn_task(previous_model, new_task_dataset, args, data_collator, *, new_labels=None, model=None,

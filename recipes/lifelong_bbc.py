@@ -14,6 +14,9 @@ data order, steps and seed:
 - **joint** (``--joint true``): an upper bound that is not lifelong: cross-entropy of each row in its own head
   on the old and the new task's data together.
 
+``--new_head_warmup_steps N``: the paper's warm-up, N steps that train the new head alone over the frozen
+backbone; every arm then starts from the same warmed-up model.
+
 Evaluation is task-aware (each test article is predicted within its task's head): old-task accuracy after the
 second task (how much was forgotten), new-task accuracy, with bootstrap intervals and paired bootstrap
 differences, in ``results.json`` and ``results.md``.
@@ -51,6 +54,7 @@ from hf_distill.lifelong import (  # noqa: E402
     learn_task,
     lifelong_arguments,
     task_heads,
+    warm_up_new_head,
     with_heads,
 )
 from hf_distill.tasks.classification import (  # noqa: E402
@@ -80,6 +84,8 @@ class LifelongRecipeArguments(ClassificationDataArguments, ClassificationEvaluat
     first_task_steps: int = field(default=40, metadata={"help": "Optimiser steps on the first task."})
     first_task_learning_rate: float = field(default=1e-4)
     second_task_steps: int = field(default=40, metadata={"help": "Optimiser steps of every second-task arm."})
+    new_head_warmup_steps: int = field(default=0, metadata={
+        "help": "LwF's warm-up: steps that train the new head alone (backbone frozen) before every arm starts."})
     joint: bool = field(default=True, metadata={"help": "Also train on both tasks' data together (upper bound)."})
 
 
@@ -113,7 +119,8 @@ def summary(correct: np.ndarray, recipe) -> dict:
 def results_table(results: dict) -> str:
     lines = [f"# Learning without Forgetting: {results['old_task']} -> {results['new_task']}", "",
              (f"{results['steps']['first_task']} steps on the old task, then {results['steps']['second_task']} steps "
-              "per arm on the new task (same grown model, data order and seed); task-aware test accuracy "
+              f"per arm on the new task ({results['steps']['new_head_warmup']} warm-up steps of the new head alone first; "
+              "same grown model, data order and seed); task-aware test accuracy "
               "[95% bootstrap interval]."), "",
              "| model | old-task accuracy | new-task accuracy |", "|---|---|---|"]
     for name, row in results["models"].items():
@@ -158,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_first_task(first, args, old_train, collator, tokenizer, recipe.first_task_steps,
                      recipe.first_task_learning_rate)
     grown = grow_classifier(first, new, seed=args.seed)
+    if recipe.new_head_warmup_steps > 0:
+        set_seed(args.seed)
+        warm_up_new_head(grown, new_train, args, collator, steps=recipe.new_head_warmup_steps, tokenizer=tokenizer)
 
     # ---- the new task: every arm from the same grown model, same data order, steps and seed
     second = dataclasses.replace(args, max_steps=recipe.second_task_steps)
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         comparisons["new task: joint - LwF"] = diff(j, "LwF", "new_task")
     results = {"old_task": old, "new_task": new, "model": recipe.model, "kd_weight": args.kd_weight,
                "temperature": args.temperature, "learning_rate": args.learning_rate, "seed": args.seed,
-               "steps": {"first_task": recipe.first_task_steps, "second_task": recipe.second_task_steps},
+               "steps": {"first_task": recipe.first_task_steps, "second_task": recipe.second_task_steps,
+                         "new_head_warmup": recipe.new_head_warmup_steps},
                "train_rows": {"old_task": len(old_train), "new_task": len(new_train)},
                "models": rows, "comparisons": comparisons, "seconds": round(time.perf_counter() - _START, 1)}
     out.mkdir(parents=True, exist_ok=True)

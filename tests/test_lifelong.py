@@ -21,6 +21,7 @@ from hf_distill.lifelong import (
     learn_task,
     lifelong_arguments,
     task_heads,
+    warm_up_new_head,
     with_heads,
 )
 from hf_distill.objectives import build_objective
@@ -164,6 +165,33 @@ def copy_of(model):
     return copy.deepcopy(model)
 
 
+def test_warm_up_trains_the_new_head_only(setup, previous, tmp_path):
+    grown = grow_classifier(previous, NEW, seed=0)
+    before = {name: p.detach().clone() for name, p in grown.named_parameters()}
+    flags = {name: p.requires_grad for name, p in grown.named_parameters()}
+    ds = setup["new_train"]
+    batch = setup["collator"]([{k: ds[i][k] for k in ("input_ids", "attention_mask")} for i in range(len(ds))])
+
+    def new_head_ce():
+        grown.eval()
+        with torch.no_grad():
+            return float(F.cross_entropy(grown(**batch).logits[:, 3:], torch.tensor(ds["labels"]) - 3))
+
+    ce = new_head_ce()
+    warm_up_new_head(grown, ds, arguments(tmp_path, learning_rate=1e-2, weight_decay=0.1), setup["collator"], steps=12)
+    after = dict(grown.named_parameters())
+    for name, p in after.items():
+        if name.startswith("classifier."):
+            assert torch.equal(p[:3], before[name][:3]), name  # the old head's rows: no gradient, no weight decay
+            assert not torch.equal(p[3:], before[name][3:]), name
+        else:
+            assert torch.equal(p, before[name]), name  # the backbone is frozen
+    assert {name: p.requires_grad for name, p in after.items()} == flags  # unfrozen again
+    assert new_head_ce() < ce - 0.05
+    with pytest.raises(LifelongError, match="grow it first"):
+        warm_up_new_head(previous, ds, arguments(tmp_path), setup["collator"], steps=1)
+
+
 def test_bad_inputs_get_clear_errors(setup, previous, tmp_path):
     with pytest.raises(LifelongError, match=r"labels \['dog'\] are already in the previous model's heads"):
         grow_classifier(previous, ["dog", "bank"])
@@ -206,11 +234,13 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(setup, tmp_path):
     spec.loader.exec_module(recipe)
     results = recipe.main(["--model", str(tmp_path / "backbone"), "--train_file", str(tmp_path / "data.csv"),
                            "--old_topics", ",".join(OLD), "--new_topics", ",".join(NEW), "--first_task_steps", "3",
-                           "--second_task_steps", "2", "--max_length", "16", "--output_dir", str(tmp_path / "out"),
+                           "--second_task_steps", "2", "--new_head_warmup_steps", "2", "--max_length", "16",
+                           "--output_dir", str(tmp_path / "out"),
                            "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
                            "--use_cpu", "true", "--bootstrap_resamples", "200"])
     assert set(results["models"]) == {"old-task model (before the new task)", "fine-tuning", "LwF",
                                       "joint (old + new data; upper bound)"}
+    assert results["steps"] == {"first_task": 3, "second_task": 2, "new_head_warmup": 2}
     assert results["train_rows"] == {"old_task": 48, "new_task": 32}  # 80% of 60 and 40 rows
     lwf = results["models"]["LwF"]
     assert lwf["old_task"]["n"] == 12 and lwf["new_task"]["n"] == 8
