@@ -78,7 +78,8 @@ class AdversarialRecipeArguments(ClassificationDataArguments, ClassificationEval
     teacher: str | None = field(default=None, metadata={"help": "Hub id, folder, or package:<module>."})
     student_init: str | None = field(default=None, metadata={"help": "Encoder whose layers start every student."})
     student_layers: str = field(default="0,5", metadata={"help": "Encoder layers copied into the students."})
-    labelled_samples: int = field(default=200, metadata={"help": "Labelled training articles the students see."})
+    labelled_samples: int = field(default=200, metadata={
+        "help": "Labelled training articles the students see (a stratified subset; per-class rounding may add a few)."})
     # ---- the adversarial term
     adversarial_weight: float = field(default=0.2)
     adversarial_on: str = field(default="logits", metadata={"choices": ("logits", "hidden")})
