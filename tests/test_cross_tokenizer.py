@@ -364,3 +364,24 @@ def test_recipe_end_to_end_on_tiny_models(pair, tmp_path):
     assert "loss_span_kl" in logged["distilled"][0] and "loss_span_kl" not in logged["baseline"][0]
     assert logged["distilled"][-1]["step"] == logged["baseline"][-1]["step"] == 2
     assert "gap to the teacher closed" in (out / "results.md").read_text()
+
+
+def test_accumulation_equals_one_large_batch(pair, tmp_path):
+    """Batch 4 == batch 2 x accumulation 2 for both terms (the cross-tokenizer pair has its own case here: the
+    same-tokenizer cases of tests/term_cases.py cannot feed a teacher its own tokens)."""
+    texts = [TEXT, "the cat sat on the mat", "the sunset", "sunset on the mat"]
+    terms = [{"loss": "uld"}, {"loss": "span_kl", "temperature": 2.0}]
+    results = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        trainer = make_trainer(pair, tmp_path / f"b{batch}", terms, texts=texts, max_steps=1, logging_steps=1,
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                               max_grad_norm=1e9)
+        trainer.train()
+        logged = next(e for e in trainer.state.log_history if "loss_uld" in e)
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        results.append((logged, weights))
+    (big, w_big), (acc, w_acc) = results
+    for key in ("loss", "loss_uld", "loss_span_kl", "grad_norm"):
+        assert acc[key] == pytest.approx(big[key], rel=1e-4, abs=1e-7), key
+    assert torch.allclose(w_big, w_acc, rtol=1e-5, atol=1e-7)
