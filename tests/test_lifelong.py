@@ -252,3 +252,26 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(setup, tmp_path):
         recipe.main(["--model", str(tmp_path / "backbone"), "--train_file", str(tmp_path / "data.csv"),
                      "--old_topics", "cat,dog", "--new_topics", "dog,phone,bank,tree",
                      "--output_dir", str(tmp_path / "bad"), "--report_to", "none"])
+
+
+def test_accumulation_equals_one_large_batch(setup, previous, tmp_path):
+    """head_ce and lwf_kd scale like every other term: batch 8 == batch 4 x accumulation 2 (their own case; the
+    same-model cases of tests/term_cases.py have no task heads)."""
+    new = setup["new_train"].select(range(0, 60, 6))  # 10 rows of both new labels
+    results = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        args = arguments(tmp_path / f"b{batch}", per_device_train_batch_size=batch, max_steps=1, logging_steps=1,
+                         gradient_accumulation_steps=accumulation, max_grad_norm=1e9, dataloader_drop_last=True)
+        grown = grow_classifier(previous, NEW, seed=0)
+        for module in grown.modules():  # dropout draws differ between one batch of 8 and two of 4
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model, trainer = learn_task(previous, new, args, setup["collator"], model=grown, kd_weight=0.7)
+        logged = next(e for e in trainer.state.log_history if "loss_lwf_kd" in e)
+        results.append((logged, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (big, w_big), (acc, w_acc) = results
+    for key in ("loss", "loss_head_ce", "loss_lwf_kd", "grad_norm"):
+        assert acc[key] == pytest.approx(big[key], rel=1e-4, abs=1e-7), key
+    # AdamW's first update is lr * g / (|g| + eps): weights whose gradient is ~0 amplify float noise, so compare the
+    # updates with a tolerance well below one learning-rate step (3e-3).
+    assert (w_big - w_acc).abs().max() < 3e-4

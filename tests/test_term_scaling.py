@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 
+import hf_distill.lifelong  # noqa: F401 - registers its terms, so the set below does not depend on test order
 from hf_distill.objectives import TERM_REGISTRY, SampleRelationTerm
 from term_cases import CASES, one_step
 from tiny import make_wordpiece_tokenizer
 
 HERE = Path(__file__).parent
-# Cross-tokenizer terms need a teacher with its own tokens and an alignment, which these same-tokenizer cases cannot
-# give; their accumulation case is tests/test_cross_tokenizer.py::test_accumulation_equals_one_large_batch.
-CROSS_TOKENIZER = {"uld", "span_kl"}
+# Terms these same-model cases cannot feed, each with its own accumulation case: cross-tokenizer terms need a teacher
+# with its own tokens and an alignment (tests/test_cross_tokenizer.py::test_accumulation_equals_one_large_batch);
+# the lifelong terms need a classifier grown by a task head (tests/test_lifelong.py::test_accumulation_equals_...).
+OWN_CASES = {"uld", "span_kl", "head_ce", "lwf_kd"}
 BUILT_IN = {name for name, cls in TERM_REGISTRY.items()
-            if cls.__module__.startswith("hf_distill.") and name not in CROSS_TOKENIZER}
+            if cls.__module__.startswith("hf_distill.") and name not in OWN_CASES}
 RELATION = {name for name in BUILT_IN if issubclass(TERM_REGISTRY[name], SampleRelationTerm)}
 # How a relation term's value depends on the batch size b by its own definition: RKD normalises distances
 # and angles (no dependence), similarity-preserving divides a sum of b unit rows by b^2 (about 1/b), so 8 x 2
