@@ -114,11 +114,10 @@ class CausalLMDistillationTrainer(DistillationTrainer):
         dataset = self.train_dataset
         if dataset is None:
             return
-        try:
-            example = dataset[0]
-        except (TypeError, KeyError, IndexError, NotImplementedError):
-            return  # an iterable dataset: the first batch is checked instead
-        if "prompt_input_ids" not in self.data_collator([example]):
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__") \
+                or len(dataset) == 0:
+            return  # an iterable (or empty) dataset: the first batch is checked instead
+        if "prompt_input_ids" not in self.data_collator([dataset[0]]):
             raise ValueError(self._no_prompts_message(what))
 
     @staticmethod
