@@ -439,7 +439,7 @@ def test_tokenizer_from_vocabulary_only_and_restored_merges(tmp_path, caplog):
     broken.mkdir()
     tiny_tokenizer_files(broken, drop_merge=0)
     make_ct2_dir(broken, model=model, tokens=tokens)
-    with caplog.at_level(logging.WARNING, logger="hf_distill.speech.convert_ct2"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.speech.ct2_tokenizer"):
         tok_fixed = WhisperProcessor.from_pretrained(convert_ct2_whisper(broken, tmp_path / "hf_broken")).tokenizer
     assert "restoring" in caplog.text and "'Ġ t'" in caplog.text
 

@@ -35,18 +35,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import struct
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .ct2_format import (
+    CT2_DTYPES,  # noqa: F401  (re-exported)
+    SUPPORTED_FORMAT_VERSION,
+    CT2FormatError,
+    CT2Model,
+    ct2_model_bin_paths,
+    read_ct2_model,
+)
+from .ct2_tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,263 +68,11 @@ __all__ = [
     "read_ct2_model",
 ]
 
-#: The only ``model.bin`` layout this reader understands.
-SUPPORTED_FORMAT_VERSION = 6
-
-#: dtype ids of the format, in order: float32, int8, int16, int32, float16, bfloat16.
-CT2_DTYPES: dict[int, torch.dtype] = {
-    0: torch.float32,
-    1: torch.int8,
-    2: torch.int16,
-    3: torch.int32,
-    4: torch.float16,
-    5: torch.bfloat16,
-}
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # activation ids of the format -> transformers activation names
 _ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu"}
-
-_TIMESTAMP_RE = re.compile(r"^<\|\d+\.\d+\|>$")
-_PART_RE = re.compile(r"^model\.bin\.part(\d+)$")
-
-
-class CT2FormatError(ValueError):
-    """The file is not a CTranslate2 Whisper ``model.bin`` this converter can read."""
-
-
-@dataclass
-class CT2Model:
-    """The content of a CTranslate2 ``model.bin``: spec name, revision, variables and aliases."""
-
-    name: str
-    revision: int
-    variables: dict[str, torch.Tensor]
-    aliases: dict[str, str] = field(default_factory=dict)
-    version: int = SUPPORTED_FORMAT_VERSION
-
-    def resolve(self, name: str) -> str:
-        seen = set()
-        while name in self.aliases:
-            if name in seen:
-                raise CT2FormatError(f"alias cycle at {name!r}")
-            seen.add(name)
-            name = self.aliases[name]
-        return name
-
-    def __contains__(self, name: str) -> bool:
-        return self.resolve(name) in self.variables
-
-    def get(self, name: str) -> torch.Tensor:
-        """A variable by name (aliases followed); raises :class:`CT2FormatError` if absent."""
-        target = self.resolve(name)
-        if target not in self.variables:
-            raise CT2FormatError(f"model.bin has no variable {name!r}")
-        return self.variables[target]
-
-    def scalar(self, name: str, default=None):
-        if name not in self:
-            return default
-        value = self.get(name)
-        if value.numel() != 1:
-            raise CT2FormatError(f"{name!r} should be a scalar, has shape {tuple(value.shape)}")
-        return value.reshape(()).item()
-
-    def names(self) -> list[str]:
-        return sorted(set(self.variables) | set(self.aliases))
-
-
-# --------------------------------------------------------------------------------------------
-# model.bin reader
-
-
-class _ChainedReader:
-    """Reads several files one after the other as if they were one (for split model.bin files)."""
-
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = [Path(p) for p in paths]
-        self._index = 0
-        self._handle = None
-        self.offset = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def read(self, n: int) -> bytes:
-        chunks = []
-        remaining = n
-        while remaining > 0 and self._index < len(self.paths):
-            if self._handle is None:
-                self._handle = open(self.paths[self._index], "rb")
-            chunk = self._handle.read(remaining)
-            if chunk:
-                chunks.append(chunk)
-                remaining -= len(chunk)
-            if remaining > 0:
-                self._handle.close()
-                self._handle = None
-                self._index += 1
-        data = b"".join(chunks)
-        self.offset += len(data)
-        return data
-
-    def read_into(self, buf: bytearray) -> int:
-        view = memoryview(buf)
-        filled = 0
-        while filled < len(buf) and self._index < len(self.paths):
-            if self._handle is None:
-                self._handle = open(self.paths[self._index], "rb")
-            got = self._handle.readinto(view[filled:])
-            if got:
-                filled += got
-            else:
-                self._handle.close()
-                self._handle = None
-                self._index += 1
-        self.offset += filled
-        return filled
-
-
-class _Parser:
-    def __init__(self, reader: _ChainedReader, label: str):
-        self.reader = reader
-        self.label = label
-
-    def _fail(self, what: str, want: int, got: int):
-        raise CT2FormatError(
-            f"{self.label}: truncated while reading {what} at byte {self.reader.offset - got} "
-            f"(needed {want} bytes, got {got})"
-            + (
-                "; the model is split in parts: pass every part, in order"
-                if any(_PART_RE.match(p.name) for p in self.reader.paths)
-                else ""
-            )
-        )
-
-    def exact(self, n: int, what: str) -> bytes:
-        data = self.reader.read(n)
-        if len(data) != n:
-            self._fail(what, n, len(data))
-        return data
-
-    def u8(self, what: str) -> int:
-        return self.exact(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        return struct.unpack("<H", self.exact(2, what))[0]
-
-    def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.exact(4, what))[0]
-
-    def string(self, what: str) -> str:
-        length = self.u16(f"length of {what}")
-        if length == 0:
-            raise CT2FormatError(f"{self.label}: empty string for {what} at byte {self.reader.offset}")
-        raw = self.exact(length, what)
-        if raw[-1] != 0:
-            raise CT2FormatError(f"{self.label}: {what} is not NUL-terminated (not a CTranslate2 model.bin?)")
-        try:
-            return raw[:-1].decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise CT2FormatError(f"{self.label}: {what} is not UTF-8 (not a CTranslate2 model.bin?)") from err
-
-
-def read_ct2_model(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CT2Model:
-    """Read a CTranslate2 ``model.bin`` (one path, or the paths of its parts in order).
-
-    Raises :class:`CT2FormatError` for anything that is not a complete format-version-6 file.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no model.bin path given")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist")
-    label = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more parts)"
-    with _ChainedReader(paths) as reader:
-        parser = _Parser(reader, label)
-        version = parser.u32("format version")
-        if version != SUPPORTED_FORMAT_VERSION:
-            if version > 1000:
-                raise CT2FormatError(
-                    f"{label} is not a CTranslate2 model.bin (first 4 bytes read as format version {version})"
-                )
-            raise CT2FormatError(
-                f"{label}: CTranslate2 model.bin format version {version} is not supported "
-                f"(this converter reads version {SUPPORTED_FORMAT_VERSION}; re-convert the model with a "
-                "recent CTranslate2)"
-            )
-        name = parser.string("spec name")
-        revision = parser.u32("spec revision")
-        n_vars = parser.u32("variable count")
-        variables: dict[str, torch.Tensor] = {}
-        for i in range(n_vars):
-            var_name = parser.string(f"name of variable {i}")
-            rank = parser.u8(f"rank of {var_name}")
-            if rank > 8:
-                raise CT2FormatError(f"{label}: variable {var_name!r} has rank {rank}")
-            shape = tuple(struct.unpack(f"<{rank}I", parser.exact(4 * rank, f"shape of {var_name}")))
-            dtype_id = parser.u8(f"dtype of {var_name}")
-            if dtype_id not in CT2_DTYPES:
-                raise CT2FormatError(f"{label}: variable {var_name!r} has unknown dtype id {dtype_id}")
-            dtype = CT2_DTYPES[dtype_id]
-            n_bytes = parser.u32(f"byte count of {var_name}")
-            expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if n_bytes != expected:
-                raise CT2FormatError(
-                    f"{label}: variable {var_name!r} of shape {shape} and {dtype} should have "
-                    f"{expected} bytes, header says {n_bytes}"
-                )
-            buf = bytearray(n_bytes)
-            got = reader.read_into(buf)
-            if got != n_bytes:
-                parser._fail(f"data of {var_name}", n_bytes, got)
-            if n_bytes:
-                tensor = torch.frombuffer(buf, dtype=dtype).reshape(shape)
-            else:
-                tensor = torch.empty(shape, dtype=dtype)
-            variables[var_name] = tensor
-        n_aliases = parser.u32("alias count")
-        aliases = {}
-        for i in range(n_aliases):
-            alias = parser.string(f"alias {i}")
-            aliases[alias] = parser.string(f"target of alias {alias}")
-        trailing = reader.read(1)
-        if trailing:
-            raise CT2FormatError(f"{label}: unexpected data after the last alias (byte {reader.offset - 1})")
-    model = CT2Model(name=name, revision=revision, variables=variables, aliases=aliases, version=version)
-    for alias, target in aliases.items():
-        if model.resolve(alias) not in variables:
-            raise CT2FormatError(f"{label}: alias {alias!r} points to missing variable {target!r}")
-    return model
-
-
-def ct2_model_bin_paths(src_dir: str | os.PathLike) -> list[Path]:
-    """``[src_dir/model.bin]``, or the ``model.bin.partN`` files in ``src_dir`` in numeric order."""
-    src_dir = Path(src_dir)
-    single = src_dir / "model.bin"
-    if single.is_file():
-        return [single]
-    parts = []
-    if src_dir.is_dir():
-        for p in src_dir.iterdir():
-            m = _PART_RE.match(p.name)
-            if m and p.is_file():
-                parts.append((int(m.group(1)), p))
-    if not parts:
-        raise FileNotFoundError(f"{src_dir} has no model.bin (nor model.bin.part1, ...)")
-    return [p for _, p in sorted(parts)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,168 +257,6 @@ def _hf_state_dict(model: CT2Model, dims: _Dims) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: printable bytes map to themselves, the others to code points >= 256."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    keep += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _merges_from_ranked_vocab(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Recover BPE merges from a vocabulary whose ids are the merge ranks (GPT-2/Whisper style).
-
-    A token of rank r was made by the last merge that BPE applies when it encodes the token's
-    characters using only tokens ranked below r; that merge joins exactly two pieces.
-    """
-    alphabet = set(_bytes_to_unicode().values())
-    merges = []
-    for token, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
-        if not token:  # the multilingual vocabulary has one unused empty token
-            continue
-        if len(token) == 1:
-            if token not in alphabet:
-                raise ValueError(f"single-character token {token!r} is not in the byte-level alphabet")
-            continue
-        pieces = list(token)
-        while len(pieces) > 2:
-            best = None
-            for j in range(len(pieces) - 1):
-                r = vocab.get(pieces[j] + pieces[j + 1])
-                if r is not None and r < rank and (best is None or r < best[0]):
-                    best = (r, j)
-            if best is None:
-                break
-            j = best[1]
-            pieces[j : j + 2] = [pieces[j] + pieces[j + 1]]
-        if len(pieces) != 2 or any(p not in vocab or vocab[p] >= rank for p in pieces):
-            raise ValueError(f"cannot recover the merge that made token {token!r} (id {rank})")
-        merges.append((pieces[0], pieces[1]))
-    return merges
-
-
-def _read_vocabulary(src_dir: Path) -> list[str] | None:
-    txt, js = src_dir / "vocabulary.txt", src_dir / "vocabulary.json"
-    if js.is_file():
-        tokens = json.loads(js.read_text(encoding="utf-8"))
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise ValueError(f"{js} is not a JSON list of tokens")
-        return tokens
-    if txt.is_file():
-        with open(txt, encoding="utf-8", newline="") as handle:
-            tokens = handle.read().split("\n")
-        if tokens and tokens[-1] == "":
-            tokens.pop()
-        return [t.removesuffix("\r") for t in tokens]
-    return None
-
-
-def _timestamp_tokens(count: int) -> list[str]:
-    return [f"<|{i * 0.02:.2f}|>" for i in range(count)]
-
-
-def _build_tokenizer(src_dir: Path, vocab_size: int, normalizer_file: str | None):
-    """A ``WhisperTokenizer`` whose ids match the checkpoint's vocabulary exactly."""
-    from transformers import AddedToken, WhisperTokenizer
-
-    tokens = _read_vocabulary(src_dir)
-    tok_json = src_dir / "tokenizer.json"
-    eot = "<|endoftext|>"
-    if tok_json.is_file():
-        data = json.loads(tok_json.read_text(encoding="utf-8"))
-        model = data.get("model", {})
-        if model.get("type") != "BPE":
-            raise ValueError(f"{tok_json}: expected a BPE tokenizer, got {model.get('type')!r}")
-        bpe_vocab = {t: i for t, i in model["vocab"].items() if t != eot}
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        added = sorted(data.get("added_tokens", []), key=lambda t: t["id"])
-        if tokens is None:
-            id_to_token = {i: t for t, i in model["vocab"].items()}
-            id_to_token.update({t["id"]: t["content"] for t in added})
-            if sorted(id_to_token) != list(range(len(id_to_token))):
-                raise ValueError(f"{tok_json}: token ids are not contiguous")
-            tokens = [id_to_token[i] for i in range(len(id_to_token))]
-            tokens += _timestamp_tokens(vocab_size - len(tokens))
-        # Whisper's vocabularies are ranked: a token's id is the rank of the merge that makes it, so the
-        # merges follow from the vocabulary. The multilingual tokenizer.json in circulation lacks the
-        # very first merge ("Ġ t"), which splits " the", " to", ... unlike the tokenizer Whisper was
-        # trained with; when the ranks give a superset of the file's merges, the ranks win.
-        try:
-            ranked = _merges_from_ranked_vocab(bpe_vocab)
-        except ValueError:
-            ranked = None
-        if ranked is not None and ranked != merges and set(merges) <= set(ranked):
-            missing = [" ".join(m) for m in ranked if m not in set(merges)]
-            logger.warning(
-                "%s lacks %d BPE merge(s) implied by the vocabulary ranks (%s); restoring them",
-                tok_json, len(missing), ", ".join(repr(m) for m in missing[:3]),
-            )
-            merges = ranked
-    elif tokens is not None:
-        if eot not in tokens:
-            raise ValueError(f"{src_dir}: the vocabulary has no {eot} token")
-        bpe_vocab = {t: i for i, t in enumerate(tokens[: tokens.index(eot)])}
-        try:
-            merges = _merges_from_ranked_vocab(bpe_vocab)
-        except ValueError as err:
-            raise ValueError(f"{src_dir}: no tokenizer.json, and the BPE merges cannot be recovered from the vocabulary: {err}") from err
-        logger.info("no tokenizer.json: recovered %d BPE merges from the vocabulary", len(merges))
-    else:
-        raise FileNotFoundError(f"{src_dir} has neither tokenizer.json nor vocabulary.txt/json")
-
-    if len(tokens) != vocab_size:
-        raise ValueError(
-            f"{src_dir}: the vocabulary has {len(tokens)} tokens but the model's embeddings have {vocab_size} rows"
-        )
-    if eot not in tokens:
-        raise ValueError(f"{src_dir}: the vocabulary has no {eot} token")
-    eot_id = tokens.index(eot)
-    for t, i in bpe_vocab.items():
-        if i >= len(tokens) or tokens[i] != t:
-            raise ValueError(f"{src_dir}: tokenizer.json and the vocabulary disagree on token {t!r} (id {i})")
-    rest = tokens[eot_id + 1 :]
-    n_special = next((k for k, t in enumerate(rest) if _TIMESTAMP_RE.match(t)), len(rest))
-    specials = rest[:n_special]
-    timestamps = rest[n_special:]
-    if not all(_TIMESTAMP_RE.match(t) for t in timestamps):
-        raise ValueError(f"{src_dir}: unexpected tokens after the timestamp tokens")
-    for required in ("<|startoftranscript|>", "<|notimestamps|>"):
-        if required not in specials:
-            raise ValueError(f"{src_dir}: the vocabulary has no {required} token: not a Whisper tokenizer")
-    if specials[-1] != "<|notimestamps|>":
-        raise ValueError(f"{src_dir}: <|notimestamps|> must be the last special token, is {specials[-1]!r}")
-
-    kwargs = {}
-    if normalizer_file is not None:
-        kwargs["normalizer_file"] = normalizer_file
-    tokenizer = WhisperTokenizer(
-        vocab={**bpe_vocab, eot: eot_id},
-        merges=merges,
-        unk_token=eot,
-        bos_token=eot,
-        eos_token=eot,
-        pad_token=eot,
-        extra_special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
-        **kwargs,
-    )
-    if timestamps:
-        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
-    tokenizer.set_prefix_tokens()
-    ids = tokenizer.convert_tokens_to_ids(tokens[eot_id:])
-    if ids != list(range(eot_id, len(tokens))) or len(tokenizer) != vocab_size:
-        raise RuntimeError("the rebuilt tokenizer's ids do not match the checkpoint's vocabulary")
-    return tokenizer
-
-
-# --------------------------------------------------------------------------------------------
 # configs
 
 
@@ -814,7 +408,7 @@ def convert_ct2_whisper(
         multilingual = dims.vocab_size >= 51865
 
     spelling = english_spelling_mapping_path()
-    tokenizer = _build_tokenizer(src_dir, dims.vocab_size, str(spelling) if spelling else None)
+    tokenizer = build_tokenizer(src_dir, dims.vocab_size, str(spelling) if spelling else None)
     ids = _special_ids(tokenizer)
     generation_config = _generation_config(tokenizer, ct2_config, dims, multilingual)
     feature_extractor = _feature_extractor(src_dir, dims.n_mels)
