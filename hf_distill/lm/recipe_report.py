@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..plots import plot_loss_terms, save_figure
+
 __all__ = ["lm_comparisons", "lm_goals", "lm_results_markdown", "plot_lm_results", "write_lm_results",
            "write_lm_student_cards"]
 
@@ -148,32 +150,8 @@ def plot_lm_results(results: Mapping[str, Any], histories: Mapping[str, list], p
     ax_ppl.set_title("perplexity vs speed")
     ax_ppl.grid(alpha=0.3)
     ax_ppl.legend(fontsize=8)
-    styles = ["-", "--", ":", "-."]
-    for i, (run, history) in enumerate(histories.items()):
-        logs = [h for h in history if "step" in h and any(k.startswith("loss") for k in h)]
-        keys = sorted({k for h in logs for k in h if k.startswith("loss")})
-        if len(keys) == 2 and "loss" in keys:  # a single term: the total adds nothing
-            keys.remove("loss")
-        for j, key in enumerate(keys):
-            points = [(h["step"], h[key]) for h in logs if key in h]
-            xs, ys = zip(*points)
-            ax_loss.plot(xs, ys, styles[j % len(styles)], color=f"C{i + 1}", label=f"{run}: {key}")
-    ax_loss.set_xlabel("optimiser step")
-    ax_loss.set_ylabel("training loss (mean over each logging interval)")
-    ax_loss.set_title("loss terms over training")
-    ax_loss.grid(alpha=0.3)
-    if ax_loss.lines:
-        ax_loss.set_yscale("log")
-        ax_loss.legend(fontsize=8)
-    else:
-        ax_loss.text(0.5, 0.5, "no loss was logged\n(fewer steps than logging_steps)", ha="center", va="center",
-                     transform=ax_loss.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    plot_loss_terms(ax_loss, histories, x="step", first_color=1)
+    return save_figure(fig, path)
 
 
 def write_lm_student_cards(args, results: Mapping[str, Any], out: Path) -> str | None:

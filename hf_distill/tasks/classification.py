@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hf_distill.modeling import count_parameters  # noqa: F401 - part of this module's reporting API
+from hf_distill.plots import plot_loss_terms, save_figure
 from hf_distill.tasks.classification_data import (
     BBC_NEWS,
     FILE_FORMATS,
@@ -312,33 +313,8 @@ def plot_results(results: Mapping[str, Any], histories: Mapping[str, Sequence[Ma
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(loc="lower right", fontsize=8)
 
-    styles = ["-", "--", ":", "-."]
-    for i, (run, history) in enumerate(histories.items()):
-        logs = [h for h in history if any(k.startswith("loss") for k in h) and "epoch" in h]
-        keys = sorted({k for h in logs for k in h if k.startswith("loss")})
-        if len(keys) == 2 and "loss" in keys:  # a single term: the total adds nothing
-            keys.remove("loss")
-        for j, key in enumerate(keys):
-            points = [(h["epoch"], h[key]) for h in logs if key in h]
-            if points:
-                xs, ys = zip(*points)
-                ax_loss.plot(xs, ys, styles[j % len(styles)], color=f"C{i}", label=f"{run}: {key}")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (mean over each logging interval)")
-    ax_loss.set_title("loss terms over training")
-    ax_loss.grid(alpha=0.3)
-    if ax_loss.lines:
-        ax_loss.set_yscale("log")
-        ax_loss.legend(fontsize=8)
-    else:
-        ax_loss.text(0.5, 0.5, "no loss was logged\n(fewer steps than logging_steps)", ha="center", va="center",
-                     transform=ax_loss.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    plot_loss_terms(ax_loss, histories, x="epoch", first_color=0)
+    return save_figure(fig, path)
 
 
 def label_counts(dataset, label_column: str) -> dict[str, int]:
