@@ -34,37 +34,29 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
-from transformers import set_seed  # noqa: E402
 
 from efficient_student import prepare_teacher  # noqa: E402
 
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
 from hf_distill.objectives import parse_distillation_spec  # noqa: E402
-from hf_distill.students import build_student  # noqa: E402
-from hf_distill.tasks.classification import (  # noqa: E402
-    DataError,
-    load_classification_data,
-    paired_bootstrap_diff,
-    results_markdown,
-    tokenize_for_classification,
-    write_results,
-)
 from hf_distill.tasks.classification_data import stratified_split  # noqa: E402
 from hf_distill.tasks.classification_recipe import (  # noqa: E402
-    TEACHER_DIR,
     Stages,
-    evaluate_models,
-    head_label2id,
-    parse_layers,
-    resolve_model_path,
     save_model,
     train_model,
 )
 from hf_distill.tasks.recipe_arguments import (  # noqa: E402
     ClassificationDataArguments,
     ClassificationEvaluationArguments,
+)
+from hf_distill.tasks.recipe_arms import (  # noqa: E402
+    build_initial_student,
+    check_teacher_and_student,
+    evaluate_and_compare,
+    interval_goals,
+    load_teacher_data,
+    write_recipe_results,
 )
 from hf_distill.teachers import cache_teacher_logits  # noqa: E402
 
@@ -128,10 +120,7 @@ def folder_name(arm: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((AdversarialRecipeArguments, DistillationArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    if not recipe.teacher:
-        raise DataError("no teacher given: set --teacher (a Hub id, a folder, or package:<module>)")
-    if not recipe.student_init:
-        raise DataError("no encoder to start the students from: set --student_init (Hub id, folder, package:<module>)")
+    check_teacher_and_student(recipe)
     if recipe.labelled_samples < 1:
         raise ValueError(f"--labelled_samples must be >= 1, got {recipe.labelled_samples}")
     terms = arm_terms(recipe, args)
@@ -141,22 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     stages = Stages(total=4 + len(ARMS))
 
     stages.start("data", "load and check the data, tokenize")
-    data = load_classification_data(
-        source=recipe.source, train_file=recipe.train_file, test_file=recipe.test_file, text_column=recipe.text_column,
-        label_column=recipe.label_column, test_size=recipe.test_size, seed=recipe.split_seed,
-        max_train_samples=recipe.max_train_samples, max_test_samples=recipe.max_test_samples)
-    teacher_path = resolve_model_path(recipe.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    label2id = head_label2id(AutoConfig.from_pretrained(teacher_path), data.labels)
-    if label2id is None and (out / TEACHER_DIR / "config.json").is_file():
-        label2id = head_label2id(AutoConfig.from_pretrained(out / TEACHER_DIR), data.labels)
-    label2id = label2id or data.label2id
-    id2label = {i: name for name, i in label2id.items()}
-    train_ds, test_ds = tokenize_for_classification(data, tokenizer, max_length=recipe.max_length, label2id=label2id)
+    prepared = load_teacher_data(recipe, out)
+    data, teacher_path, tokenizer = prepared.data, prepared.teacher_path, prepared.tokenizer
+    label2id, id2label, train_ds, test_ds = prepared.label2id, prepared.id2label, prepared.train_ds, prepared.test_ds
+    collator = prepared.collator
     if recipe.labelled_samples >= len(train_ds):
         raise ValueError(f"--labelled_samples {recipe.labelled_samples} is not below the {len(train_ds)} training rows")
     _, labelled = stratified_split(train_ds, "labels", test_size=recipe.labelled_samples, seed=recipe.split_seed)
-    collator = DataCollatorWithPadding(tokenizer)
     stages.end()
 
     stages.start("teacher", "teacher with a classification head for these labels (on the whole training split)")
@@ -168,12 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages.start("teacher logits", f"run the teacher once over the {len(labelled)} labelled articles")
     cached = cache_teacher_logits(teacher, labelled, collator, batch_size=recipe.eval_batch_size,
                                   desc="teacher logits (labelled)")
-    set_seed(args.seed)
-    init_path = resolve_model_path(recipe.student_init)
-    encoder = AutoModelForSequenceClassification.from_pretrained(
-        init_path, num_labels=len(label2id), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
-    initial = build_student(encoder, tokenizer=tokenizer, **parse_layers(recipe.student_layers))
-    del encoder
+    initial = build_initial_student(recipe, tokenizer, label2id, id2label, args.seed)
     stages.end()
 
     models, folders, histories = {"teacher": teacher}, {"teacher": teacher_dir}, {}
@@ -205,15 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         stages.end(f"{steps} steps")
 
     stages.start("evaluation", "accuracy, macro-F1, size and latency of every model on the test split")
-    rows, correct, latency = evaluate_models(
-        {name: (models[name], folders[name]) for name in models}, test_ds, collator, num_labels=len(label2id),
-        eval_batch_size=recipe.eval_batch_size, n_resamples=recipe.bootstrap_resamples, seed=args.seed,
-        latency_batch_size=recipe.latency_batch_size, latency_warmup=recipe.latency_warmup,
-        latency_repeats=recipe.latency_repeats, latency_threads=recipe.latency_threads, reference="teacher")
     pairs = [("KD + CE", "CE only"), ("KD + CE + adversarial", "KD + CE"), ("KD + CE + adversarial", "CE only"),
              ("KD + CE + knn_graph", "KD + CE"), ("KD + CE + knn_graph", "CE only")]
-    comparisons = {f"{a} minus {b}": paired_bootstrap_diff(correct[a], correct[b], n_resamples=recipe.bootstrap_resamples,
-                                                           seed=args.seed) for a, b in pairs}
+    rows, comparisons, latency = evaluate_and_compare(recipe, models, folders, test_ds, collator,
+                                                      num_labels=len(label2id), pairs=pairs, seed=args.seed)
     stages.end()
 
     some = next(iter(latency.values()))
@@ -230,16 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "torch_threads": torch.get_num_threads()},
         "stages": stages.times, "log_history": histories,
     }
-    results["goals"] = [
-        {"goal": f"{a} beats {b}", "status": status, "met": status == "met",
-         "measured": f"{100 * c['diff']:+.1f} points [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] (paired bootstrap)"}
-        for (a, b), c in zip(pairs, comparisons.values())
-        for status in ["met" if c["low"] > 0 else "missed" if c["high"] < 0 else "not shown"]]
-    results["stages"]["total (incl. imports)"] = {"seconds": round(time.perf_counter() - _START, 1)}
-    paths = write_results(results, out)
-    print("\n" + results_markdown(results))
-    logger.info("wrote %s, %s", paths["json"], paths["markdown"])
-    return results
+    results["goals"] = interval_goals(pairs, comparisons)
+    return write_recipe_results(results, out, _START, logger)
 
 
 if __name__ == "__main__":

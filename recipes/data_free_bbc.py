@@ -32,8 +32,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
-from transformers import set_seed  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from efficient_student import prepare_teacher  # noqa: E402
 
@@ -41,22 +40,12 @@ from hf_distill import data_free  # noqa: E402
 from hf_distill.arguments import DistillationArguments  # noqa: E402
 from hf_distill.config import parse_config_and_args  # noqa: E402
 from hf_distill.objectives import parse_distillation_spec  # noqa: E402
-from hf_distill.students import build_student  # noqa: E402
 from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
-    load_classification_data,
-    paired_bootstrap_diff,
-    results_markdown,
-    tokenize_for_classification,
-    write_results,
 )
 from hf_distill.tasks.classification_data import stratified_split  # noqa: E402
 from hf_distill.tasks.classification_recipe import (  # noqa: E402
-    TEACHER_DIR,
     Stages,
-    evaluate_models,
-    head_label2id,
-    parse_layers,
     resolve_model_path,
     save_model,
     train_model,
@@ -64,6 +53,13 @@ from hf_distill.tasks.classification_recipe import (  # noqa: E402
 from hf_distill.tasks.recipe_arguments import (  # noqa: E402
     ClassificationDataArguments,
     ClassificationEvaluationArguments,
+)
+from hf_distill.tasks.recipe_arms import (  # noqa: E402
+    build_initial_student,
+    check_teacher_and_student,
+    evaluate_and_compare,
+    load_teacher_data,
+    write_recipe_results,
 )
 from hf_distill.teachers import cache_teacher_logits  # noqa: E402
 
@@ -125,10 +121,7 @@ def synthesize(recipe, seed: int, folder: Path):
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((DataFreeRecipeArguments, DistillationArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    if not recipe.teacher:
-        raise DataError("no teacher given: set --teacher (a Hub id, a folder, or package:<module>)")
-    if not recipe.student_init:
-        raise DataError("no encoder to start the students from: set --student_init (Hub id, folder, package:<module>)")
+    check_teacher_and_student(recipe)
     if recipe.synthetic_texts < 2:
         raise ValueError(f"--synthetic_texts must be >= 2, got {recipe.synthetic_texts}")
     terms = parse_distillation_spec(args.distillation)
@@ -141,19 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     stages = Stages(total=5 + len(ARMS))
 
     stages.start("data", "load and check the data, tokenize")
-    data = load_classification_data(
-        source=recipe.source, train_file=recipe.train_file, test_file=recipe.test_file, text_column=recipe.text_column,
-        label_column=recipe.label_column, test_size=recipe.test_size, seed=recipe.split_seed,
-        max_train_samples=recipe.max_train_samples, max_test_samples=recipe.max_test_samples)
-    teacher_path = resolve_model_path(recipe.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    label2id = head_label2id(AutoConfig.from_pretrained(teacher_path), data.labels)
-    if label2id is None and (out / TEACHER_DIR / "config.json").is_file():
-        label2id = head_label2id(AutoConfig.from_pretrained(out / TEACHER_DIR), data.labels)
-    label2id = label2id or data.label2id
-    id2label = {i: name for name, i in label2id.items()}
-    train_ds, test_ds = tokenize_for_classification(data, tokenizer, max_length=recipe.max_length, label2id=label2id)
-    collator = DataCollatorWithPadding(tokenizer)
+    prepared = load_teacher_data(recipe, out)
+    data, teacher_path, tokenizer = prepared.data, prepared.teacher_path, prepared.tokenizer
+    label2id, id2label, train_ds, test_ds = prepared.label2id, prepared.id2label, prepared.train_ds, prepared.test_ds
+    collator = prepared.collator
     stages.end()
 
     stages.start("teacher", "teacher with a classification head for these labels")
@@ -179,12 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     real = cache_teacher_logits(teacher, real.select(range(min(n, len(real)))), collator,
                                 batch_size=recipe.eval_batch_size, desc="teacher logits (real)").remove_columns("labels")
     votes = collections.Counter(id2label[int(torch.tensor(r).argmax())] for r in synthetic["teacher_logits"])
-    set_seed(args.seed)
-    encoder = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(recipe.student_init), num_labels=len(label2id), id2label=id2label, label2id=label2id,
-        ignore_mismatched_sizes=True)
-    initial = build_student(encoder, tokenizer=tokenizer, **parse_layers(recipe.student_layers))
-    del encoder
+    initial = build_initial_student(recipe, tokenizer, label2id, id2label, args.seed)
     stages.end(", ".join(f"{k}: {v}" for k, v in sorted(votes.items())))
 
     models, folders, histories = {"teacher": teacher, FLOOR: initial}, {"teacher": teacher_dir}, {}
@@ -208,14 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         stages.end(f"{steps} steps")
 
     stages.start("evaluation", "accuracy, macro-F1, size and latency of every model on the test split")
-    rows, correct, latency = evaluate_models(
-        {name: (models[name], folders[name]) for name in models}, test_ds, collator, num_labels=len(label2id),
-        eval_batch_size=recipe.eval_batch_size, n_resamples=recipe.bootstrap_resamples, seed=args.seed,
-        latency_batch_size=recipe.latency_batch_size, latency_warmup=recipe.latency_warmup,
-        latency_repeats=recipe.latency_repeats, latency_threads=recipe.latency_threads, reference="teacher")
     pairs = [("data-free KD", "real-data KD"), ("data-free KD", FLOOR), ("data-free KD", "teacher")]
-    comparisons = {f"{a} minus {b}": paired_bootstrap_diff(correct[a], correct[b], n_resamples=recipe.bootstrap_resamples,
-                                                           seed=args.seed) for a, b in pairs}
+    rows, comparisons, latency = evaluate_and_compare(recipe, models, folders, test_ds, collator,
+                                                      num_labels=len(label2id), pairs=pairs, seed=args.seed)
     stages.end()
 
     some = next(iter(latency.values()))
@@ -243,11 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         for (a, b), c in zip(pairs[:2], list(comparisons.values())[:2])
         for status in [("met" if c["low"] > -0.05 else "missed" if c["high"] < -0.05 else "not shown")
                        if b == "real-data KD" else ("met" if c["low"] > 0 else "missed" if c["high"] < 0 else "not shown")]]
-    results["stages"]["total (incl. imports)"] = {"seconds": round(time.perf_counter() - _START, 1)}
-    paths = write_results(results, out)
-    print("\n" + results_markdown(results))
-    logger.info("wrote %s, %s", paths["json"], paths["markdown"])
-    return results
+    return write_recipe_results(results, out, _START, logger)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,7 @@ from hf_distill.tasks.classification import (  # noqa: E402
     DataError,
     load_classification_data,
     paired_bootstrap_diff,
-    results_markdown,
     tokenize_for_classification,
-    write_results,
 )
 from hf_distill.tasks.classification_recipe import (  # noqa: E402
     Stages,
@@ -66,6 +64,7 @@ from hf_distill.tasks.classification_recipe import (  # noqa: E402
     save_model,
     train_model,
 )
+from hf_distill.tasks.recipe_arms import interval_goals, write_recipe_results  # noqa: E402
 
 logger = logging.getLogger("self_distillation")
 
@@ -219,16 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "torch_threads": torch.get_num_threads()},
         "stages": stages.times, "log_history": histories,
     }
-    results["goals"] = [
-        {"goal": f"{a} beats {b}", "status": status, "met": status == "met",
-         "measured": f"{100 * c['diff']:+.1f} points [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] (paired bootstrap)"}
-        for (a, b), c in zip(pairs.items(), comparisons.values())
-        for status in ["met" if c["low"] > 0 else "missed" if c["high"] < 0 else "not shown"]]
-    results["stages"]["total (incl. imports)"] = {"seconds": round(time.perf_counter() - _START, 1)}
-    paths = write_results(results, out)
-    print("\n" + results_markdown(results))
-    logger.info("wrote %s, %s", paths["json"], paths["markdown"])
-    return results
+    results["goals"] = interval_goals(pairs.items(), comparisons)
+    return write_recipe_results(results, out, _START, logger)
 
 
 if __name__ == "__main__":
