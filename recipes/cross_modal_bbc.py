@@ -51,12 +51,11 @@ from hf_distill.speech.audio_classification import (  # noqa: E402
     pooled_whisper_states,
     whisper_audio_classifier,
 )
+from hf_distill.speech.corpus import parse_voices, speak_clips  # noqa: E402
 from hf_distill.speech.cross_modal import (  # noqa: E402
     CrossModalTrainer,
     audio_rows,
-    parse_voices,
     predict_pooled,
-    speak_clips,
     spoken_text,
     standardize_projector,
     teacher_outputs,

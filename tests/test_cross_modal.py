@@ -16,8 +16,9 @@ from transformers import (BertForSequenceClassification, WhisperConfig, WhisperF
 
 from hf_distill import DistillationArguments, losses
 from hf_distill.speech.audio_classification import PooledStatesCollator, pooled_whisper_states, whisper_audio_classifier
-from hf_distill.speech.cross_modal import (CrossModalTrainer, audio_rows, parse_voices, predict_pooled, speak_clips,
-                                           spoken_text, standardize_projector, teacher_outputs)
+from hf_distill.speech.corpus import parse_voices, speak_clips
+from hf_distill.speech.cross_modal import (CrossModalTrainer, audio_rows, predict_pooled, spoken_text,
+                                           standardize_projector, teacher_outputs)
 from tiny import make_wordpiece_tokenizer, tiny_bert_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))

@@ -9,35 +9,30 @@ holds text. :class:`CrossModalTrainer` adds an optional alignment of the student
 ``embedding_weight * mean(1 - cos(e_audio, e_text))``.
 
 Helpers for the BBC recipe: :func:`spoken_text` (the title and first sentence of an article),
-:func:`parse_voices` and :func:`speak_clips` (cached synthesis with several voices), :func:`predict_pooled`.
+:func:`predict_pooled`; the clips are spoken with :mod:`hf_distill.speech.corpus`.
 """
 
 from __future__ import annotations
 
-import csv
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hf_distill.speech.audio_classification import check_audio_example
+from hf_distill.speech.corpus import split_sentences
 from hf_distill.trainer import DistillationTrainer
 
 __all__ = [
     "CrossModalTrainer",
     "audio_rows",
-    "parse_voices",
     "predict_pooled",
-    "speak_clips",
     "spoken_text",
     "standardize_projector",
     "teacher_outputs",
 ]
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 def spoken_text(article: str, max_words: int = 40) -> str:
@@ -48,59 +43,9 @@ def spoken_text(article: str, max_words: int = 40) -> str:
         raise ValueError("empty article")
     title = lines[0].rstrip(".") + "."
     body = " ".join(lines[1:])
-    first = _SENTENCE_END.split(body, maxsplit=1)[0] if body else ""
+    first = split_sentences(body)[0] if body else ""
     words = f"{title} {first}".split()
     return " ".join(words[:max_words])
-
-
-def parse_voices(spec: str) -> list[tuple[str, str]]:
-    """``"festival:cmu_us_slt_arctic_hts,flite:awb"`` -> ``[("festival", "cmu_us_slt_arctic_hts"), ("flite", "awb")]``."""
-    from hf_distill.speech.synth import ENGINES
-
-    voices = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        engine, _, voice = item.partition(":")
-        if engine not in ENGINES or not voice:
-            raise ValueError(f"cannot read voice {item!r} in {spec!r}: write engine:voice with engine one of "
-                             f"{sorted(ENGINES)}, e.g. flite:awb")
-        voices.append((engine, voice))
-    if not voices:
-        raise ValueError("no voices given; e.g. 'festival:cmu_us_slt_arctic_hts,flite:awb'")
-    return voices
-
-
-def speak_clips(texts: Sequence[str], out_dir: str | Path, voices: Sequence[tuple[str, str]], *, prefix: str = "clip",
-                sampling_rate: int = 16000) -> list[tuple[Path, str]]:
-    """Speak text ``i`` with voice ``i % len(voices)`` into ``out_dir/{prefix}{i:05d}.wav`` (16 kHz mono), once:
-    existing clips whose manifest row holds the same text and voice are kept. Returns ``[(path, voice), ...]``."""
-    from hf_distill.speech.synth import synthesize
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"{prefix}_manifest.csv"
-    known: dict[str, tuple[str, str]] = {}
-    if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8") as f:
-            known = {row["path"]: (row["text"], row["voice"]) for row in csv.DictReader(f)}
-    rows = []
-    for i, text in enumerate(texts):
-        engine, voice = voices[i % len(voices)]
-        name = f"{prefix}{i:05d}.wav"
-        path = out_dir / name
-        if not (path.is_file() and known.get(name) == (text, f"{engine}:{voice}")):
-            made, _ = synthesize([text], out_dir, engine=engine, voice=voice, sampling_rate=sampling_rate,
-                                 prefix=f"{prefix}{i:05d}_")[0]
-            made.replace(path)
-        rows.append((path, f"{engine}:{voice}", text))
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "voice", "text"])
-        writer.writerows([(p.name, v, t) for p, v, t in rows])
-    tmp.replace(manifest)
-    return [(p, v) for p, v, _ in rows]
 
 
 @torch.inference_mode()

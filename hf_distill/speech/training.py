@@ -226,8 +226,12 @@ class WhisperDistillationCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(e["labels"]) for e in examples)
-        batch: dict[str, torch.Tensor] = {
-            "input_features": torch.as_tensor(np.stack([e["input_features"] for e in examples])),
+        if "encoder_outputs" in examples[0]:  # cached encoder states (hf_distill.speech.encoder_cache)
+            audio = {"encoder_outputs": (torch.as_tensor(np.stack([e["encoder_outputs"] for e in examples])),)}
+        else:
+            audio = {"input_features": torch.as_tensor(np.stack([e["input_features"] for e in examples]))}
+        batch: dict[str, Any] = {
+            **audio,
             "decoder_input_ids": torch.tensor(
                 [e["decoder_input_ids"] + [self.pad_token_id] * (n - len(e["decoder_input_ids"])) for e in examples]),
             "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * (n - len(e["labels"])) for e in examples]),
@@ -309,14 +313,24 @@ class WhisperDistillationTrainer(DistillationTrainer):
             self._captured = None
 
     def teacher_forward(self, index, inputs):
-        if not (self.encoder_shared and index == 0 and self._captured is not None):
+        cached = inputs.get("encoder_outputs")
+        if cached is not None and not (self.encoder_shared and index == 0):
+            raise ValueError("the batch carries cached encoder outputs, which teacher "
+                             f"{index} may read only when it shares the student's encoder, and it does not: "
+                             f"{self.share_reason or 'only the first teacher shares it'}; train on audio "
+                             "features instead, or freeze the student's copy of the teacher's encoder")
+        if cached is not None:
+            hidden = cached[0] if isinstance(cached, (tuple, list)) else cached.last_hidden_state
+        elif self.encoder_shared and index == 0 and self._captured is not None:
+            hidden = self._captured
+        else:
             return super().teacher_forward(index, inputs)
         from transformers.modeling_outputs import BaseModelOutput
 
         from hf_distill.objectives import ModelTensors
 
         teacher = self.teachers[0]
-        hidden = self._captured.to(next(teacher.parameters()).dtype)
+        hidden = hidden.to(next(teacher.parameters()).dtype)
         with torch.no_grad(), self.accelerator.autocast():
             out = teacher(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                           decoder_input_ids=inputs["decoder_input_ids"],
@@ -331,12 +345,19 @@ def batches(seq: Sequence, size: int):
 
 @torch.inference_mode()
 def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_size: int = 8,
-                       **generate_kwargs) -> list[str]:
+                       timings: dict[str, float] | None = None, **generate_kwargs) -> list[str]:
     """Greedy transcripts (unless ``generate_kwargs`` say otherwise) of 16 kHz-rate audio arrays, in order.
 
     Audio longer than Whisper's window is transcribed with Whisper's sequential long-form decoding
-    (timestamps), shorter audio in length-sorted batches.
+    (timestamps), shorter audio in length-sorted batches: its encoder runs first, then ``generate`` on
+    the encoder's output, so that ``timings`` (if given) adds up the seconds of ``features``, ``encoder``
+    and ``decoder`` (the generation loop) apart, and ``long_form`` for the long audio.
     """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    timings = {} if timings is None else timings
+    for key in ("features", "encoder", "decoder", "long_form"):
+        timings.setdefault(key, 0.0)
     fe = processor.feature_extractor
     rate = int(fe.sampling_rate)
     window = int(getattr(fe, "n_samples", 30 * rate))
@@ -349,24 +370,37 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
     out: list[str | None] = [None] * len(audios)
     short = sorted((i for i, a in enumerate(audios) if len(a) <= window), key=lambda i: -len(audios[i]))
     for idx in batches(short, batch_size):
+        t0 = time.perf_counter()
         feats = fe([audios[i] for i in idx], sampling_rate=rate, return_tensors="pt").input_features
-        ids = model.generate(feats.to(device, dtype), **generate_kwargs)
+        t1 = time.perf_counter()
+        hidden = model.get_encoder()(input_features=feats.to(device, dtype)).last_hidden_state
+        t2 = time.perf_counter()
+        ids = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **generate_kwargs)
         ids = ids["sequences"] if isinstance(ids, dict) else ids
+        timings["features"] += t1 - t0
+        timings["encoder"] += t2 - t1
+        timings["decoder"] += time.perf_counter() - t2
         for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True)):
             out[i] = text.strip()
     for i in (i for i, a in enumerate(audios) if len(a) > window):
+        t0 = time.perf_counter()
         feats = fe(audios[i], sampling_rate=rate, return_tensors="pt", truncation=False, padding="longest",
                    return_attention_mask=True)
         ids = model.generate(feats.input_features.to(device, dtype), attention_mask=feats.attention_mask.to(device),
                              return_timestamps=True, **generate_kwargs)
         ids = ids["sequences"] if isinstance(ids, dict) else ids
         out[i] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        timings["long_form"] += time.perf_counter() - t0
     return [t or "" for t in out]
 
 
-def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int) -> dict[str, Any]:
+def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
+                 loop_compression_ratio: float = 2.4) -> dict[str, Any]:
     """Corpus WER (Whisper English normaliser) of ``transcribe(list of arrays) -> list of texts`` on
-    items with references; also the wall time of the transcription."""
+    items with references; also the wall time of the transcription, and the repetition loops: the
+    transcripts whose gzip compression ratio exceeds ``loop_compression_ratio`` (Whisper's own test for
+    a decoder stuck repeating itself) and those more than twice as long as their reference."""
+    from hf_distill.speech.labelling.text import compression_ratio
     from hf_distill.speech.text_normalizer import wer
 
     items = [it for it in items if it.reference is not None]
@@ -375,8 +409,14 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int) -> 
     hyps = transcribe(audios) if audios else []
     seconds = time.perf_counter() - t0
     refs = [it.reference for it in items]
+    ratios = [compression_ratio(h) if h else 0.0 for h in hyps]
+    loops = [it.id for it, r in zip(items, ratios) if r > loop_compression_ratio]
+    too_long = [it.id for it, r, h in zip(items, refs, hyps) if len(h.split()) > 2 * max(1, len(r.split()))]
     return {
         "wer": wer(refs, hyps) if items else None,
+        "compression_ratio_max": max(ratios, default=0.0),
+        "compression_ratio_outliers": loops,
+        "over_twice_the_reference_length": too_long,
         "n": len(items),
         "audio_seconds": float(sum(len(a) for a in audios) / sampling_rate),
         "seconds": seconds,

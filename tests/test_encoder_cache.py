@@ -1,0 +1,232 @@
+"""Encoder outputs computed once per clip (hf_distill.speech.encoder_cache) and the spoken-corpus helpers
+that need no synthesizer (hf_distill.speech.corpus); the Distil-Whisper recipe on cached encoder outputs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from hf_distill.speech.audio import list_audio
+from hf_distill.speech.corpus import article_split, pack_windows, plain_sentences, split_sentences
+from hf_distill.speech.encoder_cache import (
+    CachedEncoderDataset,
+    EncoderOutputCache,
+    build_encoder_cache,
+)
+from hf_distill.speech.training import WhisperDistillationCollator, WhisperDistillationTrainer
+from test_pseudo_label import build_tiny_whisper, write_clips
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import distil_whisper  # noqa: E402
+
+TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none",
+               "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    return build_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    return write_clips(tmp_path_factory.mktemp("clips"), [1.0, 2.0, 1.5, 3.0, 0.8, 2.5, 1.2, 2.2], bad=False)
+
+
+@pytest.fixture(scope="module")
+def eval_manifest(clips, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "eval.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "text"])
+        for p in sorted(clips.rglob("*.*"))[:3]:
+            writer.writerow([str(p), "the cat sat on the mat"])
+    return path
+
+
+def _load(whisper_dir):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    return WhisperForConditionalGeneration.from_pretrained(whisper_dir).eval(), WhisperProcessor.from_pretrained(whisper_dir)
+
+
+def _encoder_output(model, processor, item):
+    from hf_distill.speech.audio import decode
+
+    fe = processor.feature_extractor
+    feats = fe([decode(item, 16000)], sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        return model.get_encoder()(input_features=feats).last_hidden_state[0].numpy()
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def test_cache_holds_the_encoder_outputs_resumes_and_refuses_other_inputs(whisper_dir, clips, tmp_path):
+    model, processor = _load(whisper_dir)
+    items = list_audio(str(clips))
+    folder = tmp_path / "cache"
+    cache = build_encoder_cache(model, processor.feature_extractor, items, folder, batch_size=3, dtype="float32",
+                                shard_size=3, progress=False)
+    assert len(cache) == len(items) and sorted(p.name for p in folder.glob("shard-*.npy")) == [
+        "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+    for item in items:  # batched with other clips, the same values as the clip alone
+        np.testing.assert_allclose(cache[item.id], _encoder_output(model, processor, item), rtol=1e-4, atol=1e-5)
+
+    # an interrupted build (a shard missing, a partial file left) computes only what is missing
+    (folder / "shard-00001.npy").unlink()
+    (folder / ".shard-00001.npy").write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        EncoderOutputCache(folder)
+    calls = []
+    hook = model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args))
+    build_encoder_cache(model, processor.feature_extractor, items, folder, batch_size=3, dtype="float32",
+                        shard_size=3, progress=False)
+    assert len(calls) == 1  # one batch: the 3 clips of the missing shard
+    build_encoder_cache(model, processor.feature_extractor, items, folder, batch_size=3, dtype="float32",
+                        shard_size=3, progress=False)
+    assert len(calls) == 1  # complete: nothing runs
+    hook.remove()
+
+    # another dtype, other weights, other audio: refused with the reason, never reused
+    with pytest.raises(ValueError, match="stored dtype"):
+        build_encoder_cache(model, processor.feature_extractor, items, folder, dtype="float16", shard_size=3)
+    with torch.no_grad():
+        model.get_encoder().layers[0].fc1.weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="encoder's weights"):
+        build_encoder_cache(model, processor.feature_extractor, items, folder, dtype="float32", shard_size=3)
+    with torch.no_grad():
+        model.get_encoder().layers[0].fc1.weight[0, 0] -= 1e-3
+    path = Path(items[0].path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="audio files"):
+        build_encoder_cache(model, processor.feature_extractor, list_audio(str(clips)), folder, dtype="float32",
+                            shard_size=3)
+
+    half = build_encoder_cache(model, processor.feature_extractor, items[:2], tmp_path / "half", progress=False)
+    np.testing.assert_allclose(half[items[0].id], cache[items[0].id], rtol=2e-3, atol=2e-3)
+    assert np.load(tmp_path / "half" / "shard-00000.npy").dtype == np.float16
+
+
+def test_cached_batches_give_the_loss_of_audio_batches_without_running_any_encoder(whisper_dir, clips, tmp_path):
+    from hf_distill import DistillationArguments
+    from hf_distill.speech.training import WhisperPseudoLabelDataset
+    from hf_distill.students import build_whisper_student
+
+    teacher, processor = _load(whisper_dir)
+    student = build_whisper_student(teacher, 1, freeze_encoder=True)
+    items = {it.id: it for it in list_audio(str(clips))}
+    rows = [{"id": i, "prompt_ids": [int(teacher.config.decoder_start_token_id)], "token_ids": [40 + j, 41, 42, 2]}
+            for j, i in enumerate(sorted(items))]
+    cache = build_encoder_cache(student, processor.feature_extractor, [items[r["id"]] for r in rows],
+                                tmp_path / "cache", dtype="float32", progress=False)
+    collate = WhisperDistillationCollator(pad_token_id=0)
+    cached = collate([CachedEncoderDataset(rows, processor.feature_extractor, cache, items=items)[i] for i in range(4)])
+    audio = collate([WhisperPseudoLabelDataset(rows, processor.feature_extractor, items=items)[i] for i in range(4)])
+    assert "input_features" not in cached and cached["encoder_outputs"][0].shape[0] == 4
+    args = DistillationArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True, disable_tqdm=True,
+                                 save_strategy="no", cos_weight=0.0, kd_weight=1.0, task_weight=0.8, temperature=2.0)
+    trainer = WhisperDistillationTrainer(model=student, teacher=teacher, args=args)
+    assert trainer.encoder_shared
+    student.eval()
+    calls = []
+    hooks = [m.get_encoder().register_forward_hook(lambda *a: calls.append(1)) for m in (teacher, student)]
+    loss_cached = trainer.compute_loss(student, dict(cached))
+    assert calls == []  # neither encoder ran
+    loss_audio = trainer.compute_loss(student, dict(audio))
+    assert calls == [1]  # the student's encoder, once; the teacher reused its output
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(loss_cached, loss_audio, rtol=1e-5, atol=1e-6)
+
+    trained = build_whisper_student(teacher, 1, freeze_encoder=False)
+    plain = WhisperDistillationTrainer(model=trained, teacher=teacher, args=args)
+    with pytest.raises(ValueError, match="shares the student's encoder"):
+        plain.compute_loss(trained, dict(cached))
+    with pytest.raises(ValueError, match="not in the encoder cache"):
+        CachedEncoderDataset(rows + [{"id": "other", "prompt_ids": [1], "token_ids": [2]}],
+                             processor.feature_extractor, cache, items=items)
+
+
+def test_distil_whisper_recipe_on_cached_encoder_outputs(whisper_dir, clips, eval_manifest, tmp_path):
+    out = tmp_path / "run"
+    results = distil_whisper.main([
+        "--teacher", str(whisper_dir), "--audio", str(clips), "--eval_audio", str(eval_manifest), "--output_dir", str(out),
+        "--freeze_encoder", "true", "--cache_encoder_outputs", "true", "--num_decoder_layers", "1",
+        "--keep_only", "false", "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "2",
+        "--speed_clips", "2", *TRAIN_FLAGS])
+    losses = [h["loss"] for h in results["loss"]["history"]]
+    assert len(losses) >= 4 and losses[-1] < losses[0]
+    assert results["distillation"]["encoder_shared"] is True
+    assert len(EncoderOutputCache(out / "encoder_cache")) == results["rows"]["training_rows"] == 8
+    for key, n in (("teacher", 3), ("student", 3), ("teacher_batch_1", 2), ("student_batch_1", 2)):
+        ev = results["eval"][key]
+        assert ev["n"] == n and ev["timings"]["decoder"] > 0 and "compression_ratio_outliers" in ev
+    assert results["eval"]["student_decoder_speedup"] > 0
+    from transformers import WhisperForConditionalGeneration
+
+    assert WhisperForConditionalGeneration.from_pretrained(out / "student").config.decoder_layers == 1
+    with pytest.raises(ValueError, match="needs --freeze_encoder"):
+        distil_whisper.main(["--teacher", str(whisper_dir), "--audio", str(clips), "--output_dir", str(tmp_path / "x"),
+                             "--cache_encoder_outputs", "true", *TRAIN_FLAGS])
+
+
+# ------------------------------------------------------------------------------------------------ the corpus
+def test_plain_sentences_keep_what_a_synthesizer_reads_as_written():
+    article = ("Title line that is skipped entirely.\n"
+               "Shares in the firm rose sharply on Monday, traders said. Profits hit 3.5bn last year. "
+               "The BBC reported it first. \"We are pleased,\" he said. Too short. "
+               "Is this the end of the road for the old model? Shares in the firm rose sharply on Monday, traders said.")
+    assert split_sentences("One two.\nThree four? Five!")[:2] == ["One two.", "Three four?"]
+    assert plain_sentences([article], min_words=4) == [
+        "Shares in the firm rose sharply on Monday, traders said.",  # once: duplicates dropped
+        "Is this the end of the road for the old model?"]  # digits, acronyms, quotes and short ones left out
+    with pytest.raises(ValueError, match="min_words"):
+        plain_sentences([article], min_words=5, max_words=4)
+
+
+def test_article_split_is_seeded_stable_and_disjoint():
+    texts = [f"article {i}" for i in range(400)]
+    train, held = article_split(texts, 0.2, seed=3)
+    assert sorted(train + held) == list(range(400)) and 50 < len(held) < 110
+    assert article_split(texts, 0.2, seed=3) == (train, held)
+    moved_train, moved_held = article_split(texts[::-1], 0.2, seed=3)  # an article's group does not depend on order
+    assert {texts[::-1][i] for i in moved_held} == {texts[i] for i in held}
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        article_split(texts, 1.0)
+
+
+def test_pack_windows_joins_clips_of_one_voice_in_order_within_the_limit(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(23):
+        path = tmp_path / "clips" / f"c{i:02d}.wav"
+        path.parent.mkdir(exist_ok=True)
+        sf.write(path, (0.1 * rng.standard_normal(int(16000 * rng.uniform(1.0, 4.0)))).astype(np.float32), 16000)
+        clips.append((path, "flite:a" if i % 2 else "flite:b", f"sentence {i}."))
+    manifest = pack_windows(clips, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    used = [m for r in rows for m in r["clips"].split("|")]
+    assert sorted(used) == sorted(p.name for p, _, _ in clips)  # every clip exactly once
+    by_name = {p.name: (v, t) for p, v, t in clips}
+    sizes = set()
+    for r in rows:
+        members = r["clips"].split("|")
+        sizes.add(len(members))
+        assert len(members) <= 3 and {by_name[m][0] for m in members} == {r["voice"]}
+        assert r["text"] == " ".join(by_name[m][1] for m in members)
+        audio, rate = sf.read(tmp_path / "win" / r["path"])
+        parts = sum(sf.info(tmp_path / "clips" / m).frames for m in members)
+        assert rate == 16000 and parts <= len(audio) <= 9.0 * rate  # the clips plus the silences between them
+    assert len(sizes) > 1  # windows of different lengths
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "win").glob("*.wav")}
+    pack_windows(clips, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "win").glob("*.wav")} == stamp  # made once
+    with pytest.raises(ValueError, match="over max_seconds"):
+        pack_windows(clips, tmp_path / "w2", max_seconds=0.5)
