@@ -168,6 +168,21 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def batch_size_of(inputs) -> int:
+    """Rows of a model-input batch: the first dimension of its first tensor, looking inside tuples, lists and
+    model outputs (e.g. ``encoder_outputs``)."""
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    while values:
+        value = values.pop(0)
+        if torch.is_tensor(value):
+            return int(value.shape[0])
+        if isinstance(value, dict):
+            values[:0] = list(value.values())
+        elif isinstance(value, (tuple, list)):
+            values[:0] = list(value)
+    raise ValueError("the batch holds no tensor")
+
+
 def forward_parameters(model) -> set[str] | None:
     """Named parameters of ``model.forward`` (None when it takes arbitrary keyword arguments only)."""
     params = inspect.signature(unwrap(model).forward).parameters

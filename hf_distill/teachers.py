@@ -92,7 +92,7 @@ def load_teacher(name_or_path: str | Path, *, task: str = "auto", dtype: str = "
             classes = [getattr(transformers, a, None) for a in getattr(config, "architectures", None) or []]
             auto_cls = next((c for c in classes if c is not None), AutoModel)
         else:
-            auto_cls = TASK_AUTO_CLASSES[task]
+            auto_cls = audio_auto_class(name, task, trust_remote_code) or TASK_AUTO_CLASSES[task]
         model, info = auto_cls.from_pretrained(name, output_loading_info=True, **load_kwargs)
     except RuntimeError as exc:
         if "mismatched" not in str(exc):
@@ -112,6 +112,31 @@ def load_teacher(name_or_path: str | Path, *, task: str = "auto", dtype: str = "
             f"(e.g. {new[:4]}): they would be randomly initialised, and a teacher with a random head gives random "
             f"soft targets. Give a checkpoint saved with this head (task {task!r}), or fine-tune the teacher first")
     return model
+
+
+def audio_auto_class(name: str, task: str, trust_remote_code: bool = False):
+    """The audio auto class for a speech checkpoint whose head is of kind ``task`` (a Whisper teacher of a
+    ``seq2seq_lm`` student is an ``AutoModelForSpeechSeq2Seq``, an audio classifier an
+    ``AutoModelForAudioClassification``), or None for a text checkpoint."""
+    from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelForSpeechSeq2Seq
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    )
+
+    audio = {"seq2seq_lm": (MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, AutoModelForSpeechSeq2Seq),
+             "sequence_classification": (MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES, AutoModelForAudioClassification)}
+    if task not in audio:
+        return None
+    model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+    names, auto_cls = audio[task]
+    text_names = {"seq2seq_lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                  "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}[task]
+    import transformers.models.auto.modeling_auto as auto
+
+    if model_type in names and model_type not in getattr(auto, text_names, {}):
+        return auto_cls
+    return None
 
 
 def find_teacher_tokenizer(teacher):

@@ -34,7 +34,7 @@ from transformers import Trainer, TrainerCallback
 
 from .arguments import DistillationArguments
 from .checkpoints import DistillationCheckpointMixin
-from .modeling import check_input_pair, forward_parameters, output_size, task_kind, unwrap
+from .modeling import batch_size_of, check_input_pair, forward_parameters, output_size, task_kind, unwrap
 from .numerics import NonFiniteError, all_finite, describe_nonfinite, nonfinite_parameters
 from .objectives import ModelTensors, StepTensors, build_objective
 from .objectives.cross_tokenizer import bind_tokenizers, check_cross_tokenizer_terms
@@ -437,7 +437,7 @@ class DistillationTrainer(DistillationCheckpointMixin, Trainer):
             for name, value in terms.items():
                 self._train_terms[name] = self._train_terms[name] + value.detach().float() * scale
         else:
-            batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+            batch = batch_size_of(inputs)
             for name, value in terms.items():
                 self._eval_terms[name] += float(value.detach()) * batch
             self._eval_weight += batch

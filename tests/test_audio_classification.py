@@ -210,3 +210,29 @@ def test_unsupported_pairs_and_inputs_have_clear_errors(tmp_path):
         whisper_audio_classifier(whisper_config(), 3, max_source_positions=60)
     with pytest.raises(ValueError, match="copies a Whisper encoder"):
         whisper_audio_classifier(tiny_text_classifier(), 3)
+
+
+def test_audio_teachers_given_as_paths_load_with_their_audio_heads(tmp_path):
+    from transformers import WhisperForAudioClassification, WhisperForConditionalGeneration
+
+    from hf_distill.teachers import load_teacher
+
+    classifier, _ = whisper_classifier(seed=1)
+    classifier.save_pretrained(tmp_path / "classifier")
+    trainer = DistillationTrainer(model=whisper_classifier(seed=2)[0], teacher=str(tmp_path / "classifier"),
+                                  args=args_for(tmp_path))
+    loaded = trainer.teacher
+    assert isinstance(loaded, WhisperForAudioClassification)
+    for a, b in zip(loaded.state_dict().values(), classifier.state_dict().values()):
+        assert torch.equal(a, b)
+
+    torch.manual_seed(0)
+    seq2seq = WhisperForConditionalGeneration(whisper_config(decoder_layers=2)).eval()
+    seq2seq.save_pretrained(tmp_path / "whisper")
+    assert isinstance(load_teacher(tmp_path / "whisper", task="seq2seq_lm"), WhisperForConditionalGeneration)
+    student = WhisperForConditionalGeneration(whisper_config(decoder_layers=1))
+    trainer = DistillationTrainer(model=student, teacher=str(tmp_path / "whisper"), args=args_for(tmp_path))
+    assert isinstance(trainer.teacher, WhisperForConditionalGeneration)
+    # a speech-to-text checkpoint is not an audio classifier: its classifier head would be random
+    with pytest.raises(ValueError, match="randomly initialised"):
+        load_teacher(tmp_path / "whisper", task="sequence_classification")

@@ -143,6 +143,9 @@ def test_cached_batches_give_the_loss_of_audio_batches_without_running_any_encod
     for h in hooks:
         h.remove()
     torch.testing.assert_close(loss_cached, loss_audio, rtol=1e-5, atol=1e-6)
+    # decoder inputs made from the labels, rows counted inside encoder_outputs (evaluation mode)
+    only_states = {k: v for k, v in cached.items() if k != "decoder_input_ids"}
+    assert torch.isfinite(trainer.compute_loss(student, only_states))
 
     trained = build_whisper_student(teacher, 1, freeze_encoder=False)
     plain = WhisperDistillationTrainer(model=trained, teacher=teacher, args=args)
