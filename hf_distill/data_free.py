@@ -8,17 +8,25 @@
   whole set as a ``datasets`` dataset in ``<folder>/dataset`` with ``prompt``, ``text`` and ``seed``
   columns and ``<folder>/settings.json``; a later call with the same settings loads it, with other
   settings it refuses (delete the folder or change it).
-* For causal LMs, :func:`prompt_rows` turns generic or empty prompts into prompt-only rows for
-  :class:`hf_distill.lm.trainer.CausalLMDistillationTrainer` with ``seq_kd=True``: the teacher writes
-  every completion during training, so the student learns on the teacher's own generations.
+* For causal LMs, two ways to train on the teacher's own generations:
+
+  - a corpus sampled once: the teacher itself writes texts from generic or empty prompts
+    (:func:`prompt_set`, :func:`synthesize_texts`: stored, inspectable, reused by a rerun) and
+    :func:`synthetic_blocks` packs them into training blocks exactly like real documents, so the student
+    trains on them with the same loss, steps and tokens as on real text (``recipes/causal_lm.py
+    --data_free true``);
+  - :func:`prompt_rows` turns the prompts into prompt-only rows for
+    :class:`hf_distill.lm.trainer.CausalLMDistillationTrainer` with ``seq_kd=True``: the teacher writes
+    every completion during training (new samples every step, at a teacher generation per step).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -48,9 +56,10 @@ def check_prompts(prompts: Sequence[str], *, allow_empty: bool = False) -> list[
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given: pass at least one prompt (e.g. hf_distill.data_free.GENERIC_PROMPTS)")
-    bad = [p for p in prompts if not isinstance(p, str) or (not allow_empty and not p.strip())]
+    bad = [p for p in prompts if not isinstance(p, str) or (not p.strip() and not (allow_empty and p == ""))]
     if bad:
-        raise ValueError(f"prompts must be non-empty strings; got {bad[:3]!r}")
+        raise ValueError(f"prompts must be non-empty strings{' (or exactly an empty one)' if allow_empty else ''}; "
+                         f"got {bad[:3]!r}")
     return prompts
 
 
@@ -61,7 +70,12 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[
         return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)) for p in prompts]
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [start + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [start + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    empty = [p for p, ids in zip(prompts, encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} encodes to no tokens and the tokenizer has no start token: "
+                         "give it text, or use chat=True")
+    return encoded
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +102,19 @@ def synthesize_texts(model, tokenizer, prompts: Sequence[str], num_texts: int, *
                      seed: int = 0, chat: bool = True, min_chars: int = 1, generator_name: str = ""):
     """``num_texts`` texts sampled from ``model`` (prompt ``i % len(prompts)`` for text ``i``), as a dataset.
 
+    ``""`` is an empty prompt: the start token alone (``chat=False``) or an empty user turn (``chat=True``).
+
     Batch ``b`` is sampled with ``torch.manual_seed(seed + b)``; texts shorter than ``min_chars`` characters
     (after stripping) are kept with their prompt but flagged (``kept`` False) and left out of the dataset.
+    A later call with a larger ``num_texts`` and otherwise the same settings keeps the complete batches already
+    sampled and samples the rest (the texts a fresh call would give).
     Returns a ``datasets.Dataset`` with columns ``prompt``, ``text``, ``seed`` (reloadable with
     :func:`load_synthetic`).
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    prompts = check_prompts(prompts)
+    prompts = check_prompts(prompts, allow_empty=True)
     if num_texts < 1:
         raise ValueError(f"num_texts must be >= 1, got {num_texts}")
     if batch_size < 1 or max_new_tokens < 1:
@@ -108,13 +126,18 @@ def synthesize_texts(model, tokenizer, prompts: Sequence[str], num_texts: int, *
     saved = folder / SETTINGS_FILE
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{folder} holds texts synthesised with other settings ({', '.join(changed)}); "
-                             "delete that folder or choose another one")
-        if (folder / DATASET_DIR).is_dir():
+        changed = sorted(k for k in set(previous) | set(settings)
+                         if k != "num_texts" and previous.get(k) != settings.get(k))
+        if changed or previous.get("num_texts", 0) > num_texts:
+            raise ValueError(f"{folder} holds texts synthesised with other settings "
+                             f"({', '.join(changed or ['num_texts: fewer asked'])}); delete that folder or choose "
+                             "another one")
+        if previous["num_texts"] == num_texts and (folder / DATASET_DIR).is_dir():
             logger.info("reusing the synthetic texts in %s", folder / DATASET_DIR)
             return load_synthetic(folder)
+        if previous["num_texts"] < num_texts:  # more texts: the complete batches so far are kept, the rest sampled
+            logger.info("extending the %d synthetic texts in %s to %d", previous["num_texts"], folder, num_texts)
+            shutil.rmtree(folder / DATASET_DIR, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings, indent=1) + "\n")
     partial = folder / PARTIAL_FILE
@@ -183,10 +206,40 @@ def prompt_rows(prompts: Sequence[str], tokenizer, *, chat: bool = True, repeats
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     encoded = _encode_prompts(tokenizer, prompts, chat)
-    empty = [p for p, ids in zip(prompts, encoded) if not ids]
-    if empty:
-        raise ValueError(f"prompt {empty[0]!r} encodes to no tokens and the tokenizer has no start token: "
-                         "give it text, or use chat=True")
     rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ids),
              "prompt_length": len(ids)} for ids in encoded] * repeats
     return Dataset.from_list(rows)
+
+
+#: :func:`prompt_set` names
+PROMPT_SETS = ("generic", "empty")
+
+
+def prompt_set(spec: str) -> list[str]:
+    """The prompts ``spec`` names: ``generic`` (:data:`GENERIC_PROMPTS`), ``empty`` (one empty prompt: the start
+    token alone, or an empty user turn with a chat template) or a text file with one prompt a line."""
+    if spec == "generic":
+        return list(GENERIC_PROMPTS)
+    if spec == "empty":
+        return [""]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"prompts {spec!r}: give one of {', '.join(PROMPT_SETS)} or a text file with one prompt a "
+                         "line (no such file)")
+    return check_prompts([line.strip() for line in path.read_text().splitlines() if line.strip()])
+
+
+def synthetic_blocks(texts, tokenizer, block_size: int, n_blocks: int):
+    """The first ``n_blocks`` blocks of ``block_size`` tokens of the synthesised ``texts`` (a dataset with a
+    ``text`` column), packed as documents are (:func:`hf_distill.lm.data.pack_text_blocks`: EOS after each).
+    Fewer blocks than ``n_blocks`` is an error that says how many texts would be needed."""
+    from hf_distill.lm.data import pack_text_blocks
+
+    written = list(texts["text"])
+    tokens = sum(len(ids) + 1 for ids in tokenizer(written, add_special_tokens=False)["input_ids"])  # + EOS each
+    if tokens < n_blocks * block_size:
+        need = -(-n_blocks * block_size * len(written) // max(tokens, 1))
+        raise ValueError(f"the {len(written)} synthesised texts fill {tokens // block_size} blocks of {block_size} "
+                         f"tokens, fewer than the {n_blocks} the comparison needs: synthesise more texts (about "
+                         f"{need}) or longer ones")
+    return pack_text_blocks(texts.select_columns(["text"]), tokenizer, block_size).select(range(n_blocks))

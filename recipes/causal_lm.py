@@ -30,6 +30,18 @@ Stages (each with a progress bar):
 5. **Cards.** Each student folder gets a model card (held-out perplexity in its metadata) and
    ``distillation.json``; ``--push_to_hub`` uploads the distilled student (``--hub_model_id``).
 
+Data-free (``--data_free true``). A third student, from the same initial weights, never reads a training
+document: the teacher itself first samples ``--data_free_texts`` texts from generic or empty prompts
+(``--data_free_prompts``: ``generic``, ``empty`` or a file; batched, KV cache, ``--data_free_temperature``,
+``--data_free_top_p``, at most ``--data_free_max_new_tokens`` tokens each), stored with their prompts and
+seeds in ``output_dir/synthetic`` (a ``datasets`` dataset and ``partial.jsonl``; an interrupted synthesis
+resumes, a finished one is reused, a larger ``--data_free_texts`` extends it, other settings are refused).
+They are packed into blocks as documents are, and as many blocks as the real-data student reads are kept
+(its rows, or with ``--max_steps`` steps x batch x accumulation): the same loss, teacher outputs
+(their own store, ``output_dir/teacher_store_data_free``), steps, tokens and seed as the real-data student.
+The report adds the data-free student to every table, with the paired differences data-free - distilled
+(real data) and data-free - baseline.
+
 Conventions. ``temperature`` T softens both distributions (``softmax(logits / T)``) and the divergence is
 multiplied by ``T**2`` (Hinton et al.). ``--divergence jsd --beta b`` is the generalized JSD of the GKD
 paper: ``m = b * p_teacher + (1 - b) * p_student``, ``b * KL(p_teacher || m) + (1 - b) * KL(p_student || m)``;
@@ -64,10 +76,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, set_seed
 
+from hf_distill import data_free as synthetic
 from hf_distill.checkpoints import weights_fingerprint
 from hf_distill.config import parse_config_and_args
 from hf_distill.lm.arguments import CausalLMDistillationArguments
 from hf_distill.lm.recipe_report import (
+    DATA_FREE_DIR,
     lm_comparisons,
     plot_lm_results,
     write_lm_results,
@@ -139,6 +153,20 @@ class CausalLMRecipeArguments:
     store_k: int = field(default=64, metadata={"help": "Teacher probabilities kept per position in the store."})
     baseline: bool = field(default=True, metadata={"help": "Also train the student with cross-entropy only."})
     baseline_task_weight: float = field(default=1.0)
+    # ---- data-free student
+    data_free: bool = field(default=False, metadata={
+        "help": "Also distil a student on the teacher's own generations only (no training document read), with the "
+                "same loss, steps and tokens as the real-data student."})
+    data_free_prompts: str = field(default="generic", metadata={
+        "help": "generic (hf_distill.data_free.GENERIC_PROMPTS), empty, or a file with one prompt a line."})
+    data_free_chat: bool = field(default=True, metadata={"help": "Wrap each prompt in the teacher's chat template."})
+    data_free_texts: int = field(default=256, metadata={"help": "Texts the teacher writes (enough to fill as many "
+                                                                "blocks as the real-data student trains on)."})
+    data_free_max_new_tokens: int = field(default=256)
+    data_free_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    data_free_top_p: float = field(default=0.95)
+    data_free_batch_size: int = field(default=16, metadata={"help": "Texts sampled together."})
+    data_free_min_chars: int = field(default=20, metadata={"help": "Shorter texts are dropped."})
     # ---- evaluation
     eval_batch_size: int = field(default=8)
     bootstrap_resamples: int = field(default=2000)
@@ -168,6 +196,67 @@ def teacher_output_mode(recipe, args, data_format: str) -> str:
     return mode
 
 
+DATA_FREE_FIELDS = tuple(f.name for f in dataclasses.fields(CausalLMRecipeArguments)
+                         if f.name.startswith("data_free_"))
+
+
+def check_data_free(recipe, data_format: str) -> None:
+    """Refuse data-free settings that cannot work, before the teacher is loaded or anything trained. (On-policy
+    and sequence-level settings are already refused for plain text, the only data the data-free mode takes.)"""
+    if not recipe.data_free:
+        changed = [f"--{f.name}" for f in dataclasses.fields(recipe)
+                   if f.name in DATA_FREE_FIELDS and getattr(recipe, f.name) != f.default]
+        if changed:
+            raise DataError(f"{', '.join(changed)} set without --data_free true: add --data_free true or drop them")
+        return
+    if data_format != "text":
+        raise DataError(f"--data_free true packs the teacher's generations into blocks like plain documents and "
+                        f"compares them with a real-data student on plain text; these data are {data_format} rows: "
+                        "give plain text (or use --seq_kd with prompt-only rows, hf_distill.data_free.prompt_rows)")
+    if not recipe.data_free_temperature > 0:
+        raise DataError(f"--data_free_temperature must be > 0 (got {recipe.data_free_temperature}): greedy decoding "
+                        "writes the same text for every use of a prompt")
+    if recipe.data_free_prompts not in synthetic.PROMPT_SETS and not Path(recipe.data_free_prompts).is_file():
+        raise DataError(f"--data_free_prompts {recipe.data_free_prompts!r}: give generic, empty or a text file with "
+                        "one prompt a line (no such file)")
+    if recipe.data_free_texts < 1 or recipe.data_free_batch_size < 1 or recipe.data_free_max_new_tokens < 1:
+        raise DataError("--data_free_texts, --data_free_batch_size and --data_free_max_new_tokens must be >= 1")
+
+
+def rows_read(args, n_rows: int) -> int:
+    """How many distinct training rows ``args`` let a student read: all ``n_rows``, or with ``--max_steps`` at
+    most its steps x batch x accumulation (one process)."""
+    if args.max_steps and args.max_steps > 0:
+        return min(n_rows, args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    return n_rows
+
+
+def synthesize_blocks(teacher, tokenizer, recipe, folder: Path, n_blocks: int, seed: int):
+    """The teacher's own texts (sampled once, stored in ``folder``, reused) and the first ``n_blocks`` blocks
+    they pack into."""
+    texts = synthetic.synthesize_texts(
+        teacher, tokenizer, synthetic.prompt_set(recipe.data_free_prompts), recipe.data_free_texts, folder=folder,
+        max_new_tokens=recipe.data_free_max_new_tokens, temperature=recipe.data_free_temperature,
+        top_p=recipe.data_free_top_p, batch_size=recipe.data_free_batch_size, seed=seed, chat=recipe.data_free_chat,
+        min_chars=recipe.data_free_min_chars, generator_name=str(recipe.teacher or ""))
+    try:
+        blocks = synthetic.synthetic_blocks(texts, tokenizer, recipe.block_size, n_blocks)
+    except ValueError as err:
+        raise DataError(f"{err} (--data_free_texts, --data_free_max_new_tokens; a rerun with more texts keeps "
+                        "those already sampled)") from None
+    prompts, written = list(texts["prompt"]), list(texts["text"])
+    lengths = [len(ids) for ids in tokenizer(written, add_special_tokens=False)["input_ids"]]
+    summary = {"folder": str(folder), "prompts": recipe.data_free_prompts, "chat": recipe.data_free_chat,
+               "n_texts": recipe.data_free_texts, "n_kept": len(texts), "text_tokens": sum(lengths),
+               "mean_tokens_per_text": round(sum(lengths) / len(lengths), 1), "n_blocks": len(blocks),
+               "max_new_tokens": recipe.data_free_max_new_tokens, "temperature": recipe.data_free_temperature,
+               "top_p": recipe.data_free_top_p, "examples": [{"prompt": p, "text": t[:300]}
+                                                             for p, t in zip(prompts[:3], written[:3])]}
+    for example in summary["examples"]:
+        logger.info("synthetic text (prompt %r): %r", example["prompt"], example["text"][:160])
+    return blocks, summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     recipe, args = parse_config_and_args((CausalLMRecipeArguments, CausalLMDistillationArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -180,27 +269,39 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError("no teacher given: set --teacher (smollm2, a .gguf file, a folder or a Hub id)")
 
     # ------------------------------------------------------------------ data (all checks before training)
-    stages = LMStages(total=5 + recipe.baseline)
+    stages = LMStages(total=5 + recipe.baseline + 2 * recipe.data_free)
     stages.start("data", "load, split by document and tokenize the data")
     teacher_path = resolve_lm_teacher(teacher_spec)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     data = load_lm_documents(recipe)
     mode = teacher_output_mode(recipe, args, data.format)
+    check_data_free(recipe, data.format)
     train_ds, eval_rows = tokenize_lm_data(data, tokenizer, recipe)
     logger.info("data %s (%s): %d training documents -> %d rows; %d held-out documents -> %d evaluation rows",
                 data.source, data.format, len(data.train), len(train_ds), len(data.eval), len(eval_rows))
     teacher = load_teacher(teacher_path, task="causal_lm", dtype=args.teacher_dtype).eval()
     stages.end()
 
+    # ------------------------------------------------------------------ data-free inputs: the teacher's own texts
+    free_ds = synthesis = None
+    if recipe.data_free:
+        stages.start("synthesis", f"the teacher writes {recipe.data_free_texts} texts from {recipe.data_free_prompts} "
+                                  "prompts (no training document read)")
+        free_ds, synthesis = synthesize_blocks(teacher, tokenizer, recipe, out / "synthetic",
+                                                rows_read(args, len(train_ds)), args.seed)
+        stages.end(f"{synthesis['n_kept']} texts, {synthesis['text_tokens']:,} tokens -> {len(free_ds)} blocks")
+
     # ------------------------------------------------------------------ teacher outputs
     stages.start("teacher outputs", "store the teacher's top-k over the training rows" if mode == "store"
                  else "live teacher: nothing to store")
-    store_dir = out / "teacher_store"
+    store_dir, free_store_dir = out / "teacher_store", out / "teacher_store_data_free"
     if mode == "store":
-        cached = store_teacher_outputs(teacher, train_ds, store_dir, tokenizer, k=recipe.store_k,
-                                       temperature=args.temperature, batch_size=recipe.eval_batch_size,
-                                       teacher_name=teacher_spec, start_fresh=args.start_fresh)
-        stages.end(f"{cached['shards_computed']} shards computed, {cached['shards_skipped']} found")
+        cached = [store_teacher_outputs(teacher, rows, folder, tokenizer, k=recipe.store_k,
+                                        temperature=args.temperature, batch_size=recipe.eval_batch_size,
+                                        teacher_name=teacher_spec, start_fresh=args.start_fresh)
+                  for rows, folder in ((train_ds, store_dir), (free_ds, free_store_dir)) if rows is not None]
+        stages.end(f"{sum(c['shards_computed'] for c in cached)} shards computed, "
+                   f"{sum(c['shards_skipped'] for c in cached)} found")
     else:
         stages.end("skipped")
 
@@ -209,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     student = build_student(teacher, architecture=recipe.student_architecture, tokenizer=tokenizer, **layer_spec)
     baseline_student = copy.deepcopy(student) if recipe.baseline else None
+    free_student = copy.deepcopy(student) if recipe.data_free else None
     if recipe.freeze_embeddings:
-        for model in filter(None, (student, baseline_student)):
+        for model in filter(None, (student, baseline_student, free_student)):
             freeze_embeddings(model)
     terms = args.distillation or json.dumps(distillation_terms(recipe, args))
     distill_args = dataclasses.replace(
@@ -225,6 +327,18 @@ def main(argv: list[str] | None = None) -> dict:
     student = save_model(student, tokenizer, out / DISTILLED_DIR, trainer.state.log_history)
     del trainer
     stages.end()
+
+    if free_student is not None:
+        stages.start("data-free distillation", "the same initial student, loss and steps on the teacher's own texts")
+        free_args = dataclasses.replace(distill_args, output_dir=str(out / DATA_FREE_DIR),
+                                        teacher_store=str(free_store_dir) if mode == "store" else None)
+        free_settings = {**resume_settings, **{k: getattr(recipe, k) for k in DATA_FREE_FIELDS}}
+        trainer = train_lm_student(free_student, free_args, free_ds, tokenizer,
+                                   teacher=None if mode == "store" else teacher, resume_settings=free_settings)
+        histories["data-free"] = trainer.state.log_history
+        free_student = save_model(free_student, tokenizer, out / DATA_FREE_DIR, trainer.state.log_history)
+        del trainer
+        stages.end()
 
     if baseline_student is not None:
         stages.start("baseline", "train the same initial student with cross-entropy only, same rows and steps")
@@ -241,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ evaluation
     stages.start("evaluation", "held-out perplexity, bits per byte and tokens/s of every model")
     models = {"teacher": teacher, "distilled student": student}
+    if free_student is not None:
+        models["data-free student"] = free_student
     if baseline_student is not None:
         models["baseline student"] = baseline_student
     rows, scores, speed = evaluate_lm_models(models, eval_rows, tokenizer, recipe, seed=args.seed)
@@ -269,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
                      "freeze_embeddings": recipe.freeze_embeddings, "lmbda": args.lmbda, "seq_kd": args.seq_kd,
                      "torch_threads": torch.get_num_threads()},
+        "synthesis": synthesis,
         "stages": stages.times,
         "log_history": histories,
     }

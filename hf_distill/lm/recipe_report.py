@@ -11,29 +11,36 @@ from typing import Any
 
 from ..plots import plot_loss_terms, save_figure
 
-__all__ = ["lm_comparisons", "lm_goals", "lm_results_markdown", "plot_lm_results", "write_lm_results",
-           "write_lm_student_cards"]
+__all__ = ["DATA_FREE_DIR", "PAIRS", "lm_comparisons", "lm_goals", "lm_results_markdown", "plot_lm_results",
+           "write_lm_results", "write_lm_student_cards"]
 
-TEACHER, DISTILLED, BASELINE = "teacher", "distilled student", "baseline student"
+TEACHER, DISTILLED, BASELINE, DATA_FREE = "teacher", "distilled student", "baseline student", "data-free student"
+#: the data-free student's folder in the run's output folder
+DATA_FREE_DIR = "student_data_free"
+#: (key in ``comparisons``, model a, model b): the paired differences a - b the report gives when both were run
+PAIRS = (("distilled_minus_baseline", DISTILLED, BASELINE), ("distilled_minus_teacher", DISTILLED, TEACHER),
+         ("data_free_minus_distilled", DATA_FREE, DISTILLED), ("data_free_minus_baseline", DATA_FREE, BASELINE))
 
 
 def lm_comparisons(scores: Mapping[str, Any], recipe, *, seed: int = 0) -> dict:
-    """Paired bootstrap differences (distilled - baseline, distilled - teacher) over the held-out units, and
-    the share of the teacher gap the distilled student closes (log space: per-token cross-entropy)."""
+    """Paired bootstrap differences (:data:`PAIRS`: distilled - baseline, distilled - teacher, and with a
+    data-free student data-free - distilled and data-free - baseline) over the held-out units, and the share of
+    the teacher gap each student closes (log space: per-token cross-entropy)."""
     from hf_distill.lm.evaluation import gap_closed, paired_difference
 
     out = {}
-    pairs = [("distilled_minus_baseline", DISTILLED, BASELINE), ("distilled_minus_teacher", DISTILLED, TEACHER)]
-    for key, a, b in pairs:
+    for key, a, b in PAIRS:
         if a in scores and b in scores:
             out[key] = paired_difference(scores[a], scores[b], n_resamples=recipe.bootstrap_resamples, seed=seed)
     if BASELINE in scores:
         ppl = {name: s.perplexity for name, s in scores.items()}
-        if ppl[BASELINE] != ppl[TEACHER]:
-            out["gap_closed"] = {
-                "log_space": gap_closed(ppl[TEACHER], ppl[DISTILLED], ppl[BASELINE], space="log"),
-                "perplexity_space": gap_closed(ppl[TEACHER], ppl[DISTILLED], ppl[BASELINE], space="ppl"),
-                "definition": "(log ppl_baseline - log ppl_distilled) / (log ppl_baseline - log ppl_teacher)"}
+        for key, student in (("gap_closed", DISTILLED), ("gap_closed_data_free", DATA_FREE)):
+            if student in ppl and ppl[BASELINE] != ppl[TEACHER]:
+                out[key] = {
+                    "log_space": gap_closed(ppl[TEACHER], ppl[student], ppl[BASELINE], space="log"),
+                    "perplexity_space": gap_closed(ppl[TEACHER], ppl[student], ppl[BASELINE], space="ppl"),
+                    "definition": f"(log ppl_baseline - log ppl_{student.split()[0]}) / "
+                                  "(log ppl_baseline - log ppl_teacher)"}
     return out
 
 
@@ -41,12 +48,13 @@ def lm_goals(recipe, results: Mapping[str, Any], total_seconds: float | None) ->
     """Each goal "met" only when its measurement shows it (an interval that excludes 0), "missed" when it clearly
     fails, "not shown" otherwise."""
     goals = []
-    comp = results["comparisons"].get("distilled_minus_baseline")
-    if comp:
-        status = "met" if comp["high"] < 0 else "missed" if comp["low"] > 0 else "not shown"
-        goals.append({"goal": "distilled student has a lower held-out perplexity than the cross-entropy baseline",
-                      "status": status, "met": status == "met",
-                      "measured": f"{comp['diff']:+.2f} [{comp['low']:+.2f}, {comp['high']:+.2f}] (paired bootstrap)"})
+    for key, student in (("distilled_minus_baseline", DISTILLED), ("data_free_minus_baseline", DATA_FREE)):
+        comp = results["comparisons"].get(key)
+        if comp:
+            status = "met" if comp["high"] < 0 else "missed" if comp["low"] > 0 else "not shown"
+            goals.append({"goal": f"{student} has a lower held-out perplexity than the cross-entropy baseline",
+                          "status": status, "met": status == "met", "measured": f"{comp['diff']:+.2f} "
+                          f"[{comp['low']:+.2f}, {comp['high']:+.2f}] (paired bootstrap)"})
     if recipe.goal_minutes and total_seconds is not None:
         met = total_seconds <= 60 * recipe.goal_minutes
         goals.append({"goal": f"whole run <= {recipe.goal_minutes:g} min", "status": "met" if met else "missed",
@@ -72,15 +80,20 @@ def lm_results_markdown(results: Mapping[str, Any]) -> str:
                      f"{r['speedup']:.2f}x |")
     notes = []
     comp = results["comparisons"]
-    if "distilled_minus_baseline" in comp:
-        c = comp["distilled_minus_baseline"]
-        notes.append(f"Distilled minus baseline perplexity: {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] "
-                     f"(per-token cross-entropy {c['nll_diff']:+.4f} nats [{c['nll_diff_ci'][0]:+.4f}, "
-                     f"{c['nll_diff_ci'][1]:+.4f}]; paired bootstrap over {c['n_units']} held-out units, {conf}%).")
-    if "gap_closed" in comp:
-        g = comp["gap_closed"]
-        notes.append(f"Teacher gap closed: {100 * g['log_space']:.1f}% in log space ({g['definition']}); "
-                     f"{100 * g['perplexity_space']:.1f}% on perplexity itself.")
+    titles = {"distilled_minus_baseline": "Distilled minus baseline",
+              "data_free_minus_distilled": "Data-free minus distilled (real data)",
+              "data_free_minus_baseline": "Data-free minus baseline"}
+    for key, title in titles.items():
+        if key in comp:
+            c = comp[key]
+            notes.append(f"{title} perplexity: {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] (per-token "
+                         f"cross-entropy {c['nll_diff']:+.4f} nats [{c['nll_diff_ci'][0]:+.4f}, "
+                         f"{c['nll_diff_ci'][1]:+.4f}]; paired bootstrap over {c['n_units']} held-out units, {conf}%).")
+    for key, who in (("gap_closed", "distilled"), ("gap_closed_data_free", "data-free")):
+        if key in comp:
+            g = comp[key]
+            notes.append(f"Teacher gap closed ({who}): {100 * g['log_space']:.1f}% in log space ({g['definition']}); "
+                         f"{100 * g['perplexity_space']:.1f}% on perplexity itself.")
     data, training = results["data"], results["training"]
     notes.append(f"Data: {data['source']} ({data['format']}), {data['n_train_documents']} training documents -> "
                  f"{data['n_train_rows']} rows ({data['train_tokens']:,} tokens); {data['n_eval_documents']} held-out "
@@ -94,6 +107,16 @@ def lm_results_markdown(results: Mapping[str, Any]) -> str:
                  f"{training['teacher_outputs']}" + (f" (top-{training['store_k']} + tail)" if training['store_k']
                                                      else "") + "; baseline: cross-entropy only, same initial "
                  "student, rows, order and steps.")
+    synthesis = results.get("synthesis")
+    if synthesis:
+        notes.append(f"Data-free student: the same initial student, loss, steps and seed, on {synthesis['n_blocks']} "
+                     f"blocks of the teacher's own texts and no training document: {synthesis['n_kept']} of "
+                     f"{synthesis['n_texts']} texts kept ({synthesis['text_tokens']:,} tokens, "
+                     f"{synthesis['mean_tokens_per_text']:g} a text) sampled from {synthesis['prompts']} prompts"
+                     f"{' in the chat template' if synthesis['chat'] else ''} at temperature "
+                     f"{synthesis['temperature']:g}, top-p {synthesis['top_p']:g}, at most "
+                     f"{synthesis['max_new_tokens']} new tokens (stored in {synthesis['folder']}). First texts: "
+                     + "; ".join(f"{e['prompt']!r} -> {e['text'][:120]!r}" for e in synthesis["examples"]) + ".")
     notes.append(f"tokens/s: forward passes on one batch of {speed['batch_size']} x {speed['seq_len']} held-out "
                  f"tokens, {speed['threads']} CPU thread{'s' if speed['threads'] != 1 else ''}, median of "
                  f"{speed['repeats']} after {speed['warmup']} warm-up, the models interleaved, in this run.")
@@ -167,12 +190,14 @@ def write_lm_student_cards(args, results: Mapping[str, Any], out: Path) -> str |
 
     rows = {r["name"]: r for r in results["models"]}
     data, training = results["data"], results["training"]
-    for name, folder in ((DISTILLED, out / DISTILLED_DIR), (BASELINE, out / BASELINE_DIR)):
+    for name, folder in ((DISTILLED, out / DISTILLED_DIR), (DATA_FREE, out / DATA_FREE_DIR),
+                         (BASELINE, out / BASELINE_DIR)):
         if name not in rows:
             continue
-        row, distilled = rows[name], name == DISTILLED
+        row, distilled = rows[name], name != BASELINE
         meta = distillation_metadata(
-            teacher=results["teacher"], dataset=data["source"], student_params=row["params"],
+            teacher=results["teacher"], student_params=row["params"],
+            dataset="the teacher's own generations (no training data)" if name == DATA_FREE else data["source"],
             teacher_params=rows[TEACHER]["params"], args=args if distilled else None,
             layer_map=results["student_layers"],
             extra={"objective": json.dumps(training["distillation"]) if distilled else
@@ -189,5 +214,5 @@ def write_lm_student_cards(args, results: Mapping[str, Any], out: Path) -> str |
                                           dataset_name=data["source"], dataset_split="held-out",
                                           names={"bits_per_byte": "bits per byte"})
         write_model_card(folder, meta, results=table, eval_results=evals, pipeline_tag="text-generation",
-                         datasets=[], model_name=(args.hub_model_id if distilled else None) or folder.name)
+                         datasets=[], model_name=(args.hub_model_id if name == DISTILLED else None) or folder.name)
     return push_student(out / DISTILLED_DIR, args, default_repo=f"{out.name}-{DISTILLED_DIR}")
