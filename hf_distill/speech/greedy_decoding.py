@@ -138,7 +138,7 @@ class DecoderPool:
             for buf in self.buffers:
                 for t in buf:
                     t[hole].copy_(t[mover])
-        pick = lambda seq: [seq[r] for r in order]  # noqa: E731
+        pick = lambda seq: [seq[r] for r in order]
         self.requests, self.tokens, self.logprobs = pick(self.requests), pick(self.tokens), pick(self.logprobs)
         self.first, self.pos, self.soft = pick(self.first), pick(self.pos), pick(self.soft)
         index = torch.as_tensor(order, dtype=torch.long, device=self.tensors["n"].device)
@@ -180,12 +180,22 @@ class GreedyWhisperDecoder:
     def _split(self, x):  # [B, L, D] -> [B, H, L, d]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def cross_kv(self, hidden) -> list[tuple[Any, Any]]:
-        """Cross-attention keys and values of every layer, contiguous ``[B, H, S, d]``."""
-        out = []
-        for layer in self.decoder.layers:
+    def cross_kv(self, hidden, out=None, order=None) -> list[tuple[Any, Any]]:
+        """Cross-attention keys and values of every layer, contiguous ``[B, H, S, d]``: written into ``out`` (per
+        layer a pair of such buffers; each projection is copied once, head-major, into its place), rows in
+        ``order`` (a ``[B]`` index; None: as they come), or new. The projections run on the whole batch ``hidden``
+        whatever the order (the same values, bit for bit, as for any other order)."""
+        import torch
+
+        if out is None:
+            shape = (hidden.shape[0], self.heads, hidden.shape[1], self.head_dim)
+            out = [(torch.empty(shape, dtype=hidden.dtype, device=hidden.device),
+                    torch.empty(shape, dtype=hidden.dtype, device=hidden.device)) for _ in self.decoder.layers]
+        for layer, (k, v) in zip(self.decoder.layers, out):
             att = layer.encoder_attn
-            out.append((self._split(att.k_proj(hidden)).contiguous(), self._split(att.v_proj(hidden)).contiguous()))
+            for proj, buf in ((att.k_proj, k), (att.v_proj, v)):
+                x = proj(hidden)
+                buf.copy_(self._split(x if order is None else x.index_select(0, order)))
         return out
 
     def _layers(self, h, cache, cross, write, attend):
@@ -352,20 +362,21 @@ class GreedyWhisperDecoder:
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(len(r.prompt), []).append(i)
-        cross_all = self.cross_kv(hidden)
+        if min(groups) < 1:
+            raise ValueError("empty decoder prompt")
+        # the new rows take the next free slots, grouped by prompt length; their cross-attention keys and values
+        # go straight into the pool's buffers
+        order = [i for _, idx in sorted(groups.items()) for i in idx]
+        self.cross_kv(hidden, out=pool.views(len(pool), len(pool) + len(requests))[1],
+                      order=None if order == sorted(order) else torch.as_tensor(order, dtype=torch.long, device=device))
         for P, idx in sorted(groups.items()):
-            if P < 1:
-                raise ValueError("empty decoder prompt")
             start, stop = len(pool), len(pool) + len(idx)
             cache, cross = pool.views(start, stop)
-            index = torch.as_tensor(idx, dtype=torch.long, device=device)
-            for (k, v), (ck, cv), (nk, nv) in zip(cache, cross, cross_all):
+            for k, v in cache:
                 # zeros, not stale values: a masked position still multiplies its value by a zero weight, and
                 # 0 * NaN (whatever the slot held) would poison rows that sit at earlier positions than others
                 k.zero_()
                 v.zero_()
-                ck.copy_(nk.index_select(0, index))
-                cv.copy_(nv.index_select(0, index))
             ids = torch.as_tensor([list(requests[i].prompt) for i in idx], dtype=torch.long, device=device)
             logits = self.prefill(ids, cache, cross)
             limits = [self.limit(P) for _ in idx]
