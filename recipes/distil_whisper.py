@@ -126,6 +126,9 @@ class DistilWhisperArguments(SpeechRecipeArguments):
                 "every epoch on its stored output instead of running it at every step."})
     encoder_cache_dtype: str = field(default="float16", metadata={"help": "Stored dtype of the encoder cache.",
                                                                   "choices": ["float16", "float32"]})
+    encoder_cache_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the encoder cache (default: output_dir/encoder_cache); another run's cache of the same "
+                "encoder and clips is reused, any other is refused."})
     # ---- loss
     ce_weight: float = field(default=0.8, metadata={"help": "Cross-entropy on the pseudo-label tokens."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL to the teacher (x T^2), T = --temperature."})
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         with PartialState().main_process_first():
             cache = build_encoder_cache(student, processor.feature_extractor, [items[i] for i in rows["id"]],
-                                        out / "encoder_cache", batch_size=recipe.eval_batch_size,
+                                        Path(recipe.encoder_cache_dir or out / "encoder_cache"),
+                                        batch_size=recipe.eval_batch_size,
                                         dtype=recipe.encoder_cache_dtype)
         timings["encoder_cache"] = time.perf_counter() - t0
         dataset = CachedEncoderDataset(rows, processor.feature_extractor, cache, items=items, soft_labels=not live,
