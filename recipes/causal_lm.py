@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
         stages.end(f"{synthesis['n_kept']} texts, {synthesis['text_tokens']:,} tokens -> {len(free_ds)} blocks")
 
     # ------------------------------------------------------------------ teacher outputs
-    stages.start("teacher outputs", "store the teacher's top-k over the training rows" if mode == "store"
-                 else "live teacher: nothing to store")
+    stages.start("teacher outputs", ("store the teacher's top-k over the training rows"
+                                     + (" and the synthetic blocks" if free_ds is not None else ""))
+                 if mode == "store" else "live teacher: nothing to store")
     store_dir, free_store_dir = out / "teacher_store", out / "teacher_store_data_free"
     if mode == "store":
         cached = [store_teacher_outputs(teacher, rows, folder, tokenizer, k=recipe.store_k,
