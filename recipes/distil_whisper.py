@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> dict:
                         lambda audios, m=model, b=batch_size, t=parts: transcribe_whisper(
                             m, processor, audios, batch_size=b, timings=t, **gen), subset, rate)
                     evaluation[key]["timings"] = parts
+            from hf_distill.speech.text_normalizer import paired_wer_difference
+
+            evaluation["student_minus_teacher_wer"] = paired_wer_difference(
+                evaluation["student"]["errors"], evaluation["teacher"]["errors"], evaluation["teacher"]["words"])
             for key in ("", "_batch_1"):
                 t, s = evaluation.get(f"teacher{key}"), evaluation.get(f"student{key}")
                 if t and s and s["seconds"] > 0 and s["timings"]["decoder"] > 0:

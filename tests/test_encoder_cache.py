@@ -233,3 +233,23 @@ def test_pack_windows_joins_clips_of_one_voice_in_order_within_the_limit(tmp_pat
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "win").glob("*.wav")} == stamp  # made once
     with pytest.raises(ValueError, match="over max_seconds"):
         pack_windows(clips, tmp_path / "w2", max_seconds=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ WER intervals
+def test_wer_per_utterance_intervals_and_paired_differences():
+    from hf_distill.speech.text_normalizer import paired_wer_difference, utterance_errors, wer, wer_interval
+
+    refs = ["the cat sat on the mat", "a dog barked", "hello world"]
+    hyps = ["the cat sat on a mat", "a dog barked loudly", "hello world"]
+    errors, words = utterance_errors(refs, hyps)
+    assert errors == [1, 1, 0] and words == [6, 3, 2]
+    assert sum(errors) / sum(words) == pytest.approx(wer(refs, hyps)) == pytest.approx(2 / 11)
+    low, high = wer_interval(errors, words, n_resamples=500)
+    assert 0.0 <= low <= 2 / 11 <= high <= 0.5
+    assert wer_interval([2, 2], [4, 4]) == (0.5, 0.5)  # every resample has the same rate
+    same = paired_wer_difference(errors, errors, words)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    worse = paired_wer_difference([3, 1, 1], errors, words, n_resamples=500)
+    assert worse["diff"] == pytest.approx(3 / 11) and 0 <= worse["low"] <= worse["diff"] <= worse["high"]
+    with pytest.raises(ValueError, match="equally long"):
+        paired_wer_difference([1], [1, 2], [3, 4])

@@ -153,3 +153,42 @@ def wer(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = 
     if n_ref == 0:
         return 0.0 if errors == 0 else float("inf")
     return errors / n_ref
+
+
+def utterance_errors(references: Sequence[str], hypotheses: Sequence[str],
+                     normalize: bool = True) -> tuple[list[int], list[int]]:
+    """Per utterance: word errors and reference words (their sums give :func:`word_error_counts`)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    pairs = [word_error_counts([r], [h], normalize=normalize) for r, h in zip(references, hypotheses)]
+    return [e for e, _ in pairs], [n for _, n in pairs]
+
+
+def wer_interval(errors: Sequence[int], words: Sequence[int], *, confidence: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the corpus WER (utterances resampled; errors and words summed)."""
+    import numpy as np
+
+    e, n = np.asarray(errors, dtype=float), np.asarray(words, dtype=float)
+    if e.size == 0 or e.shape != n.shape:
+        raise ValueError("wer_interval needs equally long, non-empty error and word counts")
+    idx = np.random.default_rng(seed).integers(0, e.size, size=(n_resamples, e.size))
+    rates = e[idx].sum(1) / np.maximum(n[idx].sum(1), 1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(rates, alpha)), float(np.quantile(rates, 1 - alpha))
+
+
+def paired_wer_difference(errors_a: Sequence[int], errors_b: Sequence[int], words: Sequence[int], *,
+                          confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """WER of A minus WER of B on the same utterances, with a paired bootstrap interval."""
+    import numpy as np
+
+    a, b, n = (np.asarray(x, dtype=float) for x in (errors_a, errors_b, words))
+    if not (a.shape == b.shape == n.shape) or a.size == 0:
+        raise ValueError("paired_wer_difference needs equally long, non-empty counts")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_resamples, a.size))
+    words_drawn = np.maximum(n[idx].sum(1), 1)
+    diffs = (a[idx].sum(1) - b[idx].sum(1)) / words_drawn
+    alpha = (1 - confidence) / 2
+    return {"diff": float((a.sum() - b.sum()) / max(n.sum(), 1)), "low": float(np.quantile(diffs, alpha)),
+            "high": float(np.quantile(diffs, 1 - alpha))}

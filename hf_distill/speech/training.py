@@ -401,7 +401,7 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
     transcripts whose gzip compression ratio exceeds ``loop_compression_ratio`` (Whisper's own test for
     a decoder stuck repeating itself) and those more than twice as long as their reference."""
     from hf_distill.speech.labelling.text import compression_ratio
-    from hf_distill.speech.text_normalizer import wer
+    from hf_distill.speech.text_normalizer import utterance_errors, wer, wer_interval
 
     items = [it for it in items if it.reference is not None]
     audios = [decode(it, sampling_rate) for it in items]
@@ -412,8 +412,12 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
     ratios = [compression_ratio(h) if h else 0.0 for h in hyps]
     loops = [it.id for it, r in zip(items, ratios) if r > loop_compression_ratio]
     too_long = [it.id for it, r, h in zip(items, refs, hyps) if len(h.split()) > 2 * max(1, len(r.split()))]
+    errors, words = utterance_errors(refs, hyps)
     return {
         "wer": wer(refs, hyps) if items else None,
+        "wer_ci": wer_interval(errors, words) if items else None,
+        "errors": errors,
+        "words": words,
         "compression_ratio_max": max(ratios, default=0.0),
         "compression_ratio_outliers": loops,
         "over_twice_the_reference_length": too_long,
