@@ -410,7 +410,8 @@ def main(argv=None) -> dict:
     if args.draft_model:
         spec = results["hf_distill_speculative"].get("speculative") or {}
         print(f"speculative acceptance rate: {spec.get('acceptance_rate')}; "
-              f"{spec.get('tokens', 0) / max(1, spec.get('teacher_passes', 0)):.2f} tokens per teacher pass")
+              f"{spec.get('tokens', 0)} tokens in {spec.get('teacher_passes', 0)} teacher passes over the pool "
+              f"(up to {args.batch_size} rows each)")
     for key, value in default.items():
         print(f"{key}: {value:.2f}" if not isinstance(value, bool) else f"{key}: {value}")
     if not use_fw and not args.skip_faster_whisper and ct2_model:
