@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_distill.speech.labelling.config import auto_encoder_dtype
+
 SHORT_PHRASES = ("Thank you.", "Good morning.", "Hello there.", "Come here now.", "Not today.", "Read this.",
                  "Stop.", "Yes.")
 
@@ -267,15 +269,6 @@ def parse_args(argv):
                    help="leave out the pipeline runs with its own decoding defaults (beam search in transformers 5)")
     p.add_argument("--output", default=None, help="results JSON (default: <work_dir>/throughput.json)")
     return p.parse_args(argv)
-
-
-def auto_encoder_dtype(device: str) -> str:
-    """bfloat16 where the hardware has bf16 arithmetic (a GPU; a CPU with AVX512-BF16 or AMX), else float32."""
-    import torch
-
-    if device.startswith("cuda"):
-        return "bfloat16"
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
 def ratio_against(results: dict, ours: str, names: list[str]) -> tuple[float, str, bool]:

@@ -56,6 +56,14 @@ def test_defaults_are_the_measured_command(monkeypatch):
     assert bench.auto_encoder_dtype("cpu") == "bfloat16"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert bench.auto_encoder_dtype("cpu") == "float32"
+    # the labeller's --encoder-dtype auto: resolved when configured, so the store's settings hold the real dtype
+    from hf_distill.speech.labelling import PseudoLabelConfig
+
+    config = PseudoLabelConfig(input="x", model="m", output_dir="o", device="cpu", encoder_dtype="auto")
+    assert config.encoder_dtype == "float32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert PseudoLabelConfig(input="x", model="m", output_dir="o", device="cpu",
+                             encoder_dtype="auto").encoder_dtype == "bfloat16"
 
 
 def test_log_spaced_file_lengths():

@@ -52,8 +52,10 @@ GROUPS = {
         ("normalizer", {"choices": ["english", "basic", "none"]})],
     "execution": [
         ("shard_size", {"type": int}), ("device", {}), ("dtype", {"choices": DTYPES}),
-        ("encoder_dtype", {"choices": DTYPES, "help": "Whisper: run the encoder in this dtype (default: --dtype); "
-                                                      "bfloat16 speeds up CPUs with bf16 arithmetic (AVX512-BF16, AMX)"}),
+        ("encoder_dtype", {"choices": ["auto", *DTYPES],
+                           "help": "Whisper: run the encoder in this dtype (default: --dtype); bfloat16 speeds up "
+                                   "GPUs and CPUs with bf16 arithmetic (AVX512-BF16, AMX) and slows others; auto "
+                                   "picks bfloat16 only there"}),
         ("rank", {"type": int, "help": "default: $RANK"}), ("world_size", {"type": int, "help": "default: $WORLD_SIZE"})],
 }
 

@@ -114,8 +114,10 @@ class PseudoLabelConfig:
             raise ValueError("normalizer must be english, basic or none")
         if self.dtype not in {"float32", "float16", "bfloat16"}:
             raise ValueError("dtype must be float32, float16 or bfloat16")
+        if self.encoder_dtype == "auto":  # resolved here, so that the configuration hash records the real dtype
+            self.encoder_dtype = auto_encoder_dtype(self.device)
         if self.encoder_dtype not in {None, "float32", "float16", "bfloat16"}:
-            raise ValueError("encoder_dtype must be float32, float16 or bfloat16 (or unset: dtype)")
+            raise ValueError("encoder_dtype must be auto, float32, float16 or bfloat16 (or unset: dtype)")
         if self.pack_gap_s < 0 or self.pack_tolerance_s < 0 or self.pack_tail_s < 0:
             raise ValueError("pack_gap_s, pack_tail_s and pack_tolerance_s must be >= 0")
         if self.max_piece_s is not None and self.max_piece_s <= 1.0:
@@ -183,3 +185,14 @@ def items_hash(items: Sequence[Any]) -> str:
     for it in items:
         h.update(f"{it.id}\t{it.path}\t{it.reference if it.reference is not None else chr(0)}\n".encode("utf-8"))
     return h.hexdigest()
+
+
+def auto_encoder_dtype(device: str | None = None) -> str:
+    """bfloat16 where the hardware computes in bf16 (a CUDA GPU; a CPU with AVX512-BF16 or AMX), else float32:
+    on CPUs without bf16 units a bfloat16 encoder is several times slower than a float32 one."""
+    import torch
+
+    on_gpu = str(device).startswith("cuda") if device else torch.cuda.is_available()
+    if on_gpu:
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
