@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +20,13 @@ from hf_distill.speech.encoder_cache import (
     build_encoder_cache,
 )
 from hf_distill.speech.training import WhisperDistillationCollator, WhisperDistillationTrainer
-from test_pseudo_label import build_tiny_whisper, write_clips
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import distil_whisper  # noqa: E402
-
-TRAIN_FLAGS = ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none",
-               "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0"]
-
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    return write_clips(tmp_path_factory.mktemp("clips"), [1.0, 2.0, 1.5, 3.0, 0.8, 2.5, 1.2, 2.2], bad=False)
-
-
-@pytest.fixture(scope="module")
-def eval_manifest(clips, tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "eval.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "text"])
-        for p in sorted(clips.rglob("*.*"))[:3]:
-            writer.writerow([str(p), "the cat sat on the mat"])
-    return path
+from test_speech_recipes import (  # noqa: F401 - clips, eval_manifest, whisper_dir: the tiny teacher and audio (fixtures)
+    TRAIN_FLAGS,
+    clips,
+    distil_whisper,
+    eval_manifest,
+    whisper_dir,
+)
 
 
 def _load(whisper_dir):
@@ -206,18 +184,18 @@ def test_article_split_is_seeded_stable_and_disjoint():
 
 def test_pack_windows_joins_clips_of_one_voice_in_order_within_the_limit(tmp_path):
     rng = np.random.default_rng(0)
-    clips = []
+    made = []
     for i in range(23):
         path = tmp_path / "clips" / f"c{i:02d}.wav"
         path.parent.mkdir(exist_ok=True)
         sf.write(path, (0.1 * rng.standard_normal(int(16000 * rng.uniform(1.0, 4.0)))).astype(np.float32), 16000)
-        clips.append((path, "flite:a" if i % 2 else "flite:b", f"sentence {i}."))
-    manifest = pack_windows(clips, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
+        made.append((path, "flite:a" if i % 2 else "flite:b", f"sentence {i}."))
+    manifest = pack_windows(made, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     used = [m for r in rows for m in r["clips"].split("|")]
-    assert sorted(used) == sorted(p.name for p, _, _ in clips)  # every clip exactly once
-    by_name = {p.name: (v, t) for p, v, t in clips}
+    assert sorted(used) == sorted(p.name for p, _, _ in made)  # every clip exactly once
+    by_name = {p.name: (v, t) for p, v, t in made}
     sizes = set()
     for r in rows:
         members = r["clips"].split("|")
@@ -229,10 +207,10 @@ def test_pack_windows_joins_clips_of_one_voice_in_order_within_the_limit(tmp_pat
         assert rate == 16000 and parts <= len(audio) <= 9.0 * rate  # the clips plus the silences between them
     assert len(sizes) > 1  # windows of different lengths
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "win").glob("*.wav")}
-    pack_windows(clips, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
+    pack_windows(made, tmp_path / "win", max_seconds=9.0, max_clips=3, seed=1)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "win").glob("*.wav")} == stamp  # made once
     with pytest.raises(ValueError, match="over max_seconds"):
-        pack_windows(clips, tmp_path / "w2", max_seconds=0.5)
+        pack_windows(made, tmp_path / "w2", max_seconds=0.5)
 
 
 # ------------------------------------------------------------------------------------------------ WER intervals

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from speech_assets import one_line_error
-from test_pseudo_label import (
+from test_pseudo_label import (  # noqa: F401 - ctc_dir, whisper_dir: the tiny teachers (fixtures)
     REPO,
-    build_tiny_ctc,
-    build_tiny_whisper,
+    ctc_dir,
     read_rows,
+    whisper_dir,
     write_clips,
 )
 
@@ -33,15 +33,6 @@ from hf_distill.speech.labelling import (
 )
 from hf_distill.store.writer import shard_files
 
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
-
-
-@pytest.fixture(scope="module")
-def ctc_dir(tmp_path_factory):
-    return build_tiny_ctc(tmp_path_factory.mktemp("tiny_ctc"))
 
 # ------------------------------------------------------------------------------------------------
 # resume, refusal, ranks

@@ -36,7 +36,7 @@ from hf_distill.speech.training import (
     held_out_ids,
 )
 from speech_assets import harvard_clips, tiny_en_teacher  # noqa: F401  (session fixtures)
-from test_pseudo_label import build_tiny_ctc, build_tiny_whisper, write_clips
+from test_pseudo_label import build_tiny_ctc, whisper_dir, write_clips  # noqa: F401 - whisper_dir: a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -55,11 +55,6 @@ def build_layer_sensitive_ctc(path: Path, layers: int = 3) -> Path:
     return build_tiny_ctc(path, layers, initializer_range=0.2, hidden_dropout=0.0, attention_dropout=0.0,
                           activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
                           mask_time_prob=0.0)
-
-
-@pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny_whisper"))
 
 
 @pytest.fixture(scope="module")
