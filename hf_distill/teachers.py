@@ -119,24 +119,18 @@ def audio_auto_class(name: str, task: str, trust_remote_code: bool = False):
     ``seq2seq_lm`` student is an ``AutoModelForSpeechSeq2Seq``, an audio classifier an
     ``AutoModelForAudioClassification``), or None for a text checkpoint."""
     from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelForSpeechSeq2Seq
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
-        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
-    )
+    from transformers.models.auto import modeling_auto as auto
 
-    audio = {"seq2seq_lm": (MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, AutoModelForSpeechSeq2Seq),
-             "sequence_classification": (MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES, AutoModelForAudioClassification)}
+    audio = {"seq2seq_lm": (auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+                            auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, AutoModelForSpeechSeq2Seq),
+             "sequence_classification": (auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+                                         auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                                         AutoModelForAudioClassification)}
     if task not in audio:
         return None
+    speech_names, text_names, auto_cls = audio[task]
     model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
-    names, auto_cls = audio[task]
-    text_names = {"seq2seq_lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-                  "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}[task]
-    import transformers.models.auto.modeling_auto as auto
-
-    if model_type in names and model_type not in getattr(auto, text_names, {}):
-        return auto_cls
-    return None
+    return auto_cls if model_type in speech_names and model_type not in text_names else None
 
 
 def find_teacher_tokenizer(teacher):

@@ -319,12 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
         remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
     max_label_length = min(recipe.max_label_length, teacher.config.max_target_positions)
     if recipe.cache_encoder_outputs:
-        from accelerate import PartialState
-
         from hf_distill.speech.encoder_cache import CachedEncoderDataset, build_encoder_cache
 
         t0 = time.perf_counter()
-        with PartialState().main_process_first():
+        with state.main_process_first():
             cache = build_encoder_cache(student, processor.feature_extractor, [items[i] for i in rows["id"]],
                                         Path(recipe.encoder_cache_dir or out / "encoder_cache"),
                                         batch_size=recipe.eval_batch_size,
