@@ -19,6 +19,9 @@ Stages:
    trains on every row.
 3. **Student.** ``build_whisper_student``: the teacher's encoder (``--freeze_encoder`` to freeze it) and
    ``--num_decoder_layers`` decoder layers spread evenly, first and last included (or ``--decoder_layers``).
+   ``--trim_vocabulary``: only the tokens of the training pseudo-labels (plus byte, special and timestamp
+   tokens) stay in the student's embedding, output layer and tokenizer (``hf_distill.speech.vocab_trim``):
+   a smaller output layer, which at tiny.en's size is most of a decoder step.
 4. **Distillation.** ``ce_weight * CE(pseudo-label tokens) + kl_weight * T^2 * KL(teacher || student)`` at
    ``--temperature`` (Distil-Whisper: 0.8, 1.0, T = 2), with the teacher either **live**
    (``--soft_labels live``: teacher-forced on the same tokens; with a frozen copied encoder the teacher
@@ -67,7 +70,7 @@ RESUME_FIELDS = ("synthesize", "corpus", "corpus_sentences", "corpus_voices", "e
                  "window_max_clips", "window_max_seconds", "corpus_seed", "cache_encoder_outputs",
                  "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
                  "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
-                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length")
+                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary")
 
 
 @dataclass
@@ -119,6 +122,9 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     num_decoder_layers: int = field(default=2, metadata={"help": "Decoder layers of the student."})
     decoder_layers: str | None = field(default=None, metadata={"help": "Explicit teacher decoder layers, e.g. '0,3'."})
     freeze_encoder: bool = field(default=False, metadata={"help": "Freeze the student's (copied) encoder."})
+    trim_vocabulary: bool = field(default=False, metadata={
+        "help": "Keep only the tokens of the training pseudo-labels (plus every byte, special and timestamp token) "
+                "in the student's embedding, output layer and tokenizer: faster decoding; needs --soft_labels live."})
     share_encoder: bool = field(default=True, metadata={"help": "Live teacher: reuse the student's encoder output "
                                                                 "when the encoder is frozen and identical."})
     cache_encoder_outputs: bool = field(default=False, metadata={
@@ -228,6 +234,22 @@ def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, 
                        **options)
 
 
+def trim_student_vocabulary(student, processor, rows):
+    """``--trim_vocabulary``: the student cut to the tokens of the training rows; (student, processor, map)."""
+    from transformers import WhisperProcessor
+
+    from hf_distill.speech.vocab_trim import trim_whisper_vocabulary, whisper_kept_token_ids
+
+    columns = ("token_ids", "prompt_ids")
+    table = rows.select_columns(list(columns)) if hasattr(rows, "select_columns") else rows
+    token_lists = [list(row.get(c) or []) for row in table for c in columns]
+    kept = whisper_kept_token_ids(processor.tokenizer, token_ids=token_lists)
+    before = int(student.config.vocab_size)
+    student, tokenizer, vocabulary = trim_whisper_vocabulary(student, processor.tokenizer, kept)
+    logger.info("vocabulary trimmed to the training labels' tokens: %d -> %d", before, vocabulary.size)
+    return student, WhisperProcessor(feature_extractor=processor.feature_extractor, tokenizer=tokenizer), vocabulary
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     from hf_distill.students.peft_students import PeftArguments, apply_peft
@@ -257,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.cache_encoder_outputs and not recipe.freeze_encoder:
         raise ValueError("--cache_encoder_outputs needs --freeze_encoder true (a trained encoder's output changes "
                          "every step, so it cannot be computed once)")
+    if recipe.trim_vocabulary and recipe.soft_labels != "live":
+        raise ValueError("--trim_vocabulary needs --soft_labels live (stored soft labels index the teacher's whole "
+                         "vocabulary)")
     if not recipe.audio and not recipe.pseudo_labels and recipe.corpus == "bbc_news":
         manifest, eval_manifest = spoken_bbc_corpus(recipe, out)
         recipe.audio, recipe.eval_audio = str(manifest), recipe.eval_audio or str(eval_manifest)
@@ -307,8 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     layers = [int(x) for x in recipe.decoder_layers.split(",")] if recipe.decoder_layers else None
     student = build_whisper_student(teacher, None if layers else recipe.num_decoder_layers, decoder_layers=layers,
                                     freeze_encoder=recipe.freeze_encoder)
-    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
     chosen = student.distillation_teacher_layers
+    vocabulary, student_processor = None, processor
+    if recipe.trim_vocabulary:
+        student, student_processor, vocabulary = trim_student_vocabulary(student, processor, rows)
+    student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
 
     # ------------------------------------------------------------------ 4. distillation
     live = recipe.soft_labels == "live"
@@ -329,16 +357,17 @@ def main(argv: list[str] | None = None) -> dict:
                                         dtype=recipe.encoder_cache_dtype)
         timings["encoder_cache"] = time.perf_counter() - t0
         dataset = CachedEncoderDataset(rows, processor.feature_extractor, cache, items=items, soft_labels=not live,
-                                       max_label_length=max_label_length)
+                                       max_label_length=max_label_length, vocabulary=vocabulary)
     else:
         dataset = WhisperPseudoLabelDataset(rows, processor.feature_extractor, items=items, soft_labels=not live,
-                                            max_label_length=max_label_length)
-    collator = WhisperDistillationCollator(teacher.config.pad_token_id if teacher.config.pad_token_id is not None
-                                           else teacher.generation_config.eos_token_id)
+                                            max_label_length=max_label_length, vocabulary=vocabulary)
+    collator = WhisperDistillationCollator(student.config.pad_token_id if student.config.pad_token_id is not None
+                                           else student.generation_config.eos_token_id)
     t0 = time.perf_counter()
     trainer = WhisperDistillationTrainer(model=student, teacher=teacher if live else None, args=train_args,
                                          train_dataset=dataset, data_collator=collator,
-                                         share_encoder=None if recipe.share_encoder else False)
+                                         share_encoder=None if recipe.share_encoder else False,
+                                         vocabulary=vocabulary)
     trainer.add_resume_settings(**{f"peft.{k}": v for k, v in dataclasses.asdict(peft_args).items()})
     train_output = train_resuming(trainer, recipe, RESUME_FIELDS, teacher=teacher)
     timings["training"] = time.perf_counter() - t0
@@ -354,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
                           **({"summary": labelling["summary"]} if labelling else {})},
         "rows": row_counts,
         "student": {"decoder_layers_from_teacher": chosen, "parameters": count_parameters(student),
+                    "vocabulary": vocabulary.size if vocabulary else int(student.config.vocab_size),
                     "teacher_parameters": count_parameters(teacher), "encoder_frozen": recipe.freeze_encoder},
         "distillation": {"soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
                          "kl_weight": recipe.kl_weight, "temperature": temperature,
@@ -379,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         if eval_items:
             device = train_args.device
-            for name, model in (("teacher", teacher), ("student", student)):
+            for name, model, proc in (("teacher", teacher, processor), ("student", student, student_processor)):
                 model.to(device)
                 for batch_size, subset, key in ((recipe.eval_batch_size, eval_items, name),
                                                 (1, eval_items[: recipe.speed_clips], f"{name}_batch_1")):
@@ -387,8 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     parts: dict[str, float] = {}
                     evaluation[key] = evaluate_wer(
-                        lambda audios, m=model, b=batch_size, t=parts: transcribe_whisper(
-                            m, processor, audios, batch_size=b, timings=t, **gen), subset, rate)
+                        lambda audios, m=model, p=proc, b=batch_size, t=parts: transcribe_whisper(
+                            m, p, audios, batch_size=b, timings=t, **gen), subset, rate)
                     evaluation[key]["timings"] = parts
             from hf_distill.speech.text_normalizer import paired_wer_difference
 
@@ -422,8 +452,10 @@ def main(argv: list[str] | None = None) -> dict:
             layer_map=chosen["decoder"] if isinstance(chosen, dict) else chosen,
             extra={"recipe": "distil_whisper", "soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
                    "kl_weight": recipe.kl_weight, "encoder_frozen": recipe.freeze_encoder,
-                   "encoder_shared": encoder_shared, "training_rows": row_counts["training_rows"]})
-        student_dir = save_student(out, student, processor, metadata=meta, card_results=card_results,
+                   "encoder_shared": encoder_shared, "training_rows": row_counts["training_rows"],
+                   **({"vocabulary": {"teacher": vocabulary.teacher_size, "student": vocabulary.size}}
+                      if vocabulary else {})})
+        student_dir = save_student(out, student, student_processor, metadata=meta, card_results=card_results,
                                    results=results, timings=timings, started=_START, args=args,
                                    eval_metrics={"wer": wer_s}, metric_names={"wer": "held-out WER (normalised)"},
                                    dataset=recipe.eval_audio or recipe.audio or str(store),

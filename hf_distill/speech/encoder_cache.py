@@ -168,9 +168,10 @@ class CachedEncoderDataset(WhisperPseudoLabelDataset):
     ``encoder_outputs`` of their clip instead of ``input_features``."""
 
     def __init__(self, rows, feature_extractor, cache: EncoderOutputCache, *,
-                 items: Mapping[str, AudioItem] | None = None, soft_labels: bool = False, max_label_length: int = 448):
+                 items: Mapping[str, AudioItem] | None = None, soft_labels: bool = False, max_label_length: int = 448,
+                 vocabulary=None):
         super().__init__(rows, feature_extractor, items=items, soft_labels=soft_labels,
-                         max_label_length=max_label_length)
+                         max_label_length=max_label_length, vocabulary=vocabulary)
         self.cache = cache
         ids = rows["id"] if hasattr(rows, "column_names") else [row["id"] for row in rows]
         missing = [clip for clip in ids if clip not in cache]

@@ -178,12 +178,18 @@ class WhisperPseudoLabelDataset(StoreRowsDataset):
         items: ``id -> AudioItem`` to read audio from (default: the row's ``path`` as a file).
         soft_labels: attach the stored top-k soft labels.
         max_label_length: longer label sequences are cut (the decoder has ``max_target_positions``).
+        vocabulary: a :class:`~hf_distill.speech.vocab_trim.VocabularyMap` of a student with a trimmed
+            vocabulary: the stored (teacher) token ids are renumbered into the student's.
     """
 
     def __init__(self, rows, feature_extractor, *, items: Mapping[str, AudioItem] | None = None,
-                 soft_labels: bool = False, max_label_length: int = 448):
+                 soft_labels: bool = False, max_label_length: int = 448, vocabulary=None):
         super().__init__(rows, feature_extractor, items=items, soft_labels=soft_labels)
+        if vocabulary is not None and soft_labels:
+            raise ValueError("stored soft labels index the teacher's whole vocabulary; train a student with a "
+                             "trimmed vocabulary on a live teacher (--soft_labels live)")
         self.max_label_length = max_label_length
+        self.vocabulary = vocabulary
 
     def features(self, row: Mapping) -> np.ndarray:
         return self.feature_extractor(self.audio(row), sampling_rate=self.sampling_rate,
@@ -195,6 +201,10 @@ class WhisperPseudoLabelDataset(StoreRowsDataset):
         tokens = [int(x) for x in row["token_ids"]]
         if not prompt:
             raise ValueError(f"row {row['id']!r} has no decoder prompt (prompt_ids)")
+        if self.vocabulary is not None:
+            what = f"row {row['id']!r}"
+            prompt = self.vocabulary.to_student(prompt, what=what)
+            tokens = self.vocabulary.to_student(tokens, what=what)
         n_prompt = len(prompt) - 1  # label positions under the prompt (the first prompt token is not predicted)
         budget = max(1, self.max_label_length - n_prompt)
         tokens = tokens[:budget]
@@ -283,10 +293,25 @@ class WhisperDistillationTrainer(DistillationTrainer):
     output of the current batch is captured by a forward hook and given to the teacher as
     ``encoder_outputs``: the teacher's decoder reads exactly what its own encoder would have produced,
     and its encoder does not run. ``self.encoder_shared`` records the decision.
+
+    ``vocabulary``: the :class:`~hf_distill.speech.vocab_trim.VocabularyMap` of a student whose vocabulary
+    was trimmed. The teacher then reads the student's token ids renumbered into its own, and its output
+    layer scores only the kept rows (a softmax over the student's tokens; the rows it drops are never
+    computed).
     """
 
-    def __init__(self, *args, share_encoder: bool | None = None, **kwargs):
+    def __init__(self, *args, share_encoder: bool | None = None, vocabulary=None, **kwargs):
+        self.vocabulary = vocabulary  # read by the pair check that the parent runs
         super().__init__(*args, **kwargs)
+        self._kept = None
+        if vocabulary is not None:
+            if len(self.teachers) > 1:
+                raise ValueError("a trimmed vocabulary supports one live teacher")
+            self._kept = torch.as_tensor(vocabulary.kept)
+        data_map = getattr(self.train_dataset, "vocabulary", False)
+        if data_map is not False and data_map is not vocabulary:
+            raise ValueError("the training dataset's token ids are not renumbered with this trainer's vocabulary map; "
+                             "give the dataset the same map (vocabulary=...)")
         self.encoder_shared = False
         self.share_reason = "no live teacher"
         self._captured = None
@@ -299,6 +324,15 @@ class WhisperDistillationTrainer(DistillationTrainer):
             from hf_distill.teachers import unwrap
 
             unwrap(self.model).get_encoder().register_forward_hook(self._capture)
+
+    def _check_same_outputs(self, student, teacher, student_tok, teacher_tok, s_kind) -> None:
+        if self.vocabulary is None:
+            return super()._check_same_outputs(student, teacher, student_tok, teacher_tok, s_kind)
+        s_size, t_size = int(student.config.vocab_size), int(teacher.config.vocab_size)
+        if (s_size, t_size) != (self.vocabulary.size, self.vocabulary.teacher_size):
+            raise ValueError(f"the student has {s_size} tokens and the teacher {t_size}, but the vocabulary map "
+                             f"keeps {self.vocabulary.size} of {self.vocabulary.teacher_size}; give the map made "
+                             "when this student was trimmed from this teacher")
 
     def _capture(self, module, inputs, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
@@ -323,19 +357,34 @@ class WhisperDistillationTrainer(DistillationTrainer):
             hidden = cached[0] if isinstance(cached, (tuple, list)) else cached.last_hidden_state
         elif self.encoder_shared and index == 0 and self._captured is not None:
             hidden = self._captured
-        else:
+        elif self.vocabulary is None:
             return super().teacher_forward(index, inputs)
+        else:
+            hidden = None
         from transformers.modeling_outputs import BaseModelOutput
 
         from hf_distill.objectives import ModelTensors
+        from hf_distill.teachers import unwrap
 
-        teacher = self.teachers[0]
-        hidden = hidden.to(next(teacher.parameters()).dtype)
+        teacher = self.teachers[index]
+        dtype = next(teacher.parameters()).dtype
+        decoder_ids = inputs["decoder_input_ids"]
         with torch.no_grad(), self.accelerator.autocast():
-            out = teacher(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                          decoder_input_ids=inputs["decoder_input_ids"],
-                          decoder_attention_mask=inputs.get("decoder_attention_mask"))
-        return ModelTensors(logits=out.logits)
+            if hidden is None:
+                hidden = unwrap(teacher).get_encoder()(
+                    input_features=inputs["input_features"].to(dtype)).last_hidden_state
+            encoder_outputs = BaseModelOutput(last_hidden_state=hidden.to(dtype))
+            if self._kept is None:
+                out = teacher(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids,
+                              decoder_attention_mask=inputs.get("decoder_attention_mask"))
+                return ModelTensors(logits=out.logits)
+            kept = self._kept.to(decoder_ids.device)
+            states = unwrap(teacher).model(encoder_outputs=encoder_outputs, decoder_input_ids=kept[decoder_ids],
+                                           decoder_attention_mask=inputs.get("decoder_attention_mask"),
+                                           use_cache=False).last_hidden_state
+            head = unwrap(teacher).get_output_embeddings().weight
+            logits = torch.nn.functional.linear(states, head.index_select(0, kept.to(head.device)))
+        return ModelTensors(logits=logits)
 
 
 def batches(seq: Sequence, size: int):
