@@ -70,7 +70,8 @@ RESUME_FIELDS = ("synthesize", "corpus", "corpus_sentences", "corpus_voices", "e
                  "window_max_clips", "window_max_seconds", "corpus_seed", "cache_encoder_outputs",
                  "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
                  "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
-                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary")
+                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary",
+                 "trim_vocabulary_texts")
 
 
 @dataclass
@@ -125,6 +126,9 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     trim_vocabulary: bool = field(default=False, metadata={
         "help": "Keep only the tokens of the training pseudo-labels (plus every byte, special and timestamp token) "
                 "in the student's embedding, output layer and tokenizer: faster decoding; needs --soft_labels live."})
+    trim_vocabulary_texts: str | None = field(default=None, metadata={
+        "help": "With --trim_vocabulary, also keep the tokens of this text: a UTF-8 file (one passage per line) or "
+                "'corpus' (every plain sentence of the training articles of --corpus bbc_news, never of the held-out ones)."})
     share_encoder: bool = field(default=True, metadata={"help": "Live teacher: reuse the student's encoder output "
                                                                 "when the encoder is frozen and identical."})
     cache_encoder_outputs: bool = field(default=False, metadata={
@@ -234,8 +238,26 @@ def label_audio(recipe: DistilWhisperArguments, teacher_dir: Path, store: Path, 
                        **options)
 
 
-def trim_student_vocabulary(student, processor, rows):
-    """``--trim_vocabulary``: the student cut to the tokens of the training rows; (student, processor, map)."""
+def vocabulary_texts(recipe: DistilWhisperArguments) -> list[str]:
+    """``--trim_vocabulary_texts``: the passages whose tokens a trimmed student also keeps."""
+    spec = recipe.trim_vocabulary_texts
+    if not spec:
+        return []
+    if spec == "corpus":
+        if recipe.corpus != "bbc_news":
+            raise ValueError("--trim_vocabulary_texts corpus needs --corpus bbc_news; give a text file instead")
+        from hf_distill.speech.corpus import bbc_training_sentences
+
+        return bbc_training_sentences(seed=recipe.corpus_seed)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--trim_vocabulary_texts {spec}: no such file (give a UTF-8 text file or 'corpus')")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def trim_student_vocabulary(student, processor, rows, texts=()):
+    """``--trim_vocabulary``: the student cut to the tokens of the training rows (and ``texts``);
+    returns (student, processor, map)."""
     from transformers import WhisperProcessor
 
     from hf_distill.speech.vocab_trim import trim_whisper_vocabulary, whisper_kept_token_ids
@@ -243,10 +265,11 @@ def trim_student_vocabulary(student, processor, rows):
     columns = ("token_ids", "prompt_ids")
     table = rows.select_columns(list(columns)) if hasattr(rows, "select_columns") else rows
     token_lists = [list(row.get(c) or []) for row in table for c in columns]
-    kept = whisper_kept_token_ids(processor.tokenizer, token_ids=token_lists)
+    kept = whisper_kept_token_ids(processor.tokenizer, token_ids=token_lists, texts=texts)
     before = int(student.config.vocab_size)
     student, tokenizer, vocabulary = trim_whisper_vocabulary(student, processor.tokenizer, kept)
-    logger.info("vocabulary trimmed to the training labels' tokens: %d -> %d", before, vocabulary.size)
+    logger.info("vocabulary trimmed to the tokens of the training labels%s: %d -> %d",
+                " and --trim_vocabulary_texts" if texts else "", before, vocabulary.size)
     return student, WhisperProcessor(feature_extractor=processor.feature_extractor, tokenizer=tokenizer), vocabulary
 
 
@@ -282,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.trim_vocabulary and recipe.soft_labels != "live":
         raise ValueError("--trim_vocabulary needs --soft_labels live (stored soft labels index the teacher's whole "
                          "vocabulary)")
+    if recipe.trim_vocabulary_texts and not recipe.trim_vocabulary:
+        raise ValueError("--trim_vocabulary_texts is read only with --trim_vocabulary true")
+    if recipe.trim_vocabulary_texts not in (None, "corpus") and not Path(recipe.trim_vocabulary_texts).is_file():
+        raise FileNotFoundError(f"--trim_vocabulary_texts {recipe.trim_vocabulary_texts}: no such file")
     if not recipe.audio and not recipe.pseudo_labels and recipe.corpus == "bbc_news":
         manifest, eval_manifest = spoken_bbc_corpus(recipe, out)
         recipe.audio, recipe.eval_audio = str(manifest), recipe.eval_audio or str(eval_manifest)
@@ -335,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = student.distillation_teacher_layers
     vocabulary, student_processor = None, processor
     if recipe.trim_vocabulary:
-        student, student_processor, vocabulary = trim_student_vocabulary(student, processor, rows)
+        student, student_processor, vocabulary = trim_student_vocabulary(student, processor, rows,
+                                                                          vocabulary_texts(recipe))
     student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
 
     # ------------------------------------------------------------------ 4. distillation

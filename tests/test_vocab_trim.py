@@ -223,3 +223,49 @@ def test_distil_whisper_recipe_trains_a_trimmed_student(whisper_dir, tmp_path):
         assert all(0 <= i < saved.config.vocab_size for row in labelled for i in row["token_ids"])
     assert all(0 <= i < saved.config.vocab_size for row in load_pseudo_labels(tmp_path / "plain")
                for pos in row["topk_indices"] for i in pos)
+
+
+def test_trim_vocabulary_texts_add_their_tokens_and_wrong_flags_are_refused(whisper_dir, tmp_path):
+    clips = write_clips(tmp_path / "clips", [1.0, 2.0, 1.5, 0.8], bad=False)
+    out = tmp_path / "run"
+    flags = ["--teacher", str(whisper_dir), "--audio", str(clips), "--output_dir", str(out), "--eval_size", "0",
+             "--freeze_encoder", "true", "--num_decoder_layers", "1", "--keep_only", "false", "--max_steps", "1",
+             "--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+             "--disable_tqdm", "true"]
+    with pytest.raises(ValueError, match="only with --trim_vocabulary true"):
+        distil_whisper.main(flags + ["--trim_vocabulary_texts", "corpus"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        distil_whisper.main(flags + ["--trim_vocabulary", "true", "--trim_vocabulary_texts", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="needs --corpus bbc_news"):
+        distil_whisper.main(flags + ["--trim_vocabulary", "true", "--trim_vocabulary_texts", "corpus"])
+    plain = distil_whisper.main(flags + ["--trim_vocabulary", "true"])["student"]["vocabulary"]
+    text = tmp_path / "texts.txt"
+    text.write_text("green house tree river\nstone light dark music\n", encoding="utf-8")
+    wider = distil_whisper.main(flags + ["--output_dir", str(tmp_path / "run2"), "--trim_vocabulary", "true",
+                                         "--trim_vocabulary_texts", str(text)])["student"]["vocabulary"]
+    tok = AutoTokenizer.from_pretrained(whisper_dir)
+    extra = set(whisper_kept_token_ids(tok, texts=text.read_text().splitlines())) - set(
+        whisper_kept_token_ids(tok))
+    assert plain <= wider <= plain + len(extra) and wider > plain - 1
+
+
+def test_bbc_training_sentences_are_the_training_articles_and_held_out_sentences_avoid_them(tmp_path, monkeypatch):
+    from hf_distill.speech import corpus
+    from hf_distill.tasks.classification_data import load_bbc_news
+
+    articles = load_bbc_news()["text"]
+    train_idx, _ = corpus.article_split(articles, 0.15, seed=0)
+    sentences = corpus.bbc_training_sentences(seed=0)
+    assert len(sentences) > 10_000
+    assert set(corpus.plain_sentences([articles[i] for i in train_idx])) <= set(sentences)
+    spoken = {}
+
+    def fake_speak(texts, out_dir, voices, *, prefix="clip", **kw):  # record the texts instead of speaking them
+        spoken[prefix] = list(texts)
+        return [(Path(out_dir) / f"{prefix}{i:05d}.wav", "v") for i in range(len(texts))]
+
+    monkeypatch.setattr(corpus, "speak_clips", fake_speak)
+    corpus.bbc_spoken_corpus(tmp_path, train_sentences=50, voices=[("flite", "kal")], eval_sentences=400,
+                             eval_voices=[("flite", "rms")], seed=0, progress=False)
+    # the BBC set repeats stories across articles: no held-out sentence occurs in a training article
+    assert len(spoken["eval"]) == 400 and not set(spoken["eval"]) & set(sentences)

@@ -208,6 +208,17 @@ def pack_windows(clips: Sequence[tuple[str | Path, str, str]], out_dir: str | Pa
     return manifest
 
 
+def bbc_training_sentences(held_out_fraction: float = 0.15, seed: int = 0) -> list[str]:
+    """Every plain sentence (:func:`plain_sentences`, any length) of the BBC News articles that
+    :func:`bbc_spoken_corpus` draws training sentences from, never of the held-out articles: e.g. the text a
+    trimmed student vocabulary is chosen from."""
+    from hf_distill.tasks.classification_data import load_bbc_news
+
+    articles = load_bbc_news()["text"]
+    train_idx, _ = article_split(articles, held_out_fraction, seed=seed)
+    return plain_sentences([articles[i] for i in train_idx], min_words=1, max_words=10**6)
+
+
 def bbc_spoken_corpus(out_dir: str | Path, *, train_sentences: int, voices: Sequence[tuple[str, str]],
                       eval_sentences: int, eval_voices: Sequence[tuple[str, str]], held_out_fraction: float = 0.15,
                       seed: int = 0, progress: bool = True) -> tuple[list[tuple[Path, str, str]], Path]:
@@ -223,9 +234,14 @@ def bbc_spoken_corpus(out_dir: str | Path, *, train_sentences: int, voices: Sequ
         raise ValueError(f"held-out voices {sorted(overlap)} are also training voices; choose voices never trained on")
     articles = load_bbc_news()["text"]
     train_idx, held_idx = article_split(articles, held_out_fraction, seed=seed)
+    # the BBC set repeats some stories verbatim across articles: a held-out sentence found in any training
+    # article is left out, so that no evaluated sentence was trained on (nor chose a trimmed vocabulary)
+    in_training = set(plain_sentences([articles[i] for i in train_idx], min_words=1, max_words=10**6))
     pools = {}
     for name, idx, n in (("train", train_idx, train_sentences), ("eval", held_idx, eval_sentences)):
         pool = plain_sentences([articles[i] for i in idx])
+        if name == "eval":
+            pool = [s for s in pool if s not in in_training]
         random.Random(seed).shuffle(pool)
         if n > len(pool):
             raise ValueError(f"{n} {name} sentences asked for, the BBC News articles give {len(pool)}")

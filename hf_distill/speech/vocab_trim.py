@@ -107,9 +107,12 @@ def whisper_kept_token_ids(tokenizer, *, token_ids: Iterable[Sequence[int]] = ()
     keep.update(i for t, i in vocab.items() if len(t) == 1)
     for ids in token_ids:
         keep.update(int(i) for i in ids)
-    for text in texts:
-        for variant in (text, " " + text.lstrip()):
-            keep.update(tokenizer.encode(variant, add_special_tokens=False))
+    texts = [t for t in texts if t]
+    for start in range(0, len(texts), 256):
+        chunk = texts[start : start + 256]
+        variants = chunk + [" " + t.lstrip() for t in chunk]
+        for ids in tokenizer(variants, add_special_tokens=False)["input_ids"]:
+            keep.update(ids)
     size = len(tokenizer)
     bad = sorted(i for i in keep if not 0 <= i < size)
     if bad:
