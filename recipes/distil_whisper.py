@@ -243,16 +243,11 @@ def vocabulary_texts(recipe: DistilWhisperArguments) -> list[str]:
     spec = recipe.trim_vocabulary_texts
     if not spec:
         return []
-    if spec == "corpus":
-        if recipe.corpus != "bbc_news":
-            raise ValueError("--trim_vocabulary_texts corpus needs --corpus bbc_news; give a text file instead")
+    if spec == "corpus":  # checked against --corpus in main, before any long work
         from hf_distill.speech.corpus import bbc_training_sentences
 
         return bbc_training_sentences(seed=recipe.corpus_seed)
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--trim_vocabulary_texts {spec}: no such file (give a UTF-8 text file or 'corpus')")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def trim_student_vocabulary(student, processor, rows, texts=()):
@@ -307,8 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "vocabulary)")
     if recipe.trim_vocabulary_texts and not recipe.trim_vocabulary:
         raise ValueError("--trim_vocabulary_texts is read only with --trim_vocabulary true")
+    if recipe.trim_vocabulary_texts == "corpus" and recipe.corpus != "bbc_news":
+        raise ValueError("--trim_vocabulary_texts corpus needs --corpus bbc_news; give a text file instead")
     if recipe.trim_vocabulary_texts not in (None, "corpus") and not Path(recipe.trim_vocabulary_texts).is_file():
-        raise FileNotFoundError(f"--trim_vocabulary_texts {recipe.trim_vocabulary_texts}: no such file")
+        raise FileNotFoundError(f"--trim_vocabulary_texts {recipe.trim_vocabulary_texts}: no such file (give a "
+                                "UTF-8 text file or 'corpus')")
     if not recipe.audio and not recipe.pseudo_labels and recipe.corpus == "bbc_news":
         manifest, eval_manifest = spoken_bbc_corpus(recipe, out)
         recipe.audio, recipe.eval_audio = str(manifest), recipe.eval_audio or str(eval_manifest)

@@ -216,7 +216,12 @@ def bbc_training_sentences(held_out_fraction: float = 0.15, seed: int = 0) -> li
 
     articles = load_bbc_news()["text"]
     train_idx, _ = article_split(articles, held_out_fraction, seed=seed)
-    return plain_sentences([articles[i] for i in train_idx], min_words=1, max_words=10**6)
+    return every_plain_sentence([articles[i] for i in train_idx])
+
+
+def every_plain_sentence(articles: Iterable[str]) -> list[str]:
+    """:func:`plain_sentences` of any length."""
+    return plain_sentences(articles, min_words=1, max_words=10**6)
 
 
 def bbc_spoken_corpus(out_dir: str | Path, *, train_sentences: int, voices: Sequence[tuple[str, str]],
@@ -236,7 +241,7 @@ def bbc_spoken_corpus(out_dir: str | Path, *, train_sentences: int, voices: Sequ
     train_idx, held_idx = article_split(articles, held_out_fraction, seed=seed)
     # the BBC set repeats some stories verbatim across articles: a held-out sentence found in any training
     # article is left out, so that no evaluated sentence was trained on (nor chose a trimmed vocabulary)
-    in_training = set(plain_sentences([articles[i] for i in train_idx], min_words=1, max_words=10**6))
+    in_training = set(every_plain_sentence([articles[i] for i in train_idx]))
     pools = {}
     for name, idx, n in (("train", train_idx, train_sentences), ("eval", held_idx, eval_sentences)):
         pool = plain_sentences([articles[i] for i in idx])

@@ -308,6 +308,7 @@ class WhisperDistillationTrainer(DistillationTrainer):
             if len(self.teachers) > 1:
                 raise ValueError("a trimmed vocabulary supports one live teacher")
             self._kept = torch.as_tensor(vocabulary.kept)
+        self._kept_head = None  # the frozen teacher's output rows of the kept tokens, gathered once
         data_map = getattr(self.train_dataset, "vocabulary", False)
         if data_map is not False and data_map is not vocabulary:
             raise ValueError("the training dataset's token ids are not renumbered with this trainer's vocabulary map; "
@@ -378,12 +379,15 @@ class WhisperDistillationTrainer(DistillationTrainer):
                 out = teacher(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids,
                               decoder_attention_mask=inputs.get("decoder_attention_mask"))
                 return ModelTensors(logits=out.logits)
-            kept = self._kept.to(decoder_ids.device)
-            states = unwrap(teacher).model(encoder_outputs=encoder_outputs, decoder_input_ids=kept[decoder_ids],
+            if self._kept.device != decoder_ids.device:
+                self._kept = self._kept.to(decoder_ids.device)
+            head = unwrap(teacher).get_output_embeddings().weight
+            if self._kept_head is None or self._kept_head.device != head.device:
+                self._kept_head = head.detach().index_select(0, self._kept.to(head.device))
+            states = unwrap(teacher).model(encoder_outputs=encoder_outputs, decoder_input_ids=self._kept[decoder_ids],
                                            decoder_attention_mask=inputs.get("decoder_attention_mask"),
                                            use_cache=False).last_hidden_state
-            head = unwrap(teacher).get_output_embeddings().weight
-            logits = torch.nn.functional.linear(states, head.index_select(0, kept.to(head.device)))
+            logits = torch.nn.functional.linear(states, self._kept_head)
         return ModelTensors(logits=logits)
 
 

@@ -21,6 +21,7 @@ import json
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ class VocabularyMap:
     def size(self) -> int:
         return len(self.kept)
 
-    @property
+    @cached_property
     def lookup(self) -> np.ndarray:
         """teacher id -> student id (-1 where the token was dropped)."""
         table = np.full(self.teacher_size, -1, dtype=np.int64)
