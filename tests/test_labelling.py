@@ -37,6 +37,20 @@ def rows_of(store: Path) -> list[list[dict]]:
     return [pq.read_table(f).to_pylist() for f in shard_files(store)]
 
 
+def same_values(a, b, rel: float = 1e-6) -> bool:
+    """``a == b`` with model-computed floats (log-probs, probabilities) equal to ``rel``: the last bits of a
+    float32 forward differ between CPU kernels, everything else (ids, text, flags, ints) must be identical.
+    Soft labels (``topk_*``) are stored as float16, where such a bit can move a value by one float16 step."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-12)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(
+            same_values(a[k], b[k], 2.0**-9 if str(k).startswith("topk_") else rel) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y, rel) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def summary_of(store: Path) -> dict:
     summary = json.loads((store / "summary.json").read_text())
     return {k: v for k, v in summary.items() if k not in TIMINGS}
@@ -57,9 +71,9 @@ def test_a_store_written_before_the_split_resumes_with_the_same_rows(old_inputs,
                                             output_dir=str(resumed), progress=False, **options))
     assert (result["shards_skipped"], result["shards_computed"]) == (1, 2)
     assert result["packed"] == PACKED[name]  # with pack=None: the mode the store was started with
-    assert rows_of(resumed) == rows_of(complete)
+    assert same_values(rows_of(resumed), rows_of(complete))
     assert (resumed / "manifest.json").read_text() == (complete / "manifest.json").read_text()
-    assert summary_of(resumed) == summary_of(complete)
+    assert same_values(summary_of(resumed), summary_of(complete))
     assert (resumed / "failures.jsonl").read_text() == (complete / "failures.jsonl").read_text()
 
 
