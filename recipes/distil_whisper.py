@@ -18,7 +18,8 @@ Stages:
    reference where there is one, confidence filters otherwise) are the training set; ``--keep_only false``
    trains on every row.
 3. **Student.** ``build_whisper_student``: the teacher's encoder (``--freeze_encoder`` to freeze it) and
-   ``--num_decoder_layers`` decoder layers spread evenly, first and last included (or ``--decoder_layers``).
+   ``--num_decoder_layers`` decoder layers spread evenly, first and last included (or ``--decoder_layers``);
+   ``--freeze_embeddings`` keeps the teacher's token and position embeddings (and tied output layer).
    ``--trim_vocabulary``: only the tokens of the training pseudo-labels (plus byte, special and timestamp
    tokens) stay in the student's embedding, output layer and tokenizer (``hf_distill.speech.vocab_trim``):
    a smaller output layer, which at tiny.en's size is most of a decoder step.
@@ -70,7 +71,7 @@ RESUME_FIELDS = ("synthesize", "corpus", "corpus_sentences", "corpus_voices", "e
                  "window_max_clips", "window_max_seconds", "corpus_seed", "cache_encoder_outputs",
                  "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
                  "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
-                 "decoder_layers", "freeze_encoder", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary",
+                 "decoder_layers", "freeze_encoder", "freeze_embeddings", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary",
                  "trim_vocabulary_texts")
 
 
@@ -123,6 +124,8 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     num_decoder_layers: int = field(default=2, metadata={"help": "Decoder layers of the student."})
     decoder_layers: str | None = field(default=None, metadata={"help": "Explicit teacher decoder layers, e.g. '0,3'."})
     freeze_encoder: bool = field(default=False, metadata={"help": "Freeze the student's (copied) encoder."})
+    freeze_embeddings: bool = field(default=False, metadata={
+        "help": "Freeze the decoder's token and position embeddings (and the tied output layer): the teacher's."})
     trim_vocabulary: bool = field(default=False, metadata={
         "help": "Keep only the tokens of the training pseudo-labels (plus every byte, special and timestamp token) "
                 "in the student's embedding, output layer and tokenizer: faster decoding; needs --soft_labels live."})
@@ -197,10 +200,7 @@ def synthesize_corpus(n: int, engine: str, out: Path) -> Path:
             clips = synthesize(harvard_sentences(n), folder, engine=engine, sampling_rate=16000, prefix="harvard")
             tmp = manifest.with_suffix(".tmp")
             with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "text"])
-                for path, text in clips:
-                    writer.writerow([path.name, text])
+                csv.writer(f).writerows([["path", "text"], *([path.name, text] for path, text in clips)])
             tmp.replace(manifest)
     return manifest
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         store_items,
         transcribe_whisper,
     )
-    from hf_distill.students import build_whisper_student
+    from hf_distill.students import build_whisper_student, freeze_whisper_embeddings
 
     timings: dict[str, float] = {}
     if not recipe.teacher:
@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.trim_vocabulary:
         student, student_processor, vocabulary = trim_student_vocabulary(student, processor, rows,
                                                                           vocabulary_texts(recipe))
+    if recipe.freeze_embeddings:
+        freeze_whisper_embeddings(student)  # after trimming, which makes new embedding tables
     student = apply_peft(student, peft_args)  # LoRA adapters when --use_peft
 
     # ------------------------------------------------------------------ 4. distillation
@@ -410,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": row_counts,
         "student": {"decoder_layers_from_teacher": chosen, "parameters": count_parameters(student),
                     "vocabulary": vocabulary.size if vocabulary else int(student.config.vocab_size),
-                    "teacher_parameters": count_parameters(teacher), "encoder_frozen": recipe.freeze_encoder},
+                    "teacher_parameters": count_parameters(teacher), "encoder_frozen": recipe.freeze_encoder,
+                    "embeddings_frozen": recipe.freeze_embeddings},
         "distillation": {"soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
                          "kl_weight": recipe.kl_weight, "temperature": temperature,
                          "top_k": recipe.top_k if not live else None, "encoder_shared": encoder_shared,

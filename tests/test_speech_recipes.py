@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import WhisperForConditionalGeneration
 
 from hf_distill.speech.greedy_decoding import GreedyWhisperDecoder
 from hf_distill.speech.labelling import PseudoLabelConfig, load_pseudo_labels, pseudo_label
@@ -206,9 +207,15 @@ def test_distil_whisper_live_teacher_with_a_shared_frozen_encoder(whisper_dir, c
         "--teacher", str(whisper_dir), "--audio", str(clips), "--eval_audio", str(eval_manifest),
         "--output_dir", str(out), "--soft_labels", "live", "--freeze_encoder", "true", "--num_decoder_layers", "1",
         "--keep_only", "false", "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "2",
-        "--labeller", "packed", *TRAIN_FLAGS])
+        "--labeller", "packed", "--freeze_embeddings", "true", *TRAIN_FLAGS])
     saved = _check_whisper_run(out, results)
-    assert saved["distillation"]["encoder_shared"] is True
+    assert saved["distillation"]["encoder_shared"] is True and saved["student"]["embeddings_frozen"] is True
+    teacher = WhisperForConditionalGeneration.from_pretrained(whisper_dir)
+    student = WhisperForConditionalGeneration.from_pretrained(out / "student")
+    for name in ("embed_tokens", "embed_positions"):  # frozen: still the teacher's after 12 steps
+        assert torch.equal(getattr(student.model.decoder, name).weight, getattr(teacher.model.decoder, name).weight)
+    trained = student.model.decoder.layers[0].fc1.weight  # trained: no longer any teacher layer's
+    assert not any(torch.equal(trained, layer.fc1.weight) for layer in teacher.model.decoder.layers)
     assert all("loss_kd" in h and "loss_ce" in h for h in saved["loss"]["history"])
     assert "packing" in saved["pseudo_labels"]["summary"]
 

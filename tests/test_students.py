@@ -28,6 +28,7 @@ from hf_distill.students import (
     build_ctc_student,
     build_student,
     build_whisper_student,
+    freeze_whisper_embeddings,
     find_layer_list,
     select_layers,
 )
@@ -437,6 +438,27 @@ def test_whisper_student_copies_encoder_and_chosen_decoder_layers():
     loss = student(input_features=features, labels=labels).loss
     loss.backward()
     assert student.model.encoder.conv1.weight.grad is None and student.model.decoder.layers[1].fc1.weight.grad is not None
+
+
+def test_whisper_student_with_frozen_embeddings_trains_only_its_layers():
+    teacher = _tiny_whisper()
+    student = build_whisper_student(teacher, 2, freeze_encoder=True, freeze_embeddings=True)
+    decoder = student.model.decoder
+    assert not decoder.embed_tokens.weight.requires_grad and not decoder.embed_positions.weight.requires_grad
+    assert not student.proj_out.weight.requires_grad  # tied to the token embeddings
+    assert all(p.requires_grad for p in decoder.layers.parameters()) and decoder.layer_norm.weight.requires_grad
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in decoder.layers.parameters()) + 2 * 32  # + the final layer norm
+    before = decoder.embed_tokens.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    loss = student(input_features=torch.randn(1, 16, 60), labels=torch.tensor([[5, 6, 7, 2]])).loss
+    loss.backward()
+    optimizer.step()
+    assert decoder.embed_tokens.weight.grad is None and torch.equal(decoder.embed_tokens.weight, before)
+    assert decoder.layers[0].fc1.weight.grad is not None
+    assert freeze_whisper_embeddings(student) == 0  # already frozen: nothing more
+    unfrozen = build_whisper_student(teacher, 2)
+    assert freeze_whisper_embeddings(unfrozen) == 100 * 32 + 32 * 32  # vocab x d_model + positions x d_model
 
 
 def test_whisper_student_fewer_encoder_layers_and_save(tmp_path):

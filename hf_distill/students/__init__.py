@@ -44,7 +44,7 @@ from .efficient import (
 )
 from .layers import select_layers
 from .saving import INIT_INFO_FILE
-from .speech import build_ctc_student, build_whisper_student
+from .speech import build_ctc_student, build_whisper_student, freeze_whisper_embeddings
 
 __all__ = [
     "ARCHITECTURES",
@@ -57,6 +57,7 @@ __all__ = [
     "build_ctc_student",
     "build_student",
     "build_whisper_student",
+    "freeze_whisper_embeddings",
     "cli_main",
     "find_layer_list",
     "select_layers",

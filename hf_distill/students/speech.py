@@ -32,6 +32,24 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
     raise ValueError(f"cannot locate {type(target).__name__} inside {type(model).__name__}")
 
 
+def freeze_whisper_embeddings(student) -> int:
+    """Freeze a Whisper decoder's token and position embeddings (and so ``proj_out``, tied to the tokens).
+
+    With little data, most of a small student's trainable weights are its vocabulary rows (tiny.en:
+    20M of 29M), and the rows of words the labels never use only ever get pushed down; frozen, they
+    stay the teacher's. Returns the number of parameters frozen. Call it again after replacing the
+    embedding (a trimmed vocabulary) or reloading: ``requires_grad`` is not saved.
+    """
+    decoder = student.get_decoder()
+    frozen = 0
+    for module in (decoder.embed_tokens, decoder.embed_positions):
+        for param in module.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
+
+
 def build_whisper(
     teacher,
     teacher_name: str,
@@ -41,6 +59,7 @@ def build_whisper(
     num_encoder_layers: int | None = None,
     encoder_layers: list[int] | None = None,
     freeze_encoder: bool = False,
+    freeze_embeddings: bool = False,
     output_dir=None,
     processor=None,
 ):
@@ -73,11 +92,14 @@ def build_whisper(
         _remap_alignment_heads(student.generation_config, dec_chosen)
     if freeze_encoder:
         student.get_encoder().requires_grad_(False)
+    if freeze_embeddings:
+        freeze_whisper_embeddings(student)
     info = {
         "architecture": "whisper",
         "teacher_layers": {"encoder": enc_chosen, "decoder": dec_chosen},
         "teacher_num_layers": {"encoder": enc_total, "decoder": dec_total},
         "encoder_frozen": bool(freeze_encoder),
+        "embeddings_frozen": bool(freeze_embeddings),
     }
     return finish_student(student, teacher, teacher_name, info, output_dir, processor, speech=True)
 
@@ -90,6 +112,7 @@ def build_whisper_student(
     num_encoder_layers: int | None = None,
     encoder_layers: list[int] | None = None,
     freeze_encoder: bool = False,
+    freeze_embeddings: bool = False,
     output_dir: str | os.PathLike | None = None,
     processor=None,
 ):
@@ -101,7 +124,8 @@ def build_whisper_student(
     convolutional front end, layer norms and ``proj_out`` (tied to the token embeddings) are
     copied exactly; the generation config is copied with its ``alignment_heads`` renumbered to
     the layers kept. ``freeze_encoder`` sets ``requires_grad=False`` on every encoder parameter
-    (this is not saved: freeze again after reloading). ``output_dir`` saves the student, the
+    (this is not saved: freeze again after reloading); ``freeze_embeddings`` does the same for the
+    decoder's token and position embeddings (``freeze_whisper_embeddings``). ``output_dir`` saves the student, the
     ``processor`` (or the one next to the teacher checkpoint) and ``distillation_init.json``.
     """
     model, name = as_model(teacher)
@@ -113,6 +137,7 @@ def build_whisper_student(
         num_encoder_layers=num_encoder_layers,
         encoder_layers=encoder_layers,
         freeze_encoder=freeze_encoder,
+        freeze_embeddings=freeze_embeddings,
         output_dir=output_dir,
         processor=processor,
     )
