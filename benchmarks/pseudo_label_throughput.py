@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     if args.encoder_dtype == "auto":
         args.encoder_dtype = auto_encoder_dtype(args.device)
     logging.basicConfig(level=logging.WARNING)
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "hf_distill_throughput"
+    work = (Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "hf_distill_throughput").resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows = build_corpus(work, args.num_files, args.min_seconds, args.max_seconds, args.engine)
     manifest = Path(rows[0]["path"]).parent / "manifest.csv"
