@@ -86,12 +86,20 @@ def _one_step(tokenizer, tmp_path, name, **kw):
 
 
 def test_accumulation_equals_large_batch(tokenizer, tmp_path):
-    big, s_big = _one_step(tokenizer, tmp_path, "big", per_device_train_batch_size=16)
-    acc, s_acc = _one_step(tokenizer, tmp_path, "acc", per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    # plain SGD at lr 1: the step is the gradient itself, so equal parameters mean equal gradients (Adam's first
+    # step, lr * g / (|g| + eps), turns float noise in a near-zero gradient into a step of up to lr)
+    sgd = {"optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant"}
+    big, s_big = _one_step(tokenizer, tmp_path, "big", per_device_train_batch_size=16, **sgd)
+    acc, s_acc = _one_step(tokenizer, tmp_path, "acc", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                           **sgd)
     for key in ("loss", "grad_norm", "loss_kd", "loss_mlm", "loss_cos"):
         assert acc[key] == pytest.approx(big[key], rel=1e-4), key
-    for (n, p_big), p_acc in zip(s_big.named_parameters(), s_acc.parameters()):
+    _, initial = teacher_student(tokenizer)
+    moved = 0.0
+    for (n, p_big), p_acc, p_0 in zip(s_big.named_parameters(), s_acc.parameters(), initial.parameters()):
         assert torch.allclose(p_big, p_acc, atol=1e-6), n
+        moved = max(moved, float((p_big - p_0).abs().max()))
+    assert moved > 1e-3  # the step really changed the student
 
 
 def test_every_term_logged_in_training_and_evaluation(tokenizer, tmp_path):
