@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_distill.students.freezing import freeze_embeddings
 from hf_distill.tasks.classification_data import DataError
 from hf_distill.tasks.classification_recipe import Stages
 
@@ -164,14 +165,6 @@ def distillation_terms(recipe, args) -> list[dict]:
     if term["loss"] == "jsd":
         term["beta"] = recipe.beta
     return [term]
-
-
-def freeze_embeddings(model) -> int:
-    """Freeze the token embeddings (and a head tied to them): copied from the teacher, they stay its own.
-    Returns the number of frozen parameters."""
-    weight = model.get_input_embeddings().weight
-    weight.requires_grad_(False)  # an untied output head keeps training
-    return weight.numel()
 
 
 def store_teacher_outputs(teacher, train_dataset, store_dir: Path, tokenizer, *, k: int, temperature: float,

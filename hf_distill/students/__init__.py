@@ -42,6 +42,7 @@ from .efficient import (
     CNNForSequenceClassification,
     build_efficient_student,
 )
+from .freezing import freeze_embeddings
 from .layers import select_layers
 from .saving import INIT_INFO_FILE
 from .speech import build_ctc_student, build_whisper_student, freeze_whisper_embeddings
@@ -57,6 +58,7 @@ __all__ = [
     "build_ctc_student",
     "build_student",
     "build_whisper_student",
+    "freeze_embeddings",
     "freeze_whisper_embeddings",
     "cli_main",
     "find_layer_list",

@@ -8,6 +8,7 @@ import os
 from torch import nn
 
 from .copying import as_model, copy_state, new_model
+from . import freezing
 from .layers import resolve_layers
 from .same import build_same
 from .saving import finish_student
@@ -37,17 +38,10 @@ def freeze_whisper_embeddings(student) -> int:
 
     With little data, most of a small decoder's weights are its vocabulary rows (tiny.en with 2 decoder
     layers: 20.1M of the decoder's 24.8M), and the rows of words the labels never use only ever get
-    pushed down; frozen, they stay the teacher's. Returns the number of parameters frozen. Call it again after replacing the
-    embedding (a trimmed vocabulary) or reloading: ``requires_grad`` is not saved.
+    pushed down; frozen, they stay the teacher's. Returns the number of parameters frozen
+    (:func:`~hf_distill.students.freezing.freeze_embeddings` with ``positions=True``).
     """
-    decoder = student.get_decoder()
-    frozen = 0
-    for module in (decoder.embed_tokens, decoder.embed_positions):
-        for param in module.parameters():
-            if param.requires_grad:
-                param.requires_grad_(False)
-                frozen += param.numel()
-    return frozen
+    return freezing.freeze_embeddings(student, positions=True)
 
 
 def build_whisper(
@@ -125,8 +119,8 @@ def build_whisper_student(
     copied exactly; the generation config is copied with its ``alignment_heads`` renumbered to
     the layers kept. ``freeze_encoder`` sets ``requires_grad=False`` on every encoder parameter
     (this is not saved: freeze again after reloading); ``freeze_embeddings`` does the same for the
-    decoder's token and position embeddings (``freeze_whisper_embeddings``). ``output_dir`` saves the student, the
-    ``processor`` (or the one next to the teacher checkpoint) and ``distillation_init.json``.
+    decoder's token and position embeddings (``freeze_whisper_embeddings``). ``output_dir`` saves the
+    student, the ``processor`` (or the one next to the teacher checkpoint) and ``distillation_init.json``.
     """
     model, name = as_model(teacher)
     student, _ = build_whisper(
