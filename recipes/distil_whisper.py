@@ -57,8 +57,10 @@ from hf_distill.config import parse_config_and_args  # noqa: E402
 from hf_distill.speech.recipe_steps import (  # noqa: E402
     SpeechRecipeArguments,
     cap_training_rows,
+    harvard_demo_audio,
     label_store,
     save_student,
+    spoken_bbc_recordings,
     start_run,
     stored_soft_label_temperature,
     train_resuming,
@@ -69,10 +71,11 @@ logger = logging.getLogger("distil_whisper")
 # Recipe flags a resume must keep, besides the shared speech ones and the trainer's own settings.
 RESUME_FIELDS = ("synthesize", "corpus", "corpus_sentences", "corpus_voices", "eval_voices", "eval_sentences",
                  "window_max_clips", "window_max_seconds", "corpus_seed", "cache_encoder_outputs",
-                 "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task", "labeller", "logprob_threshold",
-                 "no_speech_threshold", "compression_ratio_threshold", "soft_labels", "top_k", "num_decoder_layers",
-                 "decoder_layers", "freeze_encoder", "freeze_embeddings", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary",
-                 "trim_vocabulary_texts")
+                 "encoder_cache_dtype", "label_encoder_dtype", "eval_audio", "eval_size", "language", "task",
+                 "labeller", "logprob_threshold", "no_speech_threshold", "compression_ratio_threshold",
+                 "soft_labels", "top_k", "num_decoder_layers", "decoder_layers", "freeze_encoder",
+                 "freeze_embeddings", "ce_weight", "kl_weight", "max_label_length", "trim_vocabulary",
+                 "trim_vocabulary_texts", "cross_attention_weight")
 
 
 @dataclass
@@ -145,6 +148,10 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     # ---- loss
     ce_weight: float = field(default=0.8, metadata={"help": "Cross-entropy on the pseudo-label tokens."})
     kl_weight: float = field(default=1.0, metadata={"help": "KL to the teacher (x T^2), T = --temperature."})
+    cross_attention_weight: float = field(default=0.0, metadata={
+        "help": "Live teacher: KL between the teacher's and the student's cross-attention maps, each student decoder "
+                "layer against the teacher layer it was copied from (term cross_attention_kl): the teacher's "
+                "alignment to the audio, against repeated and skipped phrases. 0: off."})
     max_label_length: int = field(default=448, metadata={"help": "Label tokens per example (longer are cut)."})
     # ---- evaluation
     eval_max_new_tokens: int = field(default=128)
@@ -183,42 +190,6 @@ def resolve_teacher(spec: str, out: Path) -> tuple[Path, str]:
                     convert_ct2_whisper(path, target)
         return target, f"converted from CTranslate2 ({path})"
     raise ValueError(f"{path} is neither a transformers Whisper folder nor a CTranslate2 Whisper folder")
-
-
-def synthesize_corpus(n: int, engine: str, out: Path) -> Path:
-    """Speak the first ``n`` Harvard sentences into ``out/audio`` (once); returns its manifest (path, text)."""
-    import csv
-
-    from accelerate import PartialState
-
-    from hf_distill.speech.synth import harvard_sentences, synthesize
-
-    folder = out / "audio"
-    manifest = folder / "manifest.csv"
-    with PartialState().main_process_first():
-        if not manifest.is_file():
-            clips = synthesize(harvard_sentences(n), folder, engine=engine, sampling_rate=16000, prefix="harvard")
-            tmp = manifest.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([["path", "text"], *([path.name, text] for path, text in clips)])
-            tmp.replace(manifest)
-    return manifest
-
-
-def spoken_bbc_corpus(recipe: DistilWhisperArguments, out: Path) -> tuple[Path, Path]:
-    """``--corpus bbc_news`` made once under ``out/corpus``: (training recordings' manifest, held-out manifest)."""
-    from accelerate import PartialState
-
-    from hf_distill.speech.corpus import bbc_spoken_corpus, pack_windows, parse_voices
-
-    folder = out / "corpus"
-    with PartialState().main_process_first():
-        clips, eval_manifest = bbc_spoken_corpus(
-            folder, train_sentences=recipe.corpus_sentences, voices=parse_voices(recipe.corpus_voices),
-            eval_sentences=recipe.eval_sentences, eval_voices=parse_voices(recipe.eval_voices), seed=recipe.corpus_seed)
-        manifest = pack_windows(clips, folder / "windows", max_seconds=recipe.window_max_seconds,
-                                max_clips=recipe.window_max_clips, seed=recipe.corpus_seed)
-    return manifest, eval_manifest
 
 
 # ---------------------------------------------------------------------------------------------- labelling
@@ -275,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe, args, peft_args = parse_config_and_args((DistilWhisperArguments, DistillationArguments, PeftArguments), argv)
     state, out = start_run(args.output_dir, recipe.num_threads)
     from hf_distill.hub import count_parameters, distillation_metadata
+    from hf_distill.modeling import unwrap
     from hf_distill.speech.audio import list_audio
     from hf_distill.speech.labelling import load_pseudo_labels
     from hf_distill.speech.training import (
@@ -293,13 +265,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not recipe.teacher:
         raise ValueError("no teacher: set --teacher (a Whisper folder, a CTranslate2 folder or package:<module>)")
     if not recipe.audio and not recipe.pseudo_labels and recipe.synthesize > 0:
-        recipe.audio = str(synthesize_corpus(recipe.synthesize, recipe.synthesize_engine, out))
+        recipe.audio = str(harvard_demo_audio(recipe.synthesize, recipe.synthesize_engine, out))
     if recipe.cache_encoder_outputs and not recipe.freeze_encoder:
         raise ValueError("--cache_encoder_outputs needs --freeze_encoder true (a trained encoder's output changes "
                          "every step, so it cannot be computed once)")
     if recipe.trim_vocabulary and recipe.soft_labels != "live":
         raise ValueError("--trim_vocabulary needs --soft_labels live (stored soft labels index the teacher's whole "
                          "vocabulary)")
+    if recipe.cross_attention_weight and recipe.soft_labels != "live":
+        raise ValueError("--cross_attention_weight needs --soft_labels live (stored soft labels hold no attention maps)")
     if recipe.trim_vocabulary_texts and not recipe.trim_vocabulary:
         raise ValueError("--trim_vocabulary_texts is read only with --trim_vocabulary true")
     if recipe.trim_vocabulary_texts == "corpus" and recipe.corpus != "bbc_news":
@@ -308,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"--trim_vocabulary_texts {recipe.trim_vocabulary_texts}: no such file (give a "
                                 "UTF-8 text file or 'corpus')")
     if not recipe.audio and not recipe.pseudo_labels and recipe.corpus == "bbc_news":
-        manifest, eval_manifest = spoken_bbc_corpus(recipe, out)
+        manifest, eval_manifest = spoken_bbc_recordings(recipe, out)
         recipe.audio, recipe.eval_audio = str(manifest), recipe.eval_audio or str(eval_manifest)
     if not recipe.audio and not recipe.pseudo_labels:
         raise ValueError("nothing to train on: give --audio (to pseudo-label), --pseudo_labels (a store), "
@@ -368,9 +342,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------ 4. distillation
     live = recipe.soft_labels == "live"
-    term = {"loss": "kl" if live else "topk_kl", "weight": recipe.kl_weight, "temperature": temperature}
+    terms = [{"loss": "kl" if live else "topk_kl", "weight": recipe.kl_weight, "temperature": temperature}]
+    if recipe.cross_attention_weight:
+        decoder_map = chosen["decoder"] if isinstance(chosen, dict) else chosen
+        terms.append({"loss": "cross_attention_kl", "weight": recipe.cross_attention_weight,
+                      "layers": {j: int(t) for j, t in enumerate(decoder_map)}})
+    attention_implementations = [(m, m.config._attn_implementation) for m in map(unwrap, (student, teacher))]
     train_args = dataclasses.replace(
-        args, output_dir=str(out / "training"), distillation=json.dumps([term]), task_weight=recipe.ce_weight,
+        args, output_dir=str(out / "training"), distillation=json.dumps(terms), task_weight=recipe.ce_weight,
         kd_weight=recipe.kl_weight, temperature=temperature, cos_weight=0.0, mse_weight=0.0, hidden_mse_weight=0.0,
         remove_unused_columns=False, push_to_hub=False, label_names=["labels"])
     max_label_length = min(recipe.max_label_length, teacher.config.max_target_positions)
@@ -404,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     encoder_shared, share_reason = trainer.encoder_shared, trainer.share_reason
     student = trainer.model
     del trainer
+    for model, implementation in attention_implementations:  # attention-map terms switched them to eager
+        model.set_attn_implementation(implementation)
 
     results: dict = {
         "teacher": recipe.teacher, "teacher_dir": str(teacher_dir), "teacher_origin": teacher_origin,
@@ -416,12 +397,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "embeddings_frozen": recipe.freeze_embeddings},
         "distillation": {"soft_labels": recipe.soft_labels, "ce_weight": recipe.ce_weight,
                          "kl_weight": recipe.kl_weight, "temperature": temperature,
-                         "top_k": recipe.top_k if not live else None, "encoder_shared": encoder_shared,
+                         "cross_attention_weight": recipe.cross_attention_weight, "top_k": recipe.top_k if not live else None, "encoder_shared": encoder_shared,
                          "encoder_not_shared_because": None if encoder_shared else share_reason,
                          "steps": train_output.global_step, "learning_rate": args.learning_rate,
                          "batch_size": args.per_device_train_batch_size},
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                 "history": [{k: h[k] for k in h if k in ("step", "loss", "loss_kd", "loss_topk_kl", "loss_ce")}
+                 "history": [{k: h[k] for k in h if k in ("step", "loss", "loss_kd", "loss_topk_kl", "loss_ce",
+                                                                           "loss_cross_attention_kl")}
                              for h in history if "loss" in h]},
     }
 

@@ -140,9 +140,13 @@ def test_distil_whisper_recipe_on_cached_encoder_outputs(whisper_dir, clips, eva
         "--teacher", str(whisper_dir), "--audio", str(clips), "--eval_audio", str(eval_manifest), "--output_dir", str(out),
         "--freeze_encoder", "true", "--cache_encoder_outputs", "true", "--num_decoder_layers", "1",
         "--keep_only", "false", "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "2",
-        "--speed_clips", "2", *TRAIN_FLAGS])
-    losses = [h["loss"] for h in results["loss"]["history"]]
+        "--speed_clips", "2", "--cross_attention_weight", "1.0", *TRAIN_FLAGS])
+    history = results["loss"]["history"]
+    losses = [h["loss"] for h in history]
     assert len(losses) >= 4 and losses[-1] < losses[0]
+    # the cross-attention term, logged apart, on the cached states both models read
+    assert all(h["loss_cross_attention_kl"] > 0 and h["loss_kd"] > 0 for h in history)
+    assert results["distillation"]["cross_attention_weight"] == 1.0
     assert results["distillation"]["encoder_shared"] is True
     assert len(EncoderOutputCache(out / "encoder_cache")) == results["rows"]["training_rows"] == 8
     for key, n in (("teacher", 3), ("student", 3), ("teacher_batch_1", 2), ("student_batch_1", 2)):
@@ -152,6 +156,9 @@ def test_distil_whisper_recipe_on_cached_encoder_outputs(whisper_dir, clips, eva
     from transformers import WhisperForConditionalGeneration
 
     assert WhisperForConditionalGeneration.from_pretrained(out / "student").config.decoder_layers == 1
+    with pytest.raises(ValueError, match="cross_attention_weight needs --soft_labels live"):
+        distil_whisper.main(["--teacher", str(whisper_dir), "--audio", str(clips), "--output_dir", str(tmp_path / "y"),
+                             "--soft_labels", "stored", "--cross_attention_weight", "1", *TRAIN_FLAGS])
     with pytest.raises(ValueError, match="needs --freeze_encoder"):
         distil_whisper.main(["--teacher", str(whisper_dir), "--audio", str(clips), "--output_dir", str(tmp_path / "x"),
                              "--cache_encoder_outputs", "true", *TRAIN_FLAGS])

@@ -23,8 +23,9 @@ from tiny import make_wordpiece_tokenizer
 HERE = Path(__file__).parent
 # Terms these same-model cases cannot feed, each with its own accumulation case: cross-tokenizer terms need a teacher
 # with its own tokens and an alignment (tests/test_cross_tokenizer.py::test_accumulation_equals_one_large_batch);
-# the lifelong terms need a classifier grown by a task head (tests/test_lifelong.py::test_accumulation_equals_...).
-OWN_CASES = {"uld", "span_kl", "head_ce", "lwf_kd"}
+# the lifelong terms need a classifier grown by a task head (tests/test_lifelong.py::test_accumulation_equals_...);
+# cross_attention_kl needs an encoder-decoder (tests/test_seq2seq_terms.py::test_cross_attention_kl_accumulation...).
+OWN_CASES = {"uld", "span_kl", "head_ce", "lwf_kd", "cross_attention_kl"}
 BUILT_IN = {name for name, cls in TERM_REGISTRY.items()
             if cls.__module__.startswith("hf_distill.") and name not in OWN_CASES}
 RELATION = {name for name in BUILT_IN if issubclass(TERM_REGISTRY[name], SampleRelationTerm)}

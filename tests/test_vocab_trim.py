@@ -200,9 +200,12 @@ def test_distil_whisper_recipe_trains_a_trimmed_student(whisper_dir, tmp_path):
              "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]
     with pytest.raises(ValueError, match="trim_vocabulary needs --soft_labels live"):
         distil_whisper.main(flags + ["--trim_vocabulary", "true", "--soft_labels", "stored"])
-    results = distil_whisper.main(flags + ["--trim_vocabulary", "true", "--cache_encoder_outputs", "true"])
+    results = distil_whisper.main(flags + ["--trim_vocabulary", "true", "--cache_encoder_outputs", "true",
+                                           "--cross_attention_weight", "0.5"])
     losses = [h["loss"] for h in results["loss"]["history"]]
     assert len(losses) >= 3 and losses[-1] < losses[0]
+    # the teacher's cross-attention reaches the term through the trimmed output layer's path too
+    assert all(h["loss_cross_attention_kl"] > 0 for h in results["loss"]["history"])
     teacher_vocab = WhisperForConditionalGeneration.from_pretrained(whisper_dir).config.vocab_size
     assert results["student"]["vocabulary"] < teacher_vocab
     saved = WhisperForConditionalGeneration.from_pretrained(out / "student")

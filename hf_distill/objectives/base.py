@@ -40,8 +40,9 @@ def register_term(name: str) -> Callable[[type["Term"]], type["Term"]]:
 class ModelTensors:
     """What one model produced for the batch (None where no term asked for it).
 
-    For encoder-decoders, ``hidden_states`` / ``attentions`` are the decoder's and
-    ``encoder_hidden_states`` / ``encoder_attentions`` the encoder's. A teacher whose outputs were
+    For encoder-decoders, ``hidden_states`` / ``attentions`` are the decoder's,
+    ``encoder_hidden_states`` / ``encoder_attentions`` the encoder's and ``cross_attentions`` the
+    decoder's attention over the encoder output. A teacher whose outputs were
     stored sparsely gives ``topk_logprobs`` / ``topk_indices`` (its top-k log-probabilities at the
     distillation temperature) and ``tail_mass`` (the probability outside them) instead of logits.
     For the fused losses, ``last_hidden_state`` holds the final hidden states and ``head`` the output
@@ -54,6 +55,7 @@ class ModelTensors:
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     tail_mass: torch.Tensor | None = None
@@ -69,7 +71,7 @@ class ModelTensors:
                    else get("decoder_hidden_states"),
                    attentions=get("attentions") if get("attentions") is not None else get("decoder_attentions"),
                    qkv=qkv or {}, encoder_hidden_states=get("encoder_hidden_states"),
-                   encoder_attentions=get("encoder_attentions"))
+                   encoder_attentions=get("encoder_attentions"), cross_attentions=get("cross_attentions"))
 
     @classmethod
     def from_stored(cls, batch: dict) -> "ModelTensors | None":
@@ -102,7 +104,7 @@ class ModelTensors:
         for name in ("logits", "topk_logprobs", "tail_mass", "last_hidden_state"):
             if torch.is_tensor(getattr(self, name)):
                 out[name] = getattr(self, name)
-        for name in ("hidden_states", "attentions", "encoder_hidden_states", "encoder_attentions"):
+        for name in ("hidden_states", "attentions", "encoder_hidden_states", "encoder_attentions", "cross_attentions"):
             for i, t in enumerate(getattr(self, name) or ()):
                 if torch.is_tensor(t):
                     out[f"{name}[{i}]"] = t

@@ -119,7 +119,7 @@ class AttentionTerm(Term):
         if task_kind(student) == "seq2seq_lm":
             raise ValueError(f"term {self.loss_name!r} compares self-attention maps of encoder-only or decoder-only "
                              "models; for an encoder-decoder use hidden_mse / hidden_cos (with side: encoder or "
-                             "decoder)")
+                             "decoder) or cross_attention_kl")
         teacher = teachers[self.teacher_index or 0]
         n_s, n_t = num_layers(student), num_layers(teacher)
         spec = layer_spec(self.config.get("layers", "uniform"))
@@ -156,3 +156,60 @@ class AttentionKLTerm(AttentionTerm):
     """KL between attention distributions of mapped layers, per query over keys, padding masked."""
 
     loss_fn = staticmethod(feature_losses.attention_kl_loss)
+
+
+@register_term("cross_attention_kl")
+class CrossAttentionKLTerm(Term):
+    """An encoder-decoder's cross-attention (where each decoder position looks in the encoder output), mapped
+    decoder layer by layer and head by head: ``KL(teacher || student)`` over the encoder positions, per labelled
+    decoder position, averaged over heads and layer pairs. It teaches a shallow decoder the teacher's alignment
+    (Whisper: which audio frames each token reads), which a cut decoder otherwise relearns from its labels alone.
+    ``layers``: ``"uniform"`` or ``"s:t,..."`` over decoder layers (0-based)."""
+
+    options = ("layers",)
+    needs = frozenset({"attentions"})
+    count_key = "hidden"
+
+    def setup(self, student, teachers, args):
+        super().setup(student, teachers, args)
+        if not teachers:
+            raise ValueError(f"term {self.loss_name!r} needs a live teacher's cross-attention")
+        if task_kind(student) != "seq2seq_lm":
+            raise ValueError(f"term {self.loss_name!r} reads an encoder-decoder's cross-attention; for encoder-only "
+                             "or decoder-only models use attention_kl")
+        teacher = teachers[self.teacher_index or 0]
+        n_s, n_t = num_layers(student, "decoder"), num_layers(teacher, "decoder")
+        spec = layer_spec(self.config.get("layers", "uniform"))
+        if spec == "uniform":
+            self.mapping = feature_losses.attention_layer_map(n_s, n_t)
+        else:
+            self.mapping = feature_losses.validate_layer_map(spec, n_s, n_t, kind="attentions")
+        h_s, h_t = num_attention_heads(student, "decoder"), num_attention_heads(teacher, "decoder")
+        if h_s != h_t:
+            raise ValueError(f"term {self.loss_name!r} compares cross-attention head by head, but the student's "
+                             f"decoder has {h_s} heads and the teacher's {h_t}; give the student the teacher's head "
+                             "count")
+
+    @staticmethod
+    def maps(tensors, who: str) -> tuple[torch.Tensor, ...]:
+        if tensors.cross_attentions is None or any(a is None for a in tensors.cross_attentions):
+            raise ValueError(f"the {who} returned no cross-attention maps (output_attentions=True had no effect: its "
+                             "attention implementation must be 'eager')")
+        return tensors.cross_attentions
+
+    def forward(self, step: StepTensors):
+        student_maps = self.maps(step.student, "student")
+        teacher_maps = self.maps(step.teacher(self.teacher_index), "teacher")
+        first = student_maps[0]
+        queries = step.masks.get("hidden")
+        if queries is None:
+            queries = torch.ones(first.shape[0], first.shape[2], dtype=torch.bool, device=first.device)
+        keys = step.masks.get("encoder_hidden")
+        if keys is None:
+            keys = torch.ones(first.shape[0], first.shape[3], dtype=torch.bool, device=first.device)
+        total = 0.0
+        for s, t in self.mapping.items():
+            total = total + feature_losses.attention_kl_loss(
+                student_maps[s], teacher_maps[t].to(student_maps[s]), attention_mask=(queries, keys),
+                num_items=step.counts["hidden"])
+        return total / len(self.mapping)

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SpeechRecipeArguments",
     "cap_training_rows",
+    "harvard_demo_audio",
     "label_store",
     "save_student",
+    "spoken_bbc_recordings",
     "start_run",
     "stored_soft_label_temperature",
     "train_resuming",
@@ -191,3 +193,41 @@ def save_student(out: Path, student, processor, *, metadata: dict, card_results:
         results["pushed_to"] = pushed
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return student_dir
+
+
+def harvard_demo_audio(n: int, engine: str, out: Path) -> Path:
+    """Speak the first ``n`` Harvard sentences into ``out/audio`` (once); returns its manifest (path, text)."""
+    import csv
+
+    from accelerate import PartialState
+
+    from hf_distill.speech.synth import harvard_sentences, synthesize
+
+    folder = out / "audio"
+    manifest = folder / "manifest.csv"
+    with PartialState().main_process_first():
+        if not manifest.is_file():
+            clips = synthesize(harvard_sentences(n), folder, engine=engine, sampling_rate=16000, prefix="harvard")
+            tmp = manifest.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([["path", "text"], *([path.name, text] for path, text in clips)])
+            tmp.replace(manifest)
+    return manifest
+
+
+def spoken_bbc_recordings(recipe, out: Path) -> tuple[Path, Path]:
+    """``--corpus bbc_news`` made once under ``out/corpus`` from ``recipe``'s corpus flags (``corpus_sentences``,
+    ``corpus_voices``, ``eval_sentences``, ``eval_voices``, ``window_max_seconds``, ``window_max_clips``,
+    ``corpus_seed``): (training recordings' manifest, held-out manifest)."""
+    from accelerate import PartialState
+
+    from hf_distill.speech.corpus import bbc_spoken_corpus, pack_windows, parse_voices
+
+    folder = out / "corpus"
+    with PartialState().main_process_first():
+        clips, eval_manifest = bbc_spoken_corpus(
+            folder, train_sentences=recipe.corpus_sentences, voices=parse_voices(recipe.corpus_voices),
+            eval_sentences=recipe.eval_sentences, eval_voices=parse_voices(recipe.eval_voices), seed=recipe.corpus_seed)
+        manifest = pack_windows(clips, folder / "windows", max_seconds=recipe.window_max_seconds,
+                                max_clips=recipe.window_max_clips, seed=recipe.corpus_seed)
+    return manifest, eval_manifest

@@ -25,6 +25,8 @@ Rows longer than one Whisper window (stitched long-form transcripts) are not tra
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -375,20 +377,21 @@ class WhisperDistillationTrainer(DistillationTrainer):
                 hidden = unwrap(teacher).get_encoder()(
                     input_features=inputs["input_features"].to(dtype)).last_hidden_state
             encoder_outputs = BaseModelOutput(last_hidden_state=hidden.to(dtype))
+            flags = {k: v for k, v in self.output_flags().items() if k in ("output_attentions", "output_hidden_states")}
             if self._kept is None:
                 out = teacher(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids,
-                              decoder_attention_mask=inputs.get("decoder_attention_mask"))
-                return ModelTensors(logits=out.logits)
+                              decoder_attention_mask=inputs.get("decoder_attention_mask"), **flags)
+                return ModelTensors.from_output(out)
             if self._kept.device != decoder_ids.device:
                 self._kept = self._kept.to(decoder_ids.device)
             head = unwrap(teacher).get_output_embeddings().weight
             if self._kept_head is None or self._kept_head.device != head.device:
                 self._kept_head = head.detach().index_select(0, self._kept.to(head.device))
-            states = unwrap(teacher).model(encoder_outputs=encoder_outputs, decoder_input_ids=self._kept[decoder_ids],
-                                           decoder_attention_mask=inputs.get("decoder_attention_mask"),
-                                           use_cache=False).last_hidden_state
-            logits = torch.nn.functional.linear(states, self._kept_head)
-        return ModelTensors(logits=logits)
+            out = unwrap(teacher).model(encoder_outputs=encoder_outputs, decoder_input_ids=self._kept[decoder_ids],
+                                        decoder_attention_mask=inputs.get("decoder_attention_mask"), use_cache=False,
+                                        **flags)
+            logits = torch.nn.functional.linear(out.last_hidden_state, self._kept_head)
+        return dataclasses.replace(ModelTensors.from_output(out), logits=logits)
 
 
 def batches(seq: Sequence, size: int):
