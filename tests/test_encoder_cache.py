@@ -238,3 +238,31 @@ def test_wer_per_utterance_intervals_and_paired_differences():
     assert worse["diff"] == pytest.approx(3 / 11) and 0 <= worse["low"] <= worse["diff"] <= worse["high"]
     with pytest.raises(ValueError, match="equally long"):
         paired_wer_difference([1], [1, 2], [3, 4])
+
+
+def test_evaluate_wer_reports_loops_by_compression_and_by_normalised_length(tmp_path):
+    from hf_distill.speech.audio import AudioItem
+    from hf_distill.speech.training import evaluate_wer
+
+    items = []
+    for i, ref in enumerate(["best rap song for jesus walks", "the tories were hitting home", "hello world"]):
+        path = tmp_path / f"{i}.wav"
+        sf.write(path, np.zeros(1600, dtype=np.float32), 16000)
+        items.append(AudioItem(id=f"u{i}", path=str(path), reference=ref))
+    items.append(AudioItem(id="no_ref", path=str(tmp_path / "0.wav")))  # no reference: not evaluated
+    hyps = [
+        "Best RAP song for Jesus and Best RAP-DAP-DAP-Damp-Emp-Emp-Son",  # varied pieces: the ratio misses it
+        "the tories were " + "a " * 60,  # a plain loop: both tests see it
+        "hello world",
+    ]
+    seen = []
+
+    def transcribe(audios):
+        seen.append(len(audios))
+        return hyps
+
+    ev = evaluate_wer(transcribe, items, 16000)
+    assert seen == [3] and ev["n"] == 3
+    assert ev["compression_ratio_outliers"] == ["u1"]
+    assert ev["over_twice_the_reference_length"] == ["u0", "u1"]
+    assert ev["errors"][2] == 0 and ev["words"] == [6, 5, 2]

@@ -455,9 +455,11 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
     """Corpus WER (Whisper English normaliser) of ``transcribe(list of arrays) -> list of texts`` on
     items with references; also the wall time of the transcription, and the repetition loops: the
     transcripts whose gzip compression ratio exceeds ``loop_compression_ratio`` (Whisper's own test for
-    a decoder stuck repeating itself) and those more than twice as long as their reference."""
+    a decoder stuck repeating itself) and those more than twice as long as their reference in
+    normalised words (which catches loops of varied pieces, "RAP-DAP-DAP-Damp-Emp-Emp", that compress
+    too little to pass the ratio)."""
     from hf_distill.speech.labelling.text import compression_ratio
-    from hf_distill.speech.text_normalizer import utterance_errors, wer, wer_interval
+    from hf_distill.speech.text_normalizer import normalize_english, utterance_errors, wer, wer_interval
 
     items = [it for it in items if it.reference is not None]
     audios = [decode(it, sampling_rate) for it in items]
@@ -467,7 +469,8 @@ def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
     refs = [it.reference for it in items]
     ratios = [compression_ratio(h) if h else 0.0 for h in hyps]
     loops = [it.id for it, r in zip(items, ratios) if r > loop_compression_ratio]
-    too_long = [it.id for it, r, h in zip(items, refs, hyps) if len(h.split()) > 2 * max(1, len(r.split()))]
+    too_long = [it.id for it, r, h in zip(items, refs, hyps)
+                if len(normalize_english(h).split()) > 2 * max(1, len(normalize_english(r).split()))]
     errors, words = utterance_errors(refs, hyps)
     return {
         "wer": wer(refs, hyps) if items else None,
