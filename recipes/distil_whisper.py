@@ -157,6 +157,10 @@ class DistilWhisperArguments(SpeechRecipeArguments):
     eval_max_new_tokens: int = field(default=128)
     speed_clips: int = field(default=50, metadata={"help": "Held-out clips also transcribed one at a time (batch 1) "
                                                            "for the decoding speed of teacher and student."})
+    eval_temperature_fallback: bool = field(default=False, metadata={
+        "help": "Also transcribe the held-out audio with Whisper's temperature fallback (a transcript with gzip "
+                "compression ratio > 2.4 or mean log-probability < -1 is decoded again, sampled at 0.2, 0.4 ... "
+                "1.0; seeded), teacher and student alike: results eval.teacher_fallback / student_fallback."})
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -253,11 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         WhisperDistillationCollator,
         WhisperDistillationTrainer,
         WhisperPseudoLabelDataset,
-        evaluate_wer,
         held_out_ids,
         select_rows,
         store_items,
-        transcribe_whisper,
     )
     from hf_distill.students import build_whisper_student, freeze_whisper_embeddings
 
@@ -415,31 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
             gen["language"] = recipe.language
         if recipe.task:
             gen["task"] = recipe.task
-        rate = int(processor.feature_extractor.sampling_rate)
         evaluation = {}
         t0 = time.perf_counter()
         if eval_items:
-            device = train_args.device
-            for name, model, proc in (("teacher", teacher, processor), ("student", student, student_processor)):
-                model.to(device)
-                for batch_size, subset, key in ((recipe.eval_batch_size, eval_items, name),
-                                                (1, eval_items[: recipe.speed_clips], f"{name}_batch_1")):
-                    if not subset:
-                        continue
-                    parts: dict[str, float] = {}
-                    evaluation[key] = evaluate_wer(
-                        lambda audios, m=model, p=proc, b=batch_size, t=parts: transcribe_whisper(
-                            m, p, audios, batch_size=b, timings=t, **gen), subset, rate)
-                    evaluation[key]["timings"] = parts
-            from hf_distill.speech.text_normalizer import paired_wer_difference
+            from hf_distill.speech.evaluation import compare_teacher_and_student
 
-            evaluation["student_minus_teacher_wer"] = paired_wer_difference(
-                evaluation["student"]["errors"], evaluation["teacher"]["errors"], evaluation["teacher"]["words"])
-            for key in ("", "_batch_1"):
-                t, s = evaluation.get(f"teacher{key}"), evaluation.get(f"student{key}")
-                if t and s and s["seconds"] > 0 and s["timings"]["decoder"] > 0:
-                    evaluation[f"student_speedup{key}"] = t["seconds"] / s["seconds"]
-                    evaluation[f"student_decoder_speedup{key}"] = t["timings"]["decoder"] / s["timings"]["decoder"]
+            evaluation = compare_teacher_and_student(
+                teacher, processor, student, student_processor, eval_items, batch_size=recipe.eval_batch_size,
+                speed_clips=recipe.speed_clips, fallback=recipe.eval_temperature_fallback, seed=train_args.seed,
+                device=train_args.device, **gen)
         else:
             logger.warning("no held-out audio with references: WER not measured (give --eval_audio or references)")
         timings["evaluation"] = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from hf_distill.speech.audio import list_audio
+from hf_distill.speech.audio import decode, list_audio
 from hf_distill.speech.corpus import article_split, pack_windows, plain_sentences, split_sentences
 from hf_distill.speech.encoder_cache import (
     CachedEncoderDataset,
@@ -140,7 +140,7 @@ def test_distil_whisper_recipe_on_cached_encoder_outputs(whisper_dir, clips, eva
         "--teacher", str(whisper_dir), "--audio", str(clips), "--eval_audio", str(eval_manifest), "--output_dir", str(out),
         "--freeze_encoder", "true", "--cache_encoder_outputs", "true", "--num_decoder_layers", "1",
         "--keep_only", "false", "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "2",
-        "--speed_clips", "2", "--cross_attention_weight", "1.0", *TRAIN_FLAGS])
+        "--speed_clips", "2", "--cross_attention_weight", "1.0", "--eval_temperature_fallback", "true", *TRAIN_FLAGS])
     history = results["loss"]["history"]
     losses = [h["loss"] for h in history]
     assert len(losses) >= 4 and losses[-1] < losses[0]
@@ -153,6 +153,9 @@ def test_distil_whisper_recipe_on_cached_encoder_outputs(whisper_dir, clips, eva
         ev = results["eval"][key]
         assert ev["n"] == n and ev["timings"]["decoder"] > 0 and "compression_ratio_outliers" in ev
     assert results["eval"]["student_decoder_speedup"] > 0
+    for key in ("teacher_fallback", "student_fallback"):
+        assert results["eval"][key]["n"] == 3 and len(results["eval"][key]["errors"]) == 3
+    assert set(results["eval"]["student_minus_teacher_wer_fallback"]) == {"diff", "low", "high"}
     from transformers import WhisperForConditionalGeneration
 
     assert WhisperForConditionalGeneration.from_pretrained(out / "student").config.decoder_layers == 1
@@ -242,7 +245,7 @@ def test_wer_per_utterance_intervals_and_paired_differences():
 
 def test_evaluate_wer_reports_loops_by_compression_and_by_normalised_length(tmp_path):
     from hf_distill.speech.audio import AudioItem
-    from hf_distill.speech.training import evaluate_wer
+    from hf_distill.speech.evaluation import evaluate_wer
 
     items = []
     for i, ref in enumerate(["best rap song for jesus walks", "the tories were hitting home", "hello world"]):
@@ -266,3 +269,23 @@ def test_evaluate_wer_reports_loops_by_compression_and_by_normalised_length(tmp_
     assert ev["compression_ratio_outliers"] == ["u1"]
     assert ev["over_twice_the_reference_length"] == ["u0", "u1"]
     assert ev["errors"][2] == 0 and ev["words"] == [6, 5, 2]
+
+
+def test_temperature_fallback_transcribes_as_greedy_until_a_threshold_fires_and_is_seeded(whisper_dir, clips):
+    from hf_distill.speech.evaluation import FALLBACK, transcribe_whisper
+
+    model, processor = _load(whisper_dir)
+    audios = [decode(it, 16000) for it in list_audio(str(clips))[:4]]
+    greedy = transcribe_whisper(model, processor, audios, batch_size=2, max_new_tokens=12)
+    never = dict(FALLBACK, compression_ratio_threshold=1e9, logprob_threshold=-1e9)
+    timings = {}
+    assert transcribe_whisper(model, processor, audios, batch_size=2, max_new_tokens=12, timings=timings,
+                              **never) == greedy
+    assert timings["encoder"] == 0 and timings["decoder"] > 0  # generate runs the encoder on this path
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(transcribe_whisper(model, processor, audios, batch_size=2, max_new_tokens=12, **FALLBACK))
+    assert runs[0] == runs[1] and len(runs[0]) == 4  # sampled fallbacks repeat under one seed
+    # a random tiny model's transcripts have a mean log-probability far below -1: every one is re-decoded
+    assert runs[0] != greedy

@@ -17,7 +17,7 @@ Whisper (Distil-Whisper style):
 CTC students (frame-level soft targets) are in :mod:`hf_distill.speech.ctc_training`; they share the
 store readers here (:class:`StoreRowsDataset`, :func:`select_rows`, :func:`held_out_ids`).
 
-Evaluation: :func:`transcribe_whisper` (greedy, batched) and :func:`evaluate_wer`.
+Evaluation (transcripts, WER, loops): :mod:`hf_distill.speech.evaluation`.
 
 Rows longer than one Whisper window (stitched long-form transcripts) are not training examples here:
 :func:`select_rows` leaves them out and says how many.
@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,10 @@ __all__ = [
     "WhisperDistillationTrainer",
     "WhisperPseudoLabelDataset",
     "can_share_encoder",
-    "evaluate_wer",
     "held_out_ids",
     "select_rows",
     "store_items",
     "store_soft_label_temperature",
-    "transcribe_whisper",
 ]
 
 
@@ -397,91 +394,3 @@ class WhisperDistillationTrainer(DistillationTrainer):
 def batches(seq: Sequence, size: int):
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
-
-
-@torch.inference_mode()
-def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_size: int = 8,
-                       timings: dict[str, float] | None = None, **generate_kwargs) -> list[str]:
-    """Greedy transcripts (unless ``generate_kwargs`` say otherwise) of 16 kHz-rate audio arrays, in order.
-
-    Audio longer than Whisper's window is transcribed with Whisper's sequential long-form decoding
-    (timestamps), shorter audio in length-sorted batches: its encoder runs first, then ``generate`` on
-    the encoder's output, so that ``timings`` (if given) adds up the seconds of ``features``, ``encoder``
-    and ``decoder`` (the generation loop) apart, and ``long_form`` for the long audio.
-    """
-    from transformers.modeling_outputs import BaseModelOutput
-
-    timings = {} if timings is None else timings
-    for key in ("features", "encoder", "decoder", "long_form"):
-        timings.setdefault(key, 0.0)
-    fe = processor.feature_extractor
-    rate = int(fe.sampling_rate)
-    window = int(getattr(fe, "n_samples", 30 * rate))
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    generate_kwargs.setdefault("num_beams", 1)
-    limit = getattr(model.config, "max_target_positions", None)
-    if limit and generate_kwargs.get("max_new_tokens") and generate_kwargs["max_new_tokens"] > limit - 4:
-        generate_kwargs["max_new_tokens"] = limit - 4  # room for the decoder prompt (start, language, task, ...)
-    out: list[str | None] = [None] * len(audios)
-    short = sorted((i for i, a in enumerate(audios) if len(a) <= window), key=lambda i: -len(audios[i]))
-    for idx in batches(short, batch_size):
-        t0 = time.perf_counter()
-        feats = fe([audios[i] for i in idx], sampling_rate=rate, return_tensors="pt").input_features
-        t1 = time.perf_counter()
-        hidden = model.get_encoder()(input_features=feats.to(device, dtype)).last_hidden_state
-        t2 = time.perf_counter()
-        ids = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **generate_kwargs)
-        ids = ids["sequences"] if isinstance(ids, dict) else ids
-        timings["features"] += t1 - t0
-        timings["encoder"] += t2 - t1
-        timings["decoder"] += time.perf_counter() - t2
-        for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True)):
-            out[i] = text.strip()
-    for i in (i for i, a in enumerate(audios) if len(a) > window):
-        t0 = time.perf_counter()
-        feats = fe(audios[i], sampling_rate=rate, return_tensors="pt", truncation=False, padding="longest",
-                   return_attention_mask=True)
-        ids = model.generate(feats.input_features.to(device, dtype), attention_mask=feats.attention_mask.to(device),
-                             return_timestamps=True, **generate_kwargs)
-        ids = ids["sequences"] if isinstance(ids, dict) else ids
-        out[i] = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        timings["long_form"] += time.perf_counter() - t0
-    return [t or "" for t in out]
-
-
-def evaluate_wer(transcribe, items: Sequence[AudioItem], sampling_rate: int,
-                 loop_compression_ratio: float = 2.4) -> dict[str, Any]:
-    """Corpus WER (Whisper English normaliser) of ``transcribe(list of arrays) -> list of texts`` on
-    items with references; also the wall time of the transcription, and the repetition loops: the
-    transcripts whose gzip compression ratio exceeds ``loop_compression_ratio`` (Whisper's own test for
-    a decoder stuck repeating itself) and those more than twice as long as their reference in
-    normalised words (which catches loops of varied pieces, "RAP-DAP-DAP-Damp-Emp-Emp", that compress
-    too little to pass the ratio)."""
-    from hf_distill.speech.labelling.text import compression_ratio
-    from hf_distill.speech.text_normalizer import normalize_english, utterance_errors, wer, wer_interval
-
-    items = [it for it in items if it.reference is not None]
-    audios = [decode(it, sampling_rate) for it in items]
-    t0 = time.perf_counter()
-    hyps = transcribe(audios) if audios else []
-    seconds = time.perf_counter() - t0
-    refs = [it.reference for it in items]
-    ratios = [compression_ratio(h) if h else 0.0 for h in hyps]
-    loops = [it.id for it, r in zip(items, ratios) if r > loop_compression_ratio]
-    too_long = [it.id for it, r, h in zip(items, refs, hyps)
-                if len(normalize_english(h).split()) > 2 * max(1, len(normalize_english(r).split()))]
-    errors, words = utterance_errors(refs, hyps)
-    return {
-        "wer": wer(refs, hyps) if items else None,
-        "wer_ci": wer_interval(errors, words) if items else None,
-        "errors": errors,
-        "words": words,
-        "compression_ratio_max": max(ratios, default=0.0),
-        "compression_ratio_outliers": loops,
-        "over_twice_the_reference_length": too_long,
-        "n": len(items),
-        "audio_seconds": float(sum(len(a) for a in audios) / sampling_rate),
-        "seconds": seconds,
-        "examples": [{"id": it.id, "reference": r, "hypothesis": h} for it, r, h in zip(items, refs, hyps)],
-    }
