@@ -90,3 +90,88 @@ def test_synthesize_wrong_input_is_one_line_before_synthesis(tmp_path, capsys, m
     line = one_line_error(capsys, ["synthesize", *args])
     assert re.search(expected, line), line
     assert not (tmp_path / "speech").exists()
+
+
+# voice variants: one flite voice at another speaking rate and pitch, a further training speaker
+
+
+def test_split_voice_reads_flite_rate_and_pitch_options():
+    from hf_distill.speech.synth import split_voice
+
+    assert split_voice("flite", "awb") == ("awb", {})
+    assert split_voice("flite", "awb+stretch=1.15+f0=95") == ("awb", {"duration_stretch": 1.15,
+                                                                       "int_f0_target_mean": 95.0})
+    assert split_voice("flite", "slt+f0sd=30") == ("slt", {"int_f0_target_stddev": 30.0})
+    for voice, expected in [("awb+speed=2", r"unknown option 'speed'; write one of stretch=<number>, f0=<number>"),
+                            ("awb+stretch=fast", r"stretch must be a positive number, got 'fast'"),
+                            ("awb+f0=-5", r"f0 must be a positive number, got '-5'"),
+                            ("awb+f0=inf", r"f0 must be a positive number"),
+                            ("+f0=100", r"has no name before its options")]:
+        with pytest.raises(ValueError, match=expected):
+            split_voice("flite", voice)
+    with pytest.raises(ValueError, match=r"only flite voices take options"):
+        split_voice("festival", "cmu_us_slt_arctic_hts+f0=100")
+
+
+def test_a_flite_variant_becomes_setf_features_on_the_command_line(tmp_path, monkeypatch):
+    import subprocess
+
+    from hf_distill.speech import synth
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = cmd[cmd.index("-o") + 1]
+        sf.write(out, [0.1] * 1600, 16000, subtype="PCM_16")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(synth.shutil, "which", lambda program: "/bin/" + program)
+    monkeypatch.setattr(synth.subprocess, "run", fake_run)
+    synth.synthesize(["Hello there."], tmp_path, engine="flite", voice="awb+stretch=1.15+f0=95")
+    assert calls == [["flite", "-voice", "awb", "--setf", "duration_stretch=1.15", "--setf",
+                      "int_f0_target_mean=95", "-t", "Hello there.", "-o", str(tmp_path / "utt0000.wav")]]
+    with pytest.raises(ValueError, match="unknown option 'pitch'"):
+        synth.synthesize(["Hello there."], tmp_path, engine="flite", voice="awb+pitch=95")
+    assert len(calls) == 1
+
+
+def test_parse_voices_checks_variants_and_a_held_out_voice_has_no_trained_variant(tmp_path):
+    from hf_distill.speech.corpus import bbc_spoken_corpus, parse_voices
+
+    assert parse_voices("flite:awb, flite:awb+stretch=1.2+f0=90") == [("flite", "awb"),
+                                                                       ("flite", "awb+stretch=1.2+f0=90")]
+    with pytest.raises(ValueError, match="unknown option 'rate'"):
+        parse_voices("flite:awb+rate=2")
+    with pytest.raises(ValueError, match=r"held-out voices \['flite:rms'\] are also training voices \(counting their "
+                                         r"rate and pitch variants\)"):
+        bbc_spoken_corpus(tmp_path, train_sentences=4, voices=parse_voices("flite:awb,flite:rms+f0=150"),
+                          eval_sentences=2, eval_voices=parse_voices("flite:rms"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.synth
+def test_a_flite_variant_speaks_slower_and_lower(tmp_path):
+    import numpy as np
+
+    from hf_distill.speech.synth import synthesize
+
+    text = ["The committee will publish its report on the railway next week."]
+    (plain, _), = synthesize(text, tmp_path / "a", engine="flite", voice="awb", sampling_rate=16000)
+    (slow, _), = synthesize(text, tmp_path / "b", engine="flite", voice="awb+stretch=1.3", sampling_rate=16000)
+    a, b = sf.read(plain)[0], sf.read(slow)[0]
+    assert 1.2 < len(b) / len(a) < 1.4
+
+    def mean_pitch(x, rate=16000):  # autocorrelation peak over 60..400 Hz, voiced 40 ms frames
+        lags = np.arange(rate // 400, rate // 60)
+        pitches = []
+        for start in range(0, len(x) - 640, 640):
+            frame = x[start:start + 640] - x[start:start + 640].mean()
+            if np.sqrt((frame ** 2).mean()) < 0.02:
+                continue
+            ac = np.array([np.dot(frame[:-lag], frame[lag:]) for lag in lags])
+            pitches.append(rate / lags[ac.argmax()])
+        return float(np.median(pitches))
+
+    (low, _), = synthesize(text, tmp_path / "c", engine="flite", voice="awb+f0=80", sampling_rate=16000)
+    assert mean_pitch(sf.read(low)[0]) < 0.85 * mean_pitch(a)

@@ -73,8 +73,10 @@ def article_split(articles: Sequence[str], held_out_fraction: float, seed: int =
 
 
 def parse_voices(spec: str) -> list[tuple[str, str]]:
-    """``"festival:cmu_us_slt_arctic_hts,flite:awb"`` -> ``[("festival", "cmu_us_slt_arctic_hts"), ("flite", "awb")]``."""
-    from hf_distill.speech.synth import ENGINES
+    """``"festival:cmu_us_slt_arctic_hts,flite:awb"`` -> ``[("festival", "cmu_us_slt_arctic_hts"), ("flite", "awb")]``.
+    A flite voice may carry variant options (``flite:awb+stretch=1.15+f0=95``: slower, lower; see
+    :func:`hf_distill.speech.synth.split_voice`), checked here."""
+    from hf_distill.speech.synth import ENGINES, split_voice
 
     voices = []
     for item in (s.strip() for s in spec.split(",")):
@@ -84,6 +86,7 @@ def parse_voices(spec: str) -> list[tuple[str, str]]:
         if engine not in ENGINES or not voice:
             raise ValueError(f"cannot read voice {item!r} in {spec!r}: write engine:voice with engine one of "
                              f"{sorted(ENGINES)}, e.g. flite:awb")
+        split_voice(engine, voice)
         voices.append((engine, voice))
     if not voices:
         raise ValueError("no voices given; e.g. 'festival:cmu_us_slt_arctic_hts,flite:awb'")
@@ -232,11 +235,17 @@ def bbc_spoken_corpus(out_dir: str | Path, *, train_sentences: int, voices: Sequ
     :func:`article_split`) spoken by ``eval_voices`` into ``out_dir/eval``. Sentences are drawn in a seeded
     random order. Returns the training clips ``(path, voice, text)`` and the held-out manifest (path, voice,
     text)."""
+    from hf_distill.speech.synth import split_voice
     from hf_distill.tasks.classification_data import load_bbc_news
 
-    overlap = {f"{e}:{v}" for e, v in voices} & {f"{e}:{v}" for e, v in eval_voices}
+    # a variant of a voice (another rate or pitch) is the same speaker: held out means no variant trained
+    def speakers(vs):
+        return {f"{e}:{split_voice(e, v)[0]}" for e, v in vs}
+
+    overlap = speakers(voices) & speakers(eval_voices)
     if overlap:
-        raise ValueError(f"held-out voices {sorted(overlap)} are also training voices; choose voices never trained on")
+        raise ValueError(f"held-out voices {sorted(overlap)} are also training voices (counting their rate and pitch "
+                         "variants); choose voices never trained on")
     articles = load_bbc_news()["text"]
     train_idx, held_idx = article_split(articles, held_out_fraction, seed=seed)
     # the BBC set repeats some stories verbatim across articles: a held-out sentence found in any training

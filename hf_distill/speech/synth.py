@@ -31,10 +31,12 @@ from pathlib import Path
 
 __all__ = [
     "ENGINES",
+    "FLITE_OPTIONS",
     "HARVARD_SENTENCES",
     "SynthesisError",
     "available_engines",
     "harvard_sentences",
+    "split_voice",
     "synthesize",
     "write_manifest",
 ]
@@ -95,8 +97,42 @@ ENGINES: dict[str, tuple[str, str]] = {
 }
 
 
+#: options a flite voice takes after its name (``flite:awb+stretch=1.15+f0=95``) -> flite's ``--setf`` feature
+FLITE_OPTIONS: dict[str, str] = {
+    "stretch": "duration_stretch",     # > 1 speaks slower
+    "f0": "int_f0_target_mean",        # mean pitch, Hz
+    "f0sd": "int_f0_target_stddev",    # pitch range, Hz
+}
+
+
 class SynthesisError(RuntimeError):
     """The synthesizer is missing or failed on a sentence."""
+
+
+def split_voice(engine: str, voice: str) -> tuple[str, dict[str, float]]:
+    """``("flite", "awb+stretch=1.15+f0=95")`` -> ``("awb", {"duration_stretch": 1.15, "int_f0_target_mean": 95.0})``:
+    a voice name and the variant options after it (flite only: speaking rate and pitch, so that one voice
+    gives several speakers). Raises ``ValueError`` for an unknown option, a value that is not a positive
+    number, or options on festival."""
+    name, *options = voice.split("+")
+    if not name:
+        raise ValueError(f"voice {voice!r} has no name before its options")
+    settings: dict[str, float] = {}
+    if options and engine != "flite":
+        raise ValueError(f"voice {engine}:{voice}: only flite voices take options ({'/'.join(FLITE_OPTIONS)})")
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in FLITE_OPTIONS:
+            raise ValueError(f"voice {engine}:{voice}: unknown option {key!r}; write one of "
+                             f"{', '.join(f'{k}=<number>' for k in FLITE_OPTIONS)}")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"voice {engine}:{voice}: {key} must be a positive number, got {value!r}")
+        settings[FLITE_OPTIONS[key]] = number
+    return name, settings
 
 
 def harvard_sentences(n: int | None = None) -> list[str]:
@@ -141,7 +177,9 @@ def _run(cmd: list[str], text: str, engine: str, stdin: str | None = None) -> No
 
 def _synthesize_one(text: str, path: Path, engine: str, voice: str) -> None:
     if engine == "flite":
-        _run(["flite", "-voice", voice, "-t", text, "-o", str(path)], text, engine)
+        name, settings = split_voice(engine, voice)
+        features = [arg for key, value in settings.items() for arg in ("--setf", f"{key}={value:g}")]
+        _run(["flite", "-voice", name, *features, "-t", text, "-o", str(path)], text, engine)
     else:
         # The text goes through a file so that no quoting of the sentence is ever needed.
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as handle:
@@ -195,6 +233,7 @@ def synthesize(
     if shutil.which(program) is None:
         raise SynthesisError(f"{engine} is not installed ({_install_hint(engine)})")
     voice = voice or default_voice
+    split_voice(engine, voice)  # a bad option fails here, before any audio is made
     if engine == "festival" and not _festival_voice_installed(voice):
         raise SynthesisError(f"festival voice {voice} is not installed ({_install_hint(engine)})")
     out_dir = Path(out_dir)
