@@ -99,7 +99,9 @@ class DistilWhisperArguments(SpeechRecipeArguments):
                 "spoken by --eval_voices (never trained on) for the evaluation.", "choices": ["none", "bbc_news"]})
     corpus_sentences: int = field(default=3200, metadata={"help": "Training sentences of --corpus bbc_news."})
     corpus_voices: str = field(default="festival:cmu_us_slt_arctic_hts,flite:kal16,flite:awb,flite:slt",
-                               metadata={"help": "Training voices (engine:voice, comma-separated), in turn."})
+                               metadata={"help": "Training voices (engine:voice, comma-separated), in turn; a flite "
+                                                 "voice may add rate and pitch options, flite:awb+stretch=1.12+f0=106 "
+                                                 "(a further speaker; a held-out voice has no trained variant)."})
     eval_voices: str = field(default="flite:rms", metadata={"help": "Held-out voices of --corpus bbc_news."})
     eval_sentences: int = field(default=200, metadata={"help": "Held-out sentences of --corpus bbc_news."})
     window_max_clips: int = field(default=5, metadata={"help": "--corpus bbc_news: sentences per training recording "

@@ -281,7 +281,7 @@ def test_temperature_fallback_transcribes_as_greedy_until_a_threshold_fires_and_
     timings = {}
     assert transcribe_whisper(model, processor, audios, batch_size=2, max_new_tokens=12, timings=timings,
                               **never) == greedy
-    assert timings["encoder"] == 0 and timings["decoder"] > 0  # generate runs the encoder on this path
+    assert timings["encoder"] > 0 and timings["decoder"] > 0  # the fallback re-decodes the same encoder states
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -289,3 +289,101 @@ def test_temperature_fallback_transcribes_as_greedy_until_a_threshold_fires_and_
     assert runs[0] == runs[1] and len(runs[0]) == 4  # sampled fallbacks repeat under one seed
     # a random tiny model's transcripts have a mean log-probability far below -1: every one is re-decoded
     assert runs[0] != greedy
+
+
+def _mean_logprobs(model, processor, audios, max_new_tokens=12):
+    """Each clip's mean log-probability of its greedy tokens, end token included, from a teacher-forced
+    forward pass (the suppressed tokens renormalised away, as generate's logits processors leave them)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    feats = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
+    config = model.generation_config
+    with torch.no_grad():
+        hidden = BaseModelOutput(last_hidden_state=model.get_encoder()(input_features=feats).last_hidden_state)
+        out = model.generate(encoder_outputs=hidden, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                             output_scores=True)
+        seqs = out.sequences
+        logits = model(encoder_outputs=hidden, decoder_input_ids=seqs[:, :-1]).logits.float()
+    prompt = seqs.shape[1] - len(out.scores)
+    means = []
+    for row in range(seqs.shape[0]):
+        total, count = 0.0, 0
+        for step in range(len(out.scores)):
+            token = int(seqs[row, prompt + step])
+            step_logits = logits[row, prompt + step - 1].clone()
+            ban = list(config.suppress_tokens or []) + (list(config.begin_suppress_tokens or []) if step == 0 else [])
+            step_logits[ban] = float("-inf")
+            total += float(torch.log_softmax(step_logits, -1)[token])
+            count += 1
+            if token == config.eos_token_id:
+                break
+        means.append(total / count)
+    return means
+
+
+def _recording(model):
+    """Wrap ``model.generate`` to record (temperature, rows, top_k) of each call."""
+    calls = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        calls.append((kwargs.get("temperature"), kwargs["encoder_outputs"].last_hidden_state.shape[0],
+                      kwargs.get("top_k")))
+        return generate(*args, **kwargs)
+
+    model.generate = recording_generate
+    return calls
+
+
+def test_fallback_redecodes_only_the_rows_over_a_threshold_and_keeps_the_last_temperature(whisper_dir, clips):
+    """openai-whisper's schedule: each row is decoded again at the next temperature only while its transcript
+    fails a test, sampled from the whole distribution (no top-k); the last temperature's transcript is kept."""
+    from hf_distill.speech.evaluation import FALLBACK, transcribe_whisper
+
+    model, processor = _load(whisper_dir)
+    audios = [decode(it, 16000) for it in list_audio(str(clips))[:4]]
+    greedy = transcribe_whisper(model, processor, audios, batch_size=4, max_new_tokens=12)
+    means = _mean_logprobs(model, processor, audios)
+    line = float(np.median(means))
+    below = sum(m < line for m in means)
+    assert 0 < below < 4, means
+    calls = _recording(model)
+    every = dict(FALLBACK, compression_ratio_threshold=0.0, logprob_threshold=None)  # every row fails every time
+    torch.manual_seed(0)
+    last = transcribe_whisper(model, processor, audios, batch_size=4, max_new_tokens=12, **every)
+    assert calls == [(None, 4, None)] + [(t, 4, 0) for t in FALLBACK["temperature"][1:]]
+    assert last != greedy
+    calls.clear()
+    some = dict(FALLBACK, temperature=(0.0, 0.7), compression_ratio_threshold=None, logprob_threshold=line)
+    torch.manual_seed(0)
+    mixed = transcribe_whisper(model, processor, audios, batch_size=4, max_new_tokens=12, **some)
+    assert calls == [(None, 4, None), (0.7, below, 0)]  # only the rows below the line are decoded again
+    assert [m for m, g, lp in zip(mixed, greedy, means) if lp >= line] == [
+        g for g, lp in zip(greedy, means) if lp >= line]
+
+
+def test_fallback_tests_the_text_compression_ratio_and_the_mean_log_probability_at_their_boundaries(
+        whisper_dir, clips):
+    """The compression test reads the transcript's text (UTF-8 over zlib, as openai-whisper does; not the
+    token ids, whose compression lets loops of text through), and the log-probability test each row's mean
+    log-probability of the tokens it generated, end token included: a threshold just past either number
+    re-decodes the row, just short of it keeps it."""
+    from hf_distill.speech.evaluation import transcribe_whisper
+    from hf_distill.speech.labelling.text import compression_ratio
+
+    model, processor = _load(whisper_dir)
+    audios = [decode(it, 16000) for it in list_audio(str(clips))[:3]]
+    means = _mean_logprobs(model, processor, audios)
+    texts = transcribe_whisper(model, processor, audios, batch_size=1, max_new_tokens=12)
+    for row in range(3):
+        ratio = compression_ratio(texts[row])
+        cases = [({"compression_ratio_threshold": ratio - 1e-3, "logprob_threshold": None}, True),
+                 ({"compression_ratio_threshold": ratio + 1e-3, "logprob_threshold": None}, False),
+                 ({"compression_ratio_threshold": None, "logprob_threshold": means[row] + 1e-3}, True),
+                 ({"compression_ratio_threshold": None, "logprob_threshold": means[row] - 1e-3}, False)]
+        for limits, redecoded in cases:
+            calls = _recording(model)
+            transcribe_whisper(model, processor, [audios[row]], batch_size=1, max_new_tokens=12,
+                               temperature=(0.0, 0.5), **limits)
+            del model.generate
+            assert [c[0] for c in calls] == ([None, 0.5] if redecoded else [None]), (row, limits)

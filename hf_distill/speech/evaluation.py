@@ -20,11 +20,61 @@ from hf_distill.speech.training import batches
 
 __all__ = ["FALLBACK", "compare_teacher_and_student", "evaluate_wer", "transcribe_whisper"]
 
-# Whisper's own decoding schedule (openai-whisper ``transcribe``): a transcript whose gzip compression
-# ratio is above 2.4 or whose mean token log-probability is below -1 is decoded again, sampled at the
-# next temperature.
+# Whisper's own decoding schedule (openai-whisper ``transcribe``): a transcript whose compression ratio
+# (UTF-8 text over its zlib-compressed length) is above 2.4 or whose mean token log-probability is below -1
+# is decoded again, sampled at the next temperature; the last temperature's transcript is kept.
 FALLBACK = {"temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "compression_ratio_threshold": 2.4,
             "logprob_threshold": -1.0}
+
+
+def _generate_with_logprobs(model, hidden, temperature: float, generate_kwargs: dict):
+    """``generate`` on encoder states at one temperature (greedy at 0, else sampled from the whole
+    distribution: no top-k), returning the token ids and each row's mean log-probability of its generated
+    tokens (end token included), taken from the processed logits before the temperature divides them."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    kwargs = dict(generate_kwargs, return_dict_in_generate=True, output_scores=True)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+    out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **kwargs)
+    sequences = out.sequences
+    steps = len(out.scores)
+    generated = sequences[:, sequences.shape[1] - steps:]
+    scale = float(temperature) if temperature > 0 else 1.0
+    logprobs = torch.stack([torch.log_softmax(s.float() * scale, dim=-1) for s in out.scores], dim=1)
+    picked = logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=generated.device)
+    is_end = torch.isin(generated, eos)
+    # tokens up to and including the first end token count; what generate pads after it does not
+    after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
+    keep = ~after_end
+    mean = (picked.masked_fill(~keep, 0.0).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).tolist()
+    return sequences, mean
+
+
+def _decode_with_fallback(model, processor, hidden, schedule: dict, generate_kwargs: dict) -> list[str]:
+    """Whisper's temperature fallback on one batch of encoder states (see :data:`FALLBACK`)."""
+    from hf_distill.speech.labelling.text import compression_ratio
+
+    temperatures = tuple(schedule["temperature"])
+    ratio_limit = schedule.get("compression_ratio_threshold")
+    logprob_limit = schedule.get("logprob_threshold")
+    texts: list[str] = [""] * hidden.shape[0]
+    pending = list(range(hidden.shape[0]))
+    for temperature in temperatures:
+        ids, mean_logprob = _generate_with_logprobs(model, hidden[pending], temperature, generate_kwargs)
+        decoded = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+        still = []
+        for row, text, logprob in zip(pending, decoded, mean_logprob):
+            texts[row] = text
+            if ((ratio_limit is not None and compression_ratio(text) > ratio_limit)
+                    or (logprob_limit is not None and logprob < logprob_limit)):
+                still.append(row)
+        pending = still
+        if not pending:
+            break
+    return texts
 
 
 @torch.inference_mode()
@@ -35,9 +85,11 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
     Audio longer than Whisper's window is transcribed with Whisper's sequential long-form decoding
     (timestamps), shorter audio in length-sorted batches: its encoder runs first, then ``generate`` on
     the encoder's output, so that ``timings`` (if given) adds up the seconds of ``features``, ``encoder``
-    and ``decoder`` (the generation loop) apart, and ``long_form`` for the long audio. With a temperature
-    schedule (``temperature`` a tuple, e.g. ``**FALLBACK``) ``generate`` needs the features, runs the
-    encoder itself, and ``decoder`` then includes the encoder's time.
+    and ``decoder`` (the generation loop, fallback re-decoding included) apart, and ``long_form`` for the
+    long audio. With a temperature schedule (``temperature`` a tuple, e.g. ``**FALLBACK``) short audio is
+    decoded with openai-whisper's fallback, computed here on the text (transformers' own fallback measures
+    the compression of token ids instead, which lets loops of text through); long audio passes the schedule
+    to transformers' long-form ``generate``.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -51,6 +103,8 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
     dtype = next(model.parameters()).dtype
     generate_kwargs.setdefault("num_beams", 1)
     fallback = isinstance(generate_kwargs.get("temperature"), (tuple, list))
+    schedule = {k: generate_kwargs[k] for k in FALLBACK if k in generate_kwargs} if fallback else {}
+    short_kwargs = {k: v for k, v in generate_kwargs.items() if k not in schedule}
     limit = getattr(model.config, "max_target_positions", None)
     if limit and generate_kwargs.get("max_new_tokens") and generate_kwargs["max_new_tokens"] > limit - 4:
         generate_kwargs["max_new_tokens"] = limit - 4  # room for the decoder prompt (start, language, task, ...)
@@ -60,19 +114,19 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
         t0 = time.perf_counter()
         feats = fe([audios[i] for i in idx], sampling_rate=rate, return_tensors="pt").input_features
         t1 = time.perf_counter()
-        if fallback:  # Whisper's fallback re-decodes from the features
-            t2 = t1
-            ids = model.generate(input_features=feats.to(device, dtype), **generate_kwargs)
+        hidden = model.get_encoder()(input_features=feats.to(device, dtype)).last_hidden_state
+        t2 = time.perf_counter()
+        if fallback:
+            texts = _decode_with_fallback(model, processor, hidden, schedule, short_kwargs)
         else:
-            hidden = model.get_encoder()(input_features=feats.to(device, dtype)).last_hidden_state
-            t2 = time.perf_counter()
-            ids = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **generate_kwargs)
-        ids = ids["sequences"] if isinstance(ids, dict) else ids
+            ids = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **short_kwargs)
+            ids = ids["sequences"] if isinstance(ids, dict) else ids
+            texts = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
         timings["features"] += t1 - t0
         timings["encoder"] += t2 - t1
         timings["decoder"] += time.perf_counter() - t2
-        for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True)):
-            out[i] = text.strip()
+        for i, text in zip(idx, texts):
+            out[i] = text
     for i in (i for i, a in enumerate(audios) if len(a) > window):
         t0 = time.perf_counter()
         feats = fe(audios[i], sampling_rate=rate, return_tensors="pt", truncation=False, padding="longest",
@@ -130,8 +184,8 @@ def compare_teacher_and_student(teacher, teacher_processor, student, student_pro
     """Teacher and student on the same held-out items: ``teacher`` and ``student`` (greedy, batched),
     ``*_batch_1`` (the first ``speed_clips`` items one at a time), ``student_minus_teacher_wer`` (paired
     over the items), the whole-transcription and decoder speed-ups; with ``fallback`` also both models
-    under Whisper's temperature fallback (:data:`FALLBACK`, sampling seeded with ``seed``; no speed-up:
-    that path times encoder and decoder together) and their paired difference."""
+    under Whisper's temperature fallback (:data:`FALLBACK`, sampling seeded with ``seed``; no speed-up is
+    given for it) and their paired difference."""
     from hf_distill.speech.text_normalizer import paired_wer_difference
 
     rate = int(teacher_processor.feature_extractor.sampling_rate)
