@@ -103,11 +103,11 @@ def transcribe_whisper(model, processor, audios: Sequence[np.ndarray], *, batch_
     dtype = next(model.parameters()).dtype
     generate_kwargs.setdefault("num_beams", 1)
     fallback = isinstance(generate_kwargs.get("temperature"), (tuple, list))
-    schedule = {k: generate_kwargs[k] for k in FALLBACK if k in generate_kwargs} if fallback else {}
-    short_kwargs = {k: v for k, v in generate_kwargs.items() if k not in schedule}
     limit = getattr(model.config, "max_target_positions", None)
     if limit and generate_kwargs.get("max_new_tokens") and generate_kwargs["max_new_tokens"] > limit - 4:
         generate_kwargs["max_new_tokens"] = limit - 4  # room for the decoder prompt (start, language, task, ...)
+    schedule = {k: generate_kwargs[k] for k in FALLBACK if k in generate_kwargs} if fallback else {}
+    short_kwargs = {k: v for k, v in generate_kwargs.items() if k not in schedule}
     out: list[str | None] = [None] * len(audios)
     short = sorted((i for i, a in enumerate(audios) if len(a) <= window), key=lambda i: -len(audios[i]))
     for idx in batches(short, batch_size):
