@@ -41,14 +41,14 @@ def _generate_with_logprobs(model, hidden, temperature: float, generate_kwargs: 
     steps = len(out.scores)
     generated = sequences[:, sequences.shape[1] - steps:]
     scale = float(temperature) if temperature > 0 else 1.0
-    logprobs = torch.stack([torch.log_softmax(s.float() * scale, dim=-1) for s in out.scores], dim=1)
-    picked = logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+    # each step's picked token only: no (rows, steps, vocabulary) tensor of log-probabilities
+    picked = torch.stack([torch.log_softmax(s.float() * scale, dim=-1).gather(-1, generated[:, k, None])[:, 0]
+                          for k, s in enumerate(out.scores)], dim=1)
     eos = model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=generated.device)
-    is_end = torch.isin(generated, eos)
+    is_end = torch.isin(generated, eos).long()
     # tokens up to and including the first end token count; what generate pads after it does not
-    after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
-    keep = ~after_end
+    keep = (is_end.cumsum(dim=1) - is_end) == 0
     mean = (picked.masked_fill(~keep, 0.0).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).tolist()
     return sequences, mean
 

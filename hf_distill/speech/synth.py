@@ -22,6 +22,7 @@ Command line: ``hf-distill synthesize OUT_DIR [--sentences N | --text-file F] [-
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -128,8 +129,8 @@ def split_voice(engine: str, voice: str) -> tuple[str, dict[str, float]]:
         try:
             number = float(value)
         except ValueError:
-            number = float("nan")
-        if not number > 0 or number == float("inf"):
+            number = -1.0
+        if not (number > 0 and math.isfinite(number)):
             raise ValueError(f"voice {engine}:{voice}: {key} must be a positive number, got {value!r}")
         settings[FLITE_OPTIONS[key]] = number
     return name, settings
